@@ -1,0 +1,409 @@
+"""The policy: a Qwen2.5-VL model, its tokenizer and vision preprocessing, generation, log-probs.
+
+Owns: building the embedded tiny model (real Qwen2.5-VL classes from a config, a byte-level BPE
+tokenizer trained locally with Qwen's special tokens), loading any Qwen2.5-VL checkpoint directory
+with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, tokenizing a rendered
+prompt, sampling G completions per prompt from one shared prefill, and per-token log-probs of
+completions (shared-prefix fast path and the plain repeated path). Every visual-tensor detail
+(pixel values, grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
+Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
+
+Frames go in as images (one image per frame, REFERENCE.md section 4), so only the image path of
+Qwen2.5-VL is used: each frame becomes grid (1, h, w) of 14-pixel patches, merged 2x2 into
+h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few lines that turn
+frames into patches are written here with einops (tests check them against the PIL image
+processor on still images).
+
+Test: python -m pytest tests/test_model.py
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from data import ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+
+# Qwen2.5-VL's special tokens (the names are the checkpoint's; ids come from the tokenizer).
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+# Qwen2's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+MM_TEXT, MM_IMAGE = 0, 1  # mm_token_type_ids values
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: a tiny Qwen2.5-VL, built locally
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = 1024        # BPE merges learned from the corpus, plus special tokens
+    hidden_size: int = 192        # text width
+    num_layers: int = 4
+    num_heads: int = 6            # head_dim 32
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    vision_hidden_size: int = 96
+    vision_depth: int = 2
+    vision_heads: int = 3
+    frame_pixels: int = 112 * 112  # per-frame pixel budget written to preprocessor_config.json
+
+
+def build_tokenizer(texts, vocab_size=1024):
+    """Byte-level BPE with Qwen's split rule and special tokens, trained on `texts`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.add_tokens(GROUNDING_TAGS)  # one token per tag: cheap to learn, still plain text on decode
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# Qwen's chat layout, text-only part (frames are inserted by data.render_prompt / tokenize_prompt).
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
+    """Train the tokenizer on `texts`, build a random tiny Qwen2.5-VL, save everything to out_dir."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(texts, cfg.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = cfg.hidden_size // cfg.num_heads
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                         max_position_embeddings=8192, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": _mrope_section(head_dim)},
+                         bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]),
+        vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
+                           num_heads=cfg.vision_heads, intermediate_size=2 * cfg.vision_hidden_size,
+                           out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[cfg.vision_depth - 1],
+                           tokens_per_second=2),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=True)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
+    model.generation_config.pad_token_id = ids[ENDOFTEXT]
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    VisionProcessor(max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
+    return model, tokenizer
+
+
+def _mrope_section(head_dim):
+    """Split head_dim/2 rotary frequencies over (time, height, width) like Qwen (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def load_policy(path, device="cpu", dtype=torch.float32):
+    """Any Qwen2.5-VL checkpoint directory (ours or a real 3B/7B) -> (model, tokenizer, vision)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no config.json; not a model directory (run the main job, "
+                                f"or pass --model a Qwen2.5-VL checkpoint directory)")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, VisionProcessor.load(path)
+
+
+def vision_token_ids(tokenizer):
+    """Tokens a completion must never contain (they would be read as image slots)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)]
+
+
+def stop_token_ids(model, tokenizer):
+    """Token ids that end a completion: <|im_end|> and <|endoftext|> (whatever the pad token is)."""
+    ids = {tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames -> pixel_values (Qwen2.5-VL's image preprocessing, without torchvision)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VisionProcessor:
+    """The numbers of preprocessor_config.json that matter; resize, normalize and patchify frames."""
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 128 * 28 * 28
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def load(cls, path):
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            c = json.load(f)
+        size = c.get("size") or {}
+        return cls(patch_size=c.get("patch_size", 14), merge_size=c.get("merge_size", 2),
+                   temporal_patch_size=c.get("temporal_patch_size", 2),
+                   min_pixels=size.get("shortest_edge", c.get("min_pixels", 4 * 28 * 28)),
+                   max_pixels=size.get("longest_edge", c.get("max_pixels", 128 * 28 * 28)),
+                   image_mean=tuple(c.get("image_mean", cls.image_mean)),
+                   image_std=tuple(c.get("image_std", cls.image_std)))
+
+    def save(self, path):
+        c = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+             "patch_size": self.patch_size, "merge_size": self.merge_size,
+             "temporal_patch_size": self.temporal_patch_size, "min_pixels": self.min_pixels,
+             "max_pixels": self.max_pixels, "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+             "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+             "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(c, f, indent=2)
+
+    def target_size(self, height, width, max_pixels=None):
+        """(height, width) in pixels the model sees: multiples of 28, area within the pixel budget."""
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels,
+                            max_pixels or self.max_pixels)
+
+    def __call__(self, frames, max_pixels=None):
+        """uint8 frames (N, 3, H, W) -> pixel_values (N*h*w, 3*2*14*14), grid_thw (N, 3), (W', H')."""
+        height, width = self.target_size(frames.shape[-2], frames.shape[-1], max_pixels)
+        x = frames.float()
+        if (height, width) != tuple(frames.shape[-2:]):
+            x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+            x = x.round().clamp(0, 255)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        x = (x / 255.0 - mean) / std                                         # (N, 3, H', W')
+        x = x.unsqueeze(1).expand(-1, self.temporal_patch_size, -1, -1, -1)  # a still image fills both temporal slots
+        m, p = self.merge_size, self.patch_size
+        patches = rearrange(x, "n tp c (gh mh ph) (gw mw pw) -> (n gh gw mh mw) (c tp ph pw)", mh=m, mw=m, ph=p, pw=p)
+        grid = torch.tensor([[1, height // p, width // p]] * frames.shape[0])
+        return patches.contiguous(), grid, (width, height)
+
+
+def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
+    """Qwen2-VL's resize rule: round each side to a multiple of `factor`, then scale into the budget."""
+    import math
+    if min(height, width) <= 0:
+        raise ValueError(f"frame has no pixels: {height}x{width}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+# ---------------------------------------------------------------------------------------------
+# A prompt, ready for the model
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    """One tokenized multimodal prompt: everything the forward needs, on one device."""
+    input_ids: torch.Tensor        # (P,) long
+    mm_token_type_ids: torch.Tensor  # (P,) int, 1 on image-pad tokens
+    pixel_values: torch.Tensor     # (num_patches, 3*2*14*14)
+    image_grid_thw: torch.Tensor   # (num_frames, 3)
+    frame_size: tuple              # (width, height) pixels of the frames the model sees
+
+    def to(self, device, dtype=None):
+        pv = self.pixel_values.to(device, dtype) if dtype is not None else self.pixel_values.to(device)
+        return Prompt(self.input_ids.to(device), self.mm_token_type_ids.to(device), pv,
+                      self.image_grid_thw.to(device), self.frame_size)
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+
+def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
+    """data.render_prompt's parts (str pieces and int frame indices) + uint8 frames -> Prompt.
+
+    Text is tokenized piece by piece; each frame k becomes <|vision_start|>, as many <|image_pad|>
+    as it has merged patches, <|vision_end|>. Frames are used in the order the parts name them.
+    """
+    order = [p for p in parts if isinstance(p, int)]
+    pixel_values, grid, frame_size = vision(frames[order], max_pixels)
+    m2 = vision.merge_size ** 2
+    vs, ve, pad = (tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD))
+    ids, types, k = [], [], 0
+    for part in parts:
+        if isinstance(part, str):
+            piece = tokenizer.encode(part, add_special_tokens=False)
+            ids += piece
+            types += [MM_TEXT] * len(piece)
+        else:
+            n = int(grid[k].prod()) // m2
+            ids += [vs] + [pad] * n + [ve]
+            types += [MM_TEXT] + [MM_IMAGE] * n + [MM_TEXT]
+            k += 1
+    return Prompt(torch.tensor(ids), torch.tensor(types, dtype=torch.int32), pixel_values, grid, frame_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of completions
+# ---------------------------------------------------------------------------------------------
+
+def _token_logprobs(model, hidden, targets):
+    """hidden (..., D) at the positions that predict targets (...) -> log p(targets) (...)."""
+    logits = model.lm_head(hidden).float()
+    return -F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def _prefill(model, prompt, grad):
+    """Run the prompt once; return (cache, hidden at its last position (1, D), next text position)."""
+    ids = prompt.input_ids[None]
+    types = prompt.mm_token_type_ids[None]
+    position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=prompt.image_grid_thw)
+    with torch.set_grad_enabled(grad):
+        out = model.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values,
+                          image_grid_thw=prompt.image_grid_thw, mm_token_type_ids=types, use_cache=True)
+    return out.cache if hasattr(out, "cache") else out.past_key_values, out.last_hidden_state[:, -1], \
+        int(position_ids.max()) + 1
+
+
+def _text_positions(start, batch, length, device):
+    """3D rope positions of plain text after a prompt: all three axes advance together."""
+    pos = torch.arange(start, start + length, device=device)
+    return pos.view(1, 1, -1).expand(3, batch, -1)
+
+
+def shared_prefix_logprobs(model, prompt, completions):
+    """Per-token log-probs of G completions of one prompt, the prompt run once.
+
+    completions: (G, C) token ids (padding anywhere after a completion's end is fine: its
+    log-probs are returned and the caller masks them). Returns (G, C) float32. The prompt's KV
+    cache is expanded across the group; gradients flow through it into the prompt and vision.
+    """
+    G, C = completions.shape
+    cache, last_hidden, start = _prefill(model, prompt, torch.is_grad_enabled())
+    cache.batch_repeat_interleave(G)
+    out = model.model.language_model(input_ids=completions[:, :-1], position_ids=_text_positions(start, G, C - 1, completions.device),
+                                     cache=cache, use_cache=True) if C > 1 else None
+    hidden = last_hidden.expand(G, 1, -1)                                  # (G, 1, D) predicts token 0
+    if out is not None:
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)           # (G, C, D)
+    return _token_logprobs(model, hidden, completions)
+
+
+def plain_logprobs(model, prompts, completions):
+    """Reference path: each (prompt, completion) row is its own full sequence, right-padded.
+
+    prompts: list of B Prompt; completions: list of B 1-D id tensors (lengths may differ).
+    Returns a list of B tensors of per-token log-probs, one per completion token.
+    Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
+    """
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    L, B = max(lengths), len(prompts)
+    device = prompts[0].input_ids.device
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    types = torch.zeros(B, L, dtype=torch.int32, device=device)
+    mask = torch.zeros(B, L, dtype=torch.long, device=device)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ids[b, :lengths[b]] = torch.cat([p.input_ids, c])
+        types[b, :len(p)] = p.mm_token_type_ids
+        mask[b, :lengths[b]] = 1
+    grid = torch.cat([p.image_grid_thw for p in prompts])
+    position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                      pixel_values=torch.cat([p.pixel_values for p in prompts]), image_grid_thw=grid,
+                      mm_token_type_ids=types, use_cache=False)
+    hidden = out.last_hidden_state                                          # (B, L, D)
+    result = []
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        h = hidden[b, len(p) - 1: len(p) - 1 + len(c)]                      # positions that predict c
+        result.append(_token_logprobs(model, h, c))
+    return result
+
+
+class LogProbModule(torch.nn.Module):
+    """The policy's log-prob computation as one module call, so DDP / FSDP wrappers see a forward.
+
+    mode="shared": prompts is one Prompt, completions (G, C) -> (G, C) log-probs.
+    mode="plain": lists of prompts and 1-D completions -> list of per-token log-prob tensors.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompts, completions, mode="shared"):
+        if mode == "shared":
+            return shared_prefix_logprobs(self.model, prompts, completions)
+        return plain_logprobs(self.model, prompts, completions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: one prefill per prompt, G samples on the expanded cache
+# ---------------------------------------------------------------------------------------------
+
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
+    """logits (G, V) -> next ids (G,). temperature 0 is greedy; top_p keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p                       # keep tokens until mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt, num_samples, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0,
+             generator=None, banned_ids=()):
+    """Sample `num_samples` completions of one prompt.
+
+    Returns (ids (G, C) long, mask (G, C) bool, truncated (G,) bool). mask is True on each
+    completion's tokens up to and including its stop token, built from lengths, never from the
+    pad id (pad may equal a stop token). truncated marks completions that hit max_new_tokens.
+    banned_ids (the vision tokens, see vision_token_ids) are never sampled.
+    """
+    G = num_samples
+    cache, last_hidden, start = _prefill(model, prompt, grad=False)
+    cache.batch_repeat_interleave(G)
+    logits = model.lm_head(last_hidden).expand(G, -1)
+    stop = torch.tensor(stop_ids, device=logits.device)
+    out, done = [], torch.zeros(G, dtype=torch.bool, device=logits.device)
+    lengths = torch.full((G,), max_new_tokens, device=logits.device)
+    banned = torch.tensor(list(banned_ids), dtype=torch.long, device=logits.device)
+    for step in range(max_new_tokens):
+        logits = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
+        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        just_done = ~done & torch.isin(nxt, stop)
+        lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
+        done = done | just_done
+        if bool(done.all()):
+            break
+        h = model.model.language_model(input_ids=nxt[:, None], position_ids=_text_positions(start + step, G, 1, nxt.device),
+                                       cache=cache, use_cache=True).last_hidden_state
+        logits = model.lm_head(h[:, -1])
+    ids = torch.stack(out, dim=1)
+    mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+    return ids, mask, ~done

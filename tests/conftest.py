@@ -1,0 +1,36 @@
+"""Shared fixtures: a small synthetic STGR set and a tiny Qwen2.5-VL built from it (once per session)."""
+import json
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A few synthetic records of every task, videos and key frames on disk. -> data folder path."""
+    import synth
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(synth.SynthConfig(out=str(out), n_train=12, n_val=2, n_test=6, seed=3, workers=1))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_data, tmp_path_factory):
+    """A tiny random Qwen2.5-VL checkpoint (save_pretrained layout) whose tokenizer knows the data."""
+    import data as D
+    import model as M
+    out = str(tmp_path_factory.mktemp("tiny_model"))
+    records = json.load(open(os.path.join(tiny_data, "train.json")))
+    frame_text = "".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))
+    texts = [frame_text] * 20 + [r["question"] + " " + r["reasoning_process"] for r in records]
+    M.build_tiny_model(out, texts, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_model_dir):
+    import model as M
+    return M.load_policy(tiny_model_dir)

@@ -1,0 +1,138 @@
+"""model.py: vision preprocessing, tokenizer, log-probs (fast path == slow path), generation."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
+import train as T
+
+
+def test_patchify_matches_the_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+    vision = M.VisionProcessor(max_pixels=112 * 112)
+    frames = torch.randint(0, 256, (3, 3, 112, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours, grid, size = vision(frames)
+    ref = Qwen2VLImageProcessorPil(min_pixels=vision.min_pixels, max_pixels=vision.max_pixels,
+                                   patch_size=14, merge_size=2, temporal_patch_size=2)
+    out = ref(images=[f.permute(1, 2, 0).numpy() for f in frames], return_tensors="pt")
+    assert size == (84, 112)
+    assert torch.equal(grid, out["image_grid_thw"])
+    torch.testing.assert_close(ours, out["pixel_values"].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_smart_resize_respects_grid_and_budget():
+    for h, w in [(112, 112), (720, 1280), (50, 300), (1000, 30)]:
+        rh, rw = M.smart_resize(h, w, 28, 4 * 28 * 28, 128 * 28 * 28)
+        assert rh % 28 == 0 and rw % 28 == 0
+        assert 4 * 28 * 28 <= rh * rw <= 128 * 28 * 28
+
+
+def test_tokenizer_round_trips_grounded_text(tiny_policy):
+    _, tok, _ = tiny_policy
+    text = ("<think><obj>red circle</obj><box>[12,30,40,58]</box>at<t>2.5</t>s moves. "
+            "<obj>blue square</obj><box>[0,1,111,110]</box><box>[3,4,5,6]</box>at<t>10.0</t>s</think>"
+            "<answer>From <t>1.5</t>s to <t>3.0</t>s\nCorrect Option: B</answer>")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    pieces = tok.convert_ids_to_tokens(ids)
+    for tag in D.GROUNDING_TAGS:
+        assert tag in pieces                           # each tag is one token
+    assert "12" not in pieces and "1" in pieces        # digits are single tokens, like Qwen's
+    assert tok.convert_tokens_to_ids(D.IMAGE_PAD) == M.Qwen2_5_VLConfig.from_pretrained(tok.name_or_path).image_token_id
+
+
+def _prompt(tiny_data, tiny_policy, index=0):
+    model, tok, vision = tiny_policy
+    rec = D.load_records(os.path.join(tiny_data, "train.json"))[index]
+    return T.build_prompt(rec, tok, vision, T.Config())
+
+
+def test_plain_logprobs_equal_minus_cross_entropy(tiny_data, tiny_policy):
+    model, tok, _ = tiny_policy
+    p = _prompt(tiny_data, tiny_policy)
+    comp = torch.tensor(tok.encode("<think>a red circle</think><answer>up</answer>", add_special_tokens=False))
+    ours = M.plain_logprobs(model, [p], [comp])[0]
+    ids = torch.cat([p.input_ids, comp])[None]
+    types = torch.cat([p.mm_token_type_ids, torch.zeros(len(comp), dtype=torch.int32)])[None]
+    logits = model(input_ids=ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                   mm_token_type_ids=types).logits[0]
+    expected = -F.cross_entropy(logits[len(p) - 1:-1], comp, reduction="none")
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_equals_plain_values_and_gradients(tiny_data, tiny_policy):
+    model, tok, _ = tiny_policy
+    p = _prompt(tiny_data, tiny_policy, 1)
+    g = torch.Generator().manual_seed(0)
+    normal = torch.tensor(sorted(set(range(len(tok))) - set(M.vision_token_ids(tok))))
+    comps = normal[torch.randint(0, len(normal), (4, 9), generator=g)]
+    weights = torch.randn(4, 9, generator=g)
+
+    def run(fast):
+        model.zero_grad()
+        logp = M.shared_prefix_logprobs(model, p, comps) if fast else torch.stack(M.plain_logprobs(model, [p] * 4, list(comps)))
+        (logp * weights).sum().backward()
+        return logp.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    fast, g_fast = run(True)
+    slow, g_slow = run(False)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert g_fast.keys() == g_slow.keys() and any("visual" in n for n in g_fast)
+    for n in g_fast:
+        torch.testing.assert_close(g_fast[n], g_slow[n], atol=1e-4, rtol=1e-3)
+    model.zero_grad()
+
+
+def test_greedy_generation_matches_full_forward_argmax(tiny_data, tiny_policy):
+    model, tok, _ = tiny_policy
+    p = _prompt(tiny_data, tiny_policy, 2)
+    stop = M.stop_token_ids(model, tok)
+    ids, mask, truncated = M.generate(model, p, 2, 6, stop, tok.pad_token_id, temperature=0.0)
+    assert torch.equal(ids[0], ids[1])                  # greedy: both samples agree
+    seq = p.input_ids.clone()
+    for step in range(int(mask[0].sum())):              # the slow way: full forward, argmax
+        types = torch.cat([p.mm_token_type_ids, torch.zeros(len(seq) - len(p), dtype=torch.int32)])[None]
+        with torch.no_grad():
+            logits = model(input_ids=seq[None], pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                           mm_token_type_ids=types).logits[0, -1]
+        assert int(logits.argmax()) == int(ids[0, step])
+        seq = torch.cat([seq, ids[0, step:step + 1]])
+
+
+def test_generation_mask_is_built_from_lengths_when_pad_equals_eos(tiny_data, tiny_policy):
+    model, tok, _ = tiny_policy
+    p = _prompt(tiny_data, tiny_policy)
+    # Force an early stop: make every token a stop token except a few, and pad with the same id.
+    vocab = sorted(set(range(len(tok))) - set(M.vision_token_ids(tok)))
+    stop = vocab[: len(vocab) // 2]
+    ids, mask, truncated = M.generate(model, p, 6, 12, stop, pad_id=stop[0], temperature=1.0,
+                                      generator=torch.Generator().manual_seed(1), banned_ids=M.vision_token_ids(tok))
+    assert not torch.isin(ids, torch.tensor(M.vision_token_ids(tok))).any()
+    for row, m, tr in zip(ids, mask, truncated):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()          # a prefix
+        if not tr:
+            assert int(row[n - 1]) in stop              # ends with its stop token, kept in the mask
+            assert not any(int(t) in stop for t in row[: n - 1])
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(M.sample_next(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_save_and_reload_give_the_same_logprobs(tiny_data, tiny_policy, tmp_path):
+    model, tok, vision = tiny_policy
+    p = _prompt(tiny_data, tiny_policy)
+    comp = torch.tensor(tok.encode("<answer>left</answer>", add_special_tokens=False))
+    before = M.plain_logprobs(model, [p], [comp])[0]
+    T.save_checkpoint(str(tmp_path / "ck"), model, tok, vision, {"step": 0})
+    m2, tok2, v2 = M.load_policy(str(tmp_path / "ck"))
+    assert v2 == vision and tok2.encode("<t>1.5</t>") == tok.encode("<t>1.5</t>")
+    torch.testing.assert_close(M.plain_logprobs(m2, [p], [comp])[0], before)

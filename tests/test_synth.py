@@ -1,0 +1,147 @@
+"""Tests for synth.py: determinism, STGR layout, grammar, and the encode -> decode round trip."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchcodec.decoders import VideoDecoder
+
+import synth
+from data import sample_times
+
+N_TRAIN, N_TEST = 6, 3
+
+# one grounded claim: <obj>name</obj><box>[x1,y1,x2,y2]</box>(<box>...)*at<t>1.5</t>s
+CLAIM = re.compile(r"<obj>([^<]+)</obj>((?:<box>\[\d+,\d+,\d+,\d+\]</box>)+)at<t>(\d+\.\d)</t>s")
+COMPLETION = re.compile(r"<think>(.+)</think><answer>(.+)</answer>", re.S)
+SPAN = re.compile(r"From <t>(\d+\.\d)</t>s to <t>(\d+\.\d)</t>s")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    cfg = synth.SynthConfig(out=str(out), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
+                            difficulty=0.5, workers=1)
+    return out, synth.generate(cfg)
+
+
+def records(generated):
+    out, result = generated
+    return [(out, r) for sp in ("train", "val", "test") for r in result[sp]]
+
+
+def test_deterministic_and_split_seeds(generated, tmp_path):
+    out, _ = generated
+    cfg = synth.SynthConfig(out=str(tmp_path), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
+                            difficulty=0.5, workers=2)
+    synth.generate(cfg)  # same seed, other worker count: byte-identical JSON
+    for name in ("train.json", "val.json", "test.json", "vstar_test.json"):
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    for media in sorted((out / "videos").iterdir()) + sorted((out / "frames").iterdir()):
+        rel = media.relative_to(out)
+        assert media.read_bytes() == (tmp_path / rel).read_bytes(), rel
+    train = json.loads((out / "train.json").read_text())
+    test = json.loads((out / "test.json").read_text())
+    assert {r["reasoning_process"] for r in train}.isdisjoint(r["reasoning_process"] for r in test)
+
+
+def test_stgr_keys_and_types(generated):
+    for out, r in records(generated):
+        assert r["source"] == "synth" and r["task"] in synth.TASKS.values()
+        for k in ("id", "question", "answer", "reasoning_process", "video_path"):
+            assert isinstance(r[k], str) and r[k], k
+        assert (out / r["video_path"]).is_file()
+        assert isinstance(r["key_frames"], list) and isinstance(r["key_items"], dict)
+        assert isinstance(r["meta"]["hard"], bool) and len(r["meta"]["span"]) == 2
+        if r["task"] == "temporal QA":
+            assert re.fullmatch(r"\[\d+\.\d, \d+\.\d\]", r["answer"])
+            continue
+        assert 1 <= len(r["key_frames"]) <= 3
+        assert sorted(r["key_items"]) == sorted(str(kf["idx"]) for kf in r["key_frames"])
+        for kf in r["key_frames"]:
+            assert isinstance(kf["idx"], int) and isinstance(kf["time"], float)
+            assert (out / kf["path"]).is_file()
+            assert 1 <= len(r["key_items"][str(kf["idx"])]) <= 3
+        if r["task"] == "General video QA MCQ":
+            assert r["answer"] in "ABCD" and f"\n{r['answer']}. " in r["question"]
+
+
+def test_key_times_boxes_and_grammar(generated):
+    for _, r in records(generated):
+        shown = sample_times(r["meta"]["duration"])
+        for kf in r["key_frames"]:
+            assert kf["time"] in shown
+            assert kf["idx"] == round(kf["time"] * synth.FPS)
+        for objs in r["key_items"].values():
+            for boxes in objs.values():
+                for x1, y1, x2, y2 in boxes:
+                    assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        m = COMPLETION.fullmatch(r["reasoning_process"])
+        assert m, r["reasoning_process"]
+        think, answer = m.groups()
+        claims = CLAIM.findall(think)
+        assert claims and all(float(t) in shown for _, _, t in claims)
+        assert len(re.findall(r"<t>", think)) == len(claims)  # every time is part of a claim
+        assert 15 <= len(re.sub(r"<[^>]+>", " ", think).split()) <= 70
+        if r["task"] == "temporal QA":
+            s, e = (float(x) for x in SPAN.fullmatch(answer).groups())
+            assert [s, e] == r["meta"]["span"] and len(claims) >= 2
+            assert all(s <= float(t) <= e for _, _, t in claims)
+        else:
+            assert answer == r["answer"]
+            times = {kf["time"] for kf in r["key_frames"]}
+            assert {float(t) for _, _, t in claims} == times
+
+
+def test_round_trip_decode_matches_png_and_boxes(generated):
+    checked = 0
+    for out, r in records(generated):
+        if not r["key_frames"]:
+            continue
+        dec = VideoDecoder(str(out / r["video_path"]))
+        assert dec.metadata.num_frames == r["meta"]["n_frames"]
+        assert dec.metadata.width == dec.metadata.height == synth.SIZE
+        times = [kf["time"] for kf in r["key_frames"]]
+        batch = dec.get_frames_played_at(seconds=times)
+        for kf, frame in zip(r["key_frames"], batch.data):  # frame: (3, H, W) uint8
+            png = torch.from_numpy(np.array(Image.open(out / kf["path"])))
+            png = png.permute(2, 0, 1).float()
+            assert (frame.float() - png).abs().mean() < 2.0  # codec tolerance
+            for name, boxes in r["key_items"][str(kf["idx"])].items():
+                colour = torch.tensor(synth.COLOURS[name.split()[0]], dtype=torch.float32)
+                x1, y1, x2, y2 = boxes[0]
+                cx, cy = round((x1 + x2) / 2 * synth.SIZE), round((y1 + y2) / 2 * synth.SIZE)
+                patch = frame[:, cy - 1:cy + 2, cx - 1:cx + 2].float().mean((1, 2))  # (3,)
+                assert (patch - colour).abs().max() < 30, (r["id"], name, patch, colour)
+            checked += 1
+    assert checked > 0
+
+
+def test_vstar_layout(generated):
+    out, result = generated
+    vstar = json.loads((out / "vstar_test.json").read_text())
+    assert len(vstar) == N_TEST
+    fields = {"vid", "domain", "fps", "width", "height", "frame_count", "question", "chain",
+              "object", "answer", "temporal_question", "timestamps", "spatial_question",
+              "spatial_question_2", "bboxes"}
+    for v in vstar:
+        assert set(v) == fields
+        assert (out / "videos" / f"{v['vid']}.mp4").is_file()
+        s, e = v["timestamps"]
+        assert 0 <= s < e <= v["frame_count"] / v["fps"]
+        assert v["chain"].startswith("<think>") and v["chain"].endswith("</think>")
+        assert v["bboxes"]
+        for b in v["bboxes"]:
+            assert set(b) == {"timestamp", "frame_index", "xmin", "ymin", "xmax", "ymax"}
+            assert s <= b["timestamp"] <= e and b["frame_index"] == b["timestamp"] * v["fps"]
+            assert 0 <= b["xmin"] < b["xmax"] <= v["width"]
+            assert 0 <= b["ymin"] < b["ymax"] <= v["height"]
+
+
+def test_cli_parses_both_spellings():
+    cfg = synth.parse_config(["--n-train", "7", "--n_val=3", "--difficulty=0.25"])
+    assert (cfg.n_train, cfg.n_val, cfg.difficulty) == (7, 3, 0.25)
+    with pytest.raises(SystemExit):
+        synth.parse_config(["--difficulty=2"])
