@@ -94,11 +94,11 @@ def sd_loss(policy, ex):
 class Coach:
     """Chooses prompts for hard groups, runs the prompted rollouts, returns what to distill."""
 
-    def __init__(self, mode, predictions=None, seed=0):
+    def __init__(self, mode, predictions=None):
         if not (mode in ("selector", "random", "none") or
                 (mode.startswith("fixed:") and mode.split(":", 1)[1] in P.VISUAL_PROMPTS)):
             raise SystemExit(f"--coach={mode!r}: expected selector | random | none | fixed:<one of {P.VISUAL_PROMPTS}>")
-        self.mode, self.predictions, self.rng = mode, predictions or {}, random.Random(seed)
+        self.mode, self.predictions = mode, predictions or {}
 
     @classmethod
     def from_config(cls, cfg, records):
@@ -114,11 +114,11 @@ class Coach:
             if missing:
                 print(f"[coach] selector cache {path} misses {missing} of {len(records)} training ids; "
                       f"those fall back to raw")
-        return cls(cfg.coach, predictions, cfg.seed)
+        return cls(cfg.coach, predictions)
 
-    def choose(self, record, counts):
+    def choose(self, record, counts, key=()):
         if self.mode == "random":
-            return self.rng.choice(P.VISUAL_PROMPTS[1:])
+            return random.Random(str(key)).choice(P.VISUAL_PROMPTS[1:])
         if self.mode.startswith("fixed:"):
             return self.mode.split(":", 1)[1]
         kind = self.predictions.get(str(record["id"]))
@@ -127,8 +127,11 @@ class Coach:
             return "raw"
         return kind
 
-    def coach_group(self, model, tokenizer, vision, cfg, record, video, group, progress, rt):
-        """VisionCoach for one raw group. Returns (list of SDExample, Counter of metrics)."""
+    def coach_group(self, model, tokenizer, vision, cfg, record, video, group, progress, rt, key=()):
+        """VisionCoach for one raw group. Returns (list of SDExample, Counter of metrics).
+
+        key (seed, step, sample index) seeds the random prompt choice and the prompted rollouts.
+        """
         import grpo
         import train as T
         counts = Counter()
@@ -136,7 +139,7 @@ class Coach:
         if self.mode == "none" or raw_mean >= cfg.hard_k:
             return [], counts
         counts["hard"] += 1
-        kind = self.choose(record, counts)
+        kind = self.choose(record, counts, key)
         if kind != "raw" and not can_prompt(record):
             counts["fallback/no_key_objects"] += 1
             kind = "raw"
@@ -144,7 +147,7 @@ class Coach:
         video_p = prompted_video(video, record, kind) if kind != "raw" else video
         prompt_p = T.build_prompt(record, tokenizer, vision, cfg, video_p, P.add_hint(record["question"], kind))
         prompt_p = prompt_p.to(rt.device, rt.dtype)
-        g = grpo.rollout(model, tokenizer, record, prompt_p, cfg, progress)
+        g = grpo.rollout(model, tokenizer, record, prompt_p, cfg, progress, generator=grpo.sample_generator(*key, "coach"))
         totals, answers = g.rewards["total"], g.rewards.get("answer", [0.0] * len(g.texts))
         counts[f"lift_sum/{kind}"] += sum(totals) / len(totals) - raw_mean
         counts[f"lift_n/{kind}"] += 1

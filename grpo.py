@@ -31,6 +31,7 @@ What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and wher
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -112,11 +113,18 @@ class Group:
     ref_logp: torch.Tensor = None    # (G, C)
 
 
-def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None):
+def sample_generator(*keys):
+    """A CPU generator seeded from (seed, step, sample index, ...): the same rollouts whatever the
+    number of processes or the order prompts are visited in, so runs are reproducible."""
+    digest = hashlib.sha256(repr(keys).encode()).hexdigest()   # stable across processes, unlike hash()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None, generator=None):
     """Sample G completions of `prompt` and score them against `record`."""
     stop = M.stop_token_ids(model, tokenizer)
     ids, mask, truncated = M.generate(model, prompt, num_samples or cfg.group_size, cfg.max_new_tokens, stop,
-                                      tokenizer.pad_token_id, cfg.temperature, cfg.top_p,
+                                      tokenizer.pad_token_id, cfg.temperature, cfg.top_p, generator,
                                       banned_ids=M.vision_token_ids(tokenizer))
     texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
     ctx = R.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1], progress=progress)
@@ -213,14 +221,14 @@ def rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach,
             st.skipped["prompt_too_long"] += 1
             groups.append(None)
             continue
-        g = rollout(model, tokenizer, rec, prompt, cfg, progress)
+        g = rollout(model, tokenizer, rec, prompt, cfg, progress, generator=sample_generator(cfg.seed, st.step, idx))
         timing["generate"] += time.time() - t
         if bool(g.truncated.all()):
             st.skipped["all_truncated"] += 1
         g.advantages = group_advantages(torch.tensor(g.rewards["total"], dtype=torch.float32)).to(rt.device)
         groups.append(g)
         t = time.time()
-        sd, cm = coach.coach_group(model, tokenizer, vision, cfg, rec, video, g, progress, rt)
+        sd, cm = coach.coach_group(model, tokenizer, vision, cfg, rec, video, g, progress, rt, (cfg.seed, st.step, idx))
         sd_examples += sd
         coach_metrics.update(cm)
         timing["coach"] += time.time() - t
@@ -336,5 +344,14 @@ def reduce_metrics(rt, row):
     from accelerate.utils import gather_object
     rows = gather_object([row])
     keys = {k for r in rows for k in r}
-    return {k: (row["step"] if k == "step" else sum(r[k] for r in rows if k in r) / sum(k in r for r in rows))
-            for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if k in r]
+        out[k] = row["step"] if k == "step" else sum(vals) if is_count(k) else sum(vals) / len(vals)
+    return out
+
+
+def is_count(key):
+    """Metrics that are counts add up over ranks; everything else is a mean."""
+    return key.startswith(("skipped/", "coach/chosen/", "coach/fallback/", "coach/raw_sum/",
+                           "coach/prompted_sum/")) or key in ("coach/candidates", "coach/kept")
