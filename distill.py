@@ -104,7 +104,7 @@ class Coach:
     def from_config(cls, cfg, records):
         predictions = None
         if cfg.coach == "selector":
-            path = os.path.join(cfg.out_dir, "selector", "predictions.json")
+            path = os.path.join(cfg.selector_dir or os.path.join(cfg.out_dir, "selector"), "predictions.json")
             if not os.path.isfile(path):
                 raise SystemExit(f"--coach=selector needs {path}: run --stage=selector first "
                                  f"(or use --coach=random / fixed:darken / none)")

@@ -128,7 +128,7 @@ def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None, g
                                       banned_ids=M.vision_token_ids(tokenizer))
     texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
     ctx = R.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1], progress=progress)
-    table = R.score_group(texts, record, ctx, R.RewardConfig())
+    table = R.score_group(texts, record, ctx, R.RewardConfig(identity=cfg.reward_identity))
     return Group(record, prompt, ids, mask, truncated, texts, table)
 
 
@@ -204,6 +204,20 @@ def step_prompt_ids(cfg, rt, n_records, step):
     return order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
 
 
+def full_params(policy):
+    """Generation runs on the bare model: under FSDP / ZeRO-3 its shards are gathered first."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if isinstance(policy, FSDP):
+            return FSDP.summon_full_params(policy, writeback=False, recurse=True)
+    except ImportError:
+        pass
+    if type(policy).__name__ == "DeepSpeedEngine":
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
 def rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach, st):
     """Rollouts for this rank's prompts, VisionCoach extras for the hard ones, inner updates."""
     import train as T
@@ -212,6 +226,20 @@ def rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach,
     progress = st.step / max(1, cfg.rl_steps)
     groups, sd_examples, coach_metrics, timing = [], [], Counter(), Counter()
     model.eval()
+    with full_params(policy):
+        rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, groups, sd_examples,
+                 coach_metrics, timing)
+    model.train()
+    t = time.time()
+    fb = update(cfg, rt, policy, ref, opt, sched, groups, sd_examples, st)
+    timing["forward_backward"] += time.time() - t
+    return step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, time.time() - t0, sched)
+
+
+def rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, groups, sd_examples,
+             coach_metrics, timing):
+    """Raw rollouts for this rank's prompts, and VisionCoach's extras for the hard ones."""
+    import train as T
     for idx in step_prompt_ids(cfg, rt, len(records), st.step):
         rec = records[idx]
         t = time.time()
@@ -232,11 +260,6 @@ def rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach,
         sd_examples += sd
         coach_metrics.update(cm)
         timing["coach"] += time.time() - t
-    model.train()
-    t = time.time()
-    fb = update(cfg, rt, policy, ref, opt, sched, groups, sd_examples, st)
-    timing["forward_backward"] += time.time() - t
-    return step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, time.time() - t0, sched)
 
 
 def update(cfg, rt, policy, ref, opt, sched, groups, sd_examples, st):

@@ -109,7 +109,7 @@ def evaluate_head(head, features, labels, score_table):
 def stage_selector(cfg, rt, proxy_path):
     """Make labels with the frozen proxy, train the head, cache a prediction for every training id."""
     import train as T
-    out = os.path.join(cfg.out_dir, "selector")
+    out = cfg.selector_dir or os.path.join(cfg.out_dir, "selector")
     if os.path.isfile(os.path.join(out, "predictions.json")) and cfg.resume:
         T.log(rt, f"[selector] cached predictions found in {out}; skipping")
         return

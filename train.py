@@ -52,7 +52,7 @@ class Config:
     n_test: int = 200
     difficulty: float = 0.5
     # SFT
-    sft_epochs: float = 2.0
+    sft_epochs: float = 1.0
     batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
     grad_accum: int = 1           # micro-batches per optimizer step (batch_size is split across them)
     lr: float = 2e-3
@@ -61,8 +61,8 @@ class Config:
     grad_clip: float = 1.0
     train_vision: bool = True     # False freezes the vision tower (the usual choice at 7B)
     # RL (grpo.py)
-    rl_steps: int = 60
-    rl_lr: float = 2e-4
+    rl_steps: int = 50
+    rl_lr: float = 5e-5
     group_size: int = 4           # G rollouts per prompt
     max_new_tokens: int = 96
     temperature: float = 1.0
@@ -79,8 +79,10 @@ class Config:
     alpha: float = 0.1            # self-distillation weight (0 turns it off)
     top_n: int = 2
     sd_condition: str = "prompted"  # prompted (paper) | raw
+    reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
     # selector (selector.py)
-    selector_samples: int = 200
+    selector_dir: str = ""        # where predictions.json lives; empty -> {out_dir}/selector
+    selector_samples: int = 64    # samples labelled by the proxy (5 prompt types x selector_group answers)
     selector_group: int = 2
     # logging / checkpoints
     log_every: int = 10

@@ -123,3 +123,24 @@ def test_two_processes_give_the_same_update_as_one(tiny_data, tiny_model_dir, tm
     assert moved > 5e-3                                   # the update is real (lr 5e-3, two steps)
     for n in start:                                       # and the same up to float summation order
         torch.testing.assert_close(outs[2][n], outs[1][n], atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_with_a_clear_error(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    real = grpo.policy_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        loss, m = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] <= 2 else loss), m   # first step's two groups: NaN
+
+    monkeypatch.setattr(grpo, "policy_loss", sometimes_nan)
+    ck = run_rl(rl_cfg(tiny_data, tmp_path / "a", rl_steps=2), tiny_model_dir, monkeypatch)
+    import json
+    rows = [json.loads(l) for l in open(tmp_path / "a" / "rl" / "metrics.jsonl")]
+    assert rows[0]["skipped/nonfinite_update"] == 1 and "grad_norm" not in rows[0]
+    assert all(torch.isfinite(p).all() for p in params(ck).values())
+
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("inf"), {}))
+    with pytest.raises(RuntimeError, match="5 updates in a row had NaN/inf"):
+        run_rl(rl_cfg(tiny_data, tmp_path / "b", rl_steps=6), tiny_model_dir, monkeypatch)

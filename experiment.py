@@ -1,0 +1,162 @@
+"""The experiment: does VisionCoach beat plain GRPO on the embedded default? One command.
+
+    python experiment.py                       # 3 seeds, every arm, then the table and plots
+    python experiment.py --seeds=0,1,2 --rl_steps=40 --arms=grpo,visioncoach
+
+SFT and the VP-Selector run once (the main job's, under --base, made if missing); then, for each
+seed, RL for every arm, each from the same SFT checkpoint; then eval.py on the synthetic test
+split (raw videos, greedy) for the SFT checkpoint and every RL checkpoint. Writes
+{out}/results.md (mean +/- std over seeds), {out}/results.json and PNG plots (training reward per
+arm, hard share over time, test metrics per arm). Runs that finished are skipped, so the command
+can be stopped and started again. Tuning belongs on the validation split: this script only reads
+the test split at the end.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ARMS = {  # arm -> train.py overrides
+    "grpo": ["--coach=none"],
+    "visioncoach": ["--coach=selector"],
+    "random_prompt": ["--coach=random"],
+    "prompts_no_sd": ["--coach=selector", "--alpha=0"],
+    "no_identity": ["--coach=selector", "--reward_identity=none"],
+}
+METRICS = ["mAM", "mLGM", "Acc", "mtIoU_1", "mvIoU_1", "stgr/Acc", "stgr/reward/total", "stgr/reward/spatial",
+           "stgr/TG/mIoU"]
+
+
+def parse(argv):
+    opts = {"seeds": "0,1,2", "arms": ",".join(ARMS), "rl_steps": "40", "base": "runs/default",
+            "out": "runs/experiment", "eval_samples": "100", "selector_samples": "256", "extra": ""}
+    for a in argv:
+        k, _, v = a.lstrip("-").partition("=")
+        if k not in opts:
+            raise SystemExit(f"unknown option {a}; options: {sorted(opts)}")
+        opts[k] = v
+    return opts
+
+
+def run(cmd):
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def selector_dir(o):
+    return os.path.join(o["base"], f"selector_{o['selector_samples']}")
+
+
+def ensure_base(o):
+    """Data and SFT once (the main job's stages), and a selector trained on more labels."""
+    for stage in ("data", "sft"):
+        run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={o['base']}"])
+    sft = os.path.join(o["base"], "sft", "last")
+    run([sys.executable, "train.py", "--stage=selector", f"--out_dir={o['base']}", f"--model={sft}",
+         f"--selector_samples={o['selector_samples']}", f"--selector_dir={selector_dir(o)}"])
+    return sft
+
+
+def evaluate(ckpt, out, o):
+    if not os.path.isfile(os.path.join(out, "eval", "vstar_summary.json")):
+        run([sys.executable, "train.py", "--stage=eval", f"--model={ckpt}", f"--out_dir={out}",
+             f"--eval_samples={o['eval_samples']}"])
+    return read_summary(out)
+
+
+def read_summary(out):
+    row = json.load(open(os.path.join(out, "eval", "vstar_summary.json")))
+    stgr = json.load(open(os.path.join(out, "eval", "stgr_summary.json")))
+    row.update({f"stgr/{k}": v for k, v in stgr.items()})
+    return row
+
+
+def train_arm(arm, seed, sft, o):
+    out = os.path.join(o["out"], f"{arm}_s{seed}")
+    ckpt = os.path.join(out, "rl", "last")
+    extra = o["extra"].split() if o["extra"] else []
+    run([sys.executable, "train.py", "--stage=rl", f"--model={sft}", f"--out_dir={out}", f"--seed={seed}",
+         f"--rl_steps={o['rl_steps']}", f"--selector_dir={selector_dir(o)}",
+         *ARMS[arm], *extra])
+    return ckpt, out
+
+
+def mean_std(vals):
+    return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def table(results):
+    lines = ["| arm | seeds | " + " | ".join(METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+    for arm, rows in results.items():
+        cells = []
+        for m in METRICS:
+            vals = [r[m] for r in rows if m in r]
+            mu, sd = mean_std(vals) if vals else (float("nan"), 0.0)
+            cells.append(f"{mu:.2f} ± {sd:.2f}")
+        lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(out_dirs, key):
+    """arm -> list over seeds of (steps, values) read from each run's metrics.jsonl."""
+    res = {}
+    for arm, dirs in out_dirs.items():
+        for d in dirs:
+            rows = [json.loads(l) for l in open(os.path.join(d, "rl", "metrics.jsonl"))]
+            res.setdefault(arm, []).append(([r["step"] for r in rows], [r.get(key, 0.0) for r in rows]))
+    return res
+
+
+def plot(out_dirs, results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for key, name, ylabel in (("reward/total", "reward_curves.png", "mean total reward (training stream)"),
+                              ("coach/hard_share", "hard_share.png", "share of hard groups")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, runs in curves(out_dirs, key).items():
+            steps = runs[0][0]
+            n = min(len(v) for _, v in runs)
+            mean = [statistics.mean(v[i] for _, v in runs) for i in range(n)]
+            smooth = [statistics.mean(mean[max(0, i - 4):i + 1]) for i in range(n)]   # 5-step moving mean
+            ax.plot(steps[:n], smooth, label=arm)
+        ax.set_xlabel("RL step"), ax.set_ylabel(ylabel), ax.legend(), ax.grid(alpha=0.3)
+        fig.tight_layout(), fig.savefig(os.path.join(out, name), dpi=110), plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, m in zip(axes, ("mAM", "mLGM", "stgr/reward/total")):
+        arms = list(results)
+        stats = [mean_std([r[m] for r in results[a]]) for a in arms]
+        ax.bar(range(len(arms)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8), ax.set_title(m)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "test_metrics.png"), dpi=110), plt.close(fig)
+
+
+def main(argv):
+    o = parse(argv)
+    os.makedirs(o["out"], exist_ok=True)
+    sft = ensure_base(o)
+    results = {"sft": [evaluate(sft, os.path.join(o["out"], "sft"), o)]}
+    out_dirs = {}
+    for seed in [int(s) for s in o["seeds"].split(",")]:
+        for arm in o["arms"].split(","):
+            ckpt, out = train_arm(arm, seed, sft, o)
+            results.setdefault(arm, []).append(evaluate(ckpt, out, o))
+            out_dirs.setdefault(arm, []).append(out)
+            write(o, results, out_dirs, final=False)
+    write(o, results, out_dirs, final=True)
+
+
+def write(o, results, out_dirs, final):
+    with open(os.path.join(o["out"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = table(results)
+    with open(os.path.join(o["out"], "results.md"), "w") as f:
+        f.write(md + "\n")
+    if final:
+        plot(out_dirs, {k: v for k, v in results.items() if k != "sft"}, o["out"])
+        print(md)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
