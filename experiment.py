@@ -147,10 +147,31 @@ def main(argv):
     write(o, results, out_dirs, final=True)
 
 
+def coach_table(out_dirs):
+    """Per arm: hard share, and per prompt type the reward of prompted rollouts over the raw group
+    mean on the same hard samples (summed over every step and seed; relative lift in %)."""
+    lines = ["| arm | hard share | prompt type | hard groups | raw mean | prompted mean | lift |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for arm, dirs in out_dirs.items():
+        rows = [json.loads(l) for d in dirs for l in open(os.path.join(d, "rl", "metrics.jsonl"))]
+        hard = statistics.mean(r.get("coach/hard_share", 0.0) for r in rows)
+        kinds = sorted({k.split("/")[-1] for r in rows for k in r if k.startswith("coach/chosen/")})
+        if not kinds:
+            lines.append(f"| {arm} | {hard:.2f} | - | - | - | - | - |")
+        for kind in kinds:
+            n = sum(r.get(f"coach/chosen/{kind}", 0) for r in rows)
+            raw = sum(r.get(f"coach/raw_sum/{kind}", 0.0) for r in rows)
+            prompted = sum(r.get(f"coach/prompted_sum/{kind}", 0.0) for r in rows)
+            lift = 100 * (prompted / raw - 1) if raw else float("nan")
+            lines.append(f"| {arm} | {hard:.2f} | {kind} | {n} | {raw / max(1, n):.3f} | "
+                         f"{prompted / max(1, n):.3f} | {lift:+.1f}% |")
+    return "\n".join(lines)
+
+
 def write(o, results, out_dirs, final):
     with open(os.path.join(o["out"], "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    md = table(results)
+    md = table(results) + "\n\n" + coach_table(out_dirs)
     with open(os.path.join(o["out"], "results.md"), "w") as f:
         f.write(md + "\n")
     if final:

@@ -29,7 +29,6 @@ What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and wher
   in the policy and reference forwards; the G completions attend to its expanded KV cache
   (model.shared_prefix_logprobs). --shared_prefix=false runs the plain repeated computation.
 """
-import copy
 import dataclasses
 import hashlib
 import json
@@ -160,10 +159,10 @@ def stage_rl(cfg, rt, start_path):
     if state is not None and state.get("done"):
         T.log(rt, f"[rl] finished checkpoint found at {ckpt}; skipping")
         return ckpt
+    ref_path = state["reference_path"] if state else os.path.abspath(start_path)
     model, tokenizer, vision = T.prepare_policy(cfg, rt, ckpt if state else start_path)
-    ref = copy.deepcopy(model).requires_grad_(False).eval() if cfg.beta > 0 else None
-    if state and ref is not None:
-        ref.load_state_dict(state["reference"])
+    # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
+    ref = M.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
     records = T.load_train_records(cfg)
     coach = distill.Coach.from_config(cfg, records)
     opt, sched = T.make_optimizer(model, cfg.rl_lr, cfg.weight_decay, cfg.rl_steps, warmup=max(1, cfg.rl_steps // 20))
@@ -188,7 +187,7 @@ def stage_rl(cfg, rt, start_path):
                 T.save_checkpoint(ckpt, T.unwrap(rt, policy).model, tokenizer, vision,
                                   {"step": st.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "rng": T.rng_state(), "skipped": dict(st.skipped), "done": st.step == cfg.rl_steps,
-                                   "reference": ref.state_dict() if ref is not None else None,
+                                   "reference_path": ref_path,
                                    "config": dataclasses.asdict(cfg)})
             rt.accelerator.wait_for_everyone()
     T.log(rt, f"[rl] done: {cfg.rl_steps} steps -> {ckpt}")
