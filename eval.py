@@ -542,6 +542,23 @@ def mcq_accuracy(records, letters):
 TG_THRESHOLDS = (0.3, 0.5, 0.7)
 
 
+def load_grounding(path):
+    """A Charades-STA-style JSON list: {video, query (or sentence), span (or timestamp) [s, e]}."""
+    rows = _read_json_list(path)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: sample {i}: must be a JSON object")
+        for name, keys in (("video", ("video", "video_path")), ("query", ("query", "sentence")),
+                           ("span", ("span", "timestamp"))):
+            if not any(r.get(k) not in (None, "") for k in keys):
+                raise _bad(path, i, name, f"is missing (one of {keys})")
+        span = r.get("span", r.get("timestamp"))
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(_finite_number(x) is not None for x in span)
+                and span[0] < span[1]):
+            raise _bad(path, i, "span", f"must be [start, end] seconds with start < end, got {span!r}")
+    return rows
+
+
 def temporal_grounding_metrics(pred_spans, gt_spans):
     """R@1 at tIoU >= 0.3 / 0.5 / 0.7 and mean tIoU, all x100. A None prediction counts 0."""
     if len(pred_spans) != len(gt_spans):
@@ -665,9 +682,9 @@ def compare_summaries(paths):
 @dataclass
 class EvalConfig:
     model: str = ""               # checkpoint directory
-    data: str = ""                # STGR JSON (default kind) or V-STAR annotation JSON
+    data: str = ""                # STGR, V-STAR, VideoMME-style or Charades-STA-style JSON
     data_root: str = ""           # media root; empty -> the JSON's folder
-    kind: str = "auto"            # auto | stgr | vstar
+    kind: str = "auto"            # auto | stgr | vstar | mcq (VideoMME-style) | tg (Charades-STA-style)
     out: str = ""                 # output folder; empty -> {model}/eval
     limit: int = 0                # evaluate the first N samples (0: all)
     max_new_tokens: int = 128
@@ -735,6 +752,38 @@ def _chain(bundle, video, questions, cfg, device, dtype):
     return answers
 
 
+def _video_record(row, root, keys=("video_path", "video", "videoID", "video_id")):
+    """A benchmark row -> the minimal record data.load_video_sample needs (video under root)."""
+    import os
+    name = next(str(row[k]) for k in keys if row.get(k) not in (None, ""))
+    path = name if os.path.splitext(name)[1] else name + ".mp4"
+    return {"id": row.get("question_id", row.get("id", name)), "key_frames": [],
+            "video_path": data.resolve_media(root, path, f"{root}: {name}", "video")}
+
+
+def infer_questions(bundle, rows, root, questions, cfg, rank=0, world=1, device="cpu", dtype=None):
+    """One completion per row for the question text `questions(row)` on the row's raw video."""
+    from tqdm import tqdm
+    model, tokenizer, _ = bundle
+    fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+    out = []
+    for i in tqdm(range(rank, len(rows), world), desc="eval", disable=rank != 0):
+        video = data.load_video_sample(_video_record(rows[i], root), fc)
+        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], cfg, device, dtype)
+        out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
+    return out
+
+
+def mcq_question(row):
+    options = "\n".join(row["options"]) if isinstance(row["options"], list) else str(row["options"])
+    return f"{row['question']}\nOptions:\n{options}\nAnswer with the option's letter."
+
+
+def grounding_question(row):
+    query = row.get("query", row.get("sentence"))
+    return f"When does this happen: {query}? Answer as From <t>start</t>s to <t>end</t>s."
+
+
 def gather_in_order(rows, world):
     """Per-rank [(index, ...)] lists -> one list sorted by index (a no-op for one process)."""
     if world > 1:
@@ -744,9 +793,16 @@ def gather_in_order(rows, world):
 
 
 def detect_kind(path):
+    """vstar (temporal_question), mcq (options), tg (query / sentence), else stgr."""
     with open(path) as f:
         first = (json.load(f) or [{}])[0]
-    return "vstar" if isinstance(first, dict) and "temporal_question" in first else "stgr"
+    if not isinstance(first, dict):
+        return "stgr"
+    if "temporal_question" in first:
+        return "vstar"
+    if "options" in first:
+        return "mcq"
+    return "tg" if ("query" in first or "sentence" in first) and "task" not in first else "stgr"
 
 
 def evaluate(cfg, bundle, rank=0, world=1, device="cpu", dtype=None):
@@ -762,6 +818,21 @@ def evaluate(cfg, bundle, rank=0, world=1, device="cpu", dtype=None):
         summary = vstar_summary(per)
         preds = [{"id": items[i].vid, **t, **{k: v for k, v in p.items() if k != "parsed"}}
                  for (i, t, _), p in zip(rows, per)]
+    elif kind == "mcq":
+        items = load_mcq(cfg.data)[: cfg.limit or None]
+        rows = gather_in_order(infer_questions(bundle, items, root, mcq_question, cfg, rank, world, device, dtype), world)
+        summary = mcq_accuracy(items, [answer_text(t) for _, t, _ in rows])
+        preds = [{"id": items[i].get("question_id", i), "completion": t, "letter": read_letter(answer_text(t)),
+                  "answer": items[i]["answer"]} for i, t, _ in rows]
+    elif kind == "tg":
+        items = load_grounding(cfg.data)[: cfg.limit or None]
+        rows = gather_in_order(infer_questions(bundle, items, root, grounding_question, cfg, rank, world, device,
+                                               dtype), world)
+        spans = [parse_time_span(answer_text(t)) for _, t, _ in rows]
+        gts = [tuple(items[i].get("span", items[i].get("timestamp"))) for i, _, _ in rows]
+        summary = temporal_grounding_metrics(spans, gts)
+        summary["n"] = len(rows)
+        preds = [{"id": i, "completion": t, "pred_span": p, "gt_span": g} for (i, t, _), p, g in zip(rows, spans, gts)]
     else:
         items = data.load_records(cfg.data, cfg.data_root or None)[: cfg.limit or None]
         rows = gather_in_order(infer_stgr(bundle, items, cfg, rank, world, device, dtype), world)

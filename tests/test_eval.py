@@ -45,3 +45,37 @@ def test_two_process_eval_equals_one_process(tiny_data, tiny_model_dir, tmp_path
     assert [p["id"] for p in outs[2][0]] == [p["id"] for p in outs[1][0]]
     assert [p["completion"] for p in outs[2][0]] == [p["completion"] for p in outs[1][0]]
     assert outs[2][1] == outs[1][1]
+
+
+def _benchmark_files(tiny_data, tmp_path):
+    records = json.load(open(os.path.join(tiny_data, "test.json")))
+    mcq = [{"question_id": r["id"], "videoID": os.path.splitext(r["video_path"])[0], "task_type": "synthetic",
+            "question": r["question"].split("\nOptions:")[0],
+            "options": r["question"].split("\nOptions:\n")[1].split("\n"), "answer": r["answer"]}
+           for r in records if r["task"] == "General video QA MCQ"]
+    tg = [{"video": r["video_path"], "query": r["question"], "span": json.loads(r["answer"])}
+          for r in records if r["task"] == "temporal QA"]
+    (tmp_path / "mcq.json").write_text(json.dumps(mcq))
+    (tmp_path / "tg.json").write_text(json.dumps(tg))
+    return len(mcq), len(tg)
+
+
+def test_multiple_choice_and_temporal_grounding_files(tiny_data, tiny_policy, tmp_path):
+    n_mcq, n_tg = _benchmark_files(tiny_data, tmp_path)
+    assert n_mcq and n_tg, "the tiny synthetic test split has both kinds"
+    for kind, n in (("mcq", n_mcq), ("tg", n_tg)):
+        path = str(tmp_path / f"{kind}.json")
+        assert E.detect_kind(path) == kind
+        cfg = E.EvalConfig(model="tiny", data=path, data_root=tiny_data, out=str(tmp_path / kind),
+                           max_new_tokens=8, max_frames=6)
+        summary = E.evaluate(cfg, tiny_policy)
+        assert summary["n"] == n
+        assert ("Acc[task_type=synthetic]" in summary) if kind == "mcq" else ("R@0.5" in summary and "mIoU" in summary)
+        assert len(open(tmp_path / kind / f"{kind}_predictions.jsonl").readlines()) == n
+
+
+def test_grounding_file_with_a_bad_span_names_the_field(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "query": "x", "span": [3, 1]}]))
+    import pytest
+    with pytest.raises(ValueError, match=r"bad.json: sample 0: field 'span'"):
+        E.load_grounding(str(tmp_path / "bad.json"))
