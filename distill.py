@@ -139,15 +139,17 @@ class Coach:
         if self.mode == "none" or raw_mean >= cfg.hard_k:
             return [], counts
         counts["hard"] += 1
-        kind = self.choose(record, counts, key)
-        if kind != "raw" and not can_prompt(record):
+        if can_prompt(record):
+            kind = self.choose(record, counts, key)
+        else:
             counts["fallback/no_key_objects"] += 1
             kind = "raw"
         counts[f"chosen/{kind}"] += 1
         video_p = prompted_video(video, record, kind) if kind != "raw" else video
         prompt_p = T.build_prompt(record, tokenizer, vision, cfg, video_p, P.add_hint(record["question"], kind))
         prompt_p = prompt_p.to(rt.device, rt.dtype)
-        g = grpo.rollout(model, tokenizer, record, prompt_p, cfg, progress, generator=grpo.sample_generator(*key, "coach"))
+        g = grpo.rollout(model, tokenizer, record, prompt_p, cfg, progress,
+                         generator=grpo.sample_generator(*key, "coach", device=rt.device))
         totals, answers = g.rewards["total"], g.rewards.get("answer", [0.0] * len(g.texts))
         counts[f"lift_sum/{kind}"] += sum(totals) / len(totals) - raw_mean
         counts[f"lift_n/{kind}"] += 1

@@ -112,11 +112,11 @@ class Group:
     ref_logp: torch.Tensor = None    # (G, C)
 
 
-def sample_generator(*keys):
-    """A CPU generator seeded from (seed, step, sample index, ...): the same rollouts whatever the
+def sample_generator(*keys, device="cpu"):
+    """A generator seeded from (seed, step, sample index, ...): the same rollouts whatever the
     number of processes or the order prompts are visited in, so runs are reproducible."""
     digest = hashlib.sha256(repr(keys).encode()).hexdigest()   # stable across processes, unlike hash()
-    return torch.Generator().manual_seed(int(digest[:15], 16))
+    return torch.Generator(device=device).manual_seed(int(digest[:15], 16))
 
 
 def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None, generator=None):
@@ -248,7 +248,8 @@ def rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, gr
             st.skipped["prompt_too_long"] += 1
             groups.append(None)
             continue
-        g = rollout(model, tokenizer, rec, prompt, cfg, progress, generator=sample_generator(cfg.seed, st.step, idx))
+        g = rollout(model, tokenizer, rec, prompt, cfg, progress,
+                    generator=sample_generator(cfg.seed, st.step, idx, device=rt.device))
         timing["generate"] += time.time() - t
         if bool(g.truncated.all()):
             st.skipped["all_truncated"] += 1

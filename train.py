@@ -54,7 +54,7 @@ class Config:
     # SFT
     sft_epochs: float = 1.0
     batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
-    grad_accum: int = 1           # micro-batches per optimizer step (batch_size is split across them)
+    grad_accum: int = 1           # SFT micro-batches per step (RL already runs one backward per group)
     lr: float = 2e-3
     sft_warmup: int = 20
     weight_decay: float = 0.01
@@ -85,8 +85,7 @@ class Config:
     selector_samples: int = 64    # samples labelled by the proxy (5 prompt types x selector_group answers)
     selector_group: int = 2
     # logging / checkpoints
-    log_every: int = 10
-    sample_every: int = 20
+    sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
     save_every: int = 100
     resume: bool = True
     eval_samples: int = 100       # test samples evaluated at the end of the main job (0: all)
@@ -112,7 +111,14 @@ def parse_args(argv, cfg=None):
             except ValueError:
                 raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
         setattr(cfg, key, parsed)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
     return cfg
+
+
+CHOICES = {"stage": ("all", "data", "sft", "selector", "rl", "eval"), "ratio": ("sequence", "token"),
+           "sd_condition": ("prompted", "raw"), "reward_identity": ("soft", "strict", "none")}
 
 
 # ---------------------------------------------------------------------------------------------
