@@ -701,7 +701,7 @@ def generate_text(model, tokenizer, prompt, cfg):
     return tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
 
 
-def _prompt_for(model_bundle, video, questions, answers, cfg, device, dtype):
+def _prompt_for(model_bundle, video, questions, answers, device, dtype):
     """A multi-turn prompt: the video with questions[0], then earlier answers and later questions."""
     import model as M
     _, tokenizer, vision = model_bundle
@@ -719,7 +719,7 @@ def infer_stgr(bundle, records, cfg, rank=0, world=1, device="cpu", dtype=None):
     out = []
     for i in tqdm(range(rank, len(records), world), desc="eval", disable=rank != 0):
         video = data.load_video_sample(records[i], fc)
-        prompt = _prompt_for(bundle, video, [records[i]["question"]], [], cfg, device, dtype)
+        prompt = _prompt_for(bundle, video, [records[i]["question"]], [], device, dtype)
         out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
     return out
 
@@ -747,7 +747,7 @@ def _chain(bundle, video, questions, cfg, device, dtype):
     model, tokenizer, _ = bundle
     answers = []
     for k in range(len(questions)):
-        prompt = _prompt_for(bundle, video, questions[:k + 1], answers, cfg, device, dtype)
+        prompt = _prompt_for(bundle, video, questions[:k + 1], answers, device, dtype)
         answers.append(generate_text(model, tokenizer, prompt, cfg))
     return answers
 
@@ -769,7 +769,7 @@ def infer_questions(bundle, rows, root, questions, cfg, rank=0, world=1, device=
     out = []
     for i in tqdm(range(rank, len(rows), world), desc="eval", disable=rank != 0):
         video = data.load_video_sample(_video_record(rows[i], root), fc)
-        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], cfg, device, dtype)
+        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], device, dtype)
         out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
     return out
 
@@ -877,30 +877,32 @@ def stage_eval(tcfg, rt, path):
 
 
 def parse_eval_args(argv):
+    """`--field=value` overrides of EvalConfig, each converted to the field's type."""
     import dataclasses
-    cfg, compare = EvalConfig(), None
-    if argv and argv[0] == "--compare":
-        return None, argv[1:]
+    cfg = EvalConfig()
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
     for arg in argv:
         key, eq, value = arg.lstrip("-").partition("=")
         key = key.replace("-", "_")
-        fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
         if not eq or key not in fields:
             raise SystemExit(f"bad argument {arg!r}: expected --field=value, field one of {sorted(fields)}")
-        setattr(cfg, key, type(getattr(cfg, key))(value))
+        try:
+            setattr(cfg, key, type(getattr(cfg, key))(value))
+        except ValueError:
+            raise SystemExit(f"--{key} expects {type(getattr(cfg, key)).__name__}, got {value!r}") from None
     if not cfg.model or not cfg.data:
-        raise SystemExit("usage: python eval.py --model=CKPT --data=JSON [--kind=stgr|vstar] [--limit=N] "
+        raise SystemExit("usage: python eval.py --model=CKPT --data=JSON [--kind=stgr|vstar|mcq|tg] [--limit=N] "
                          "| python eval.py --compare A_summary.json B_summary.json ...")
-    return cfg, compare
+    return cfg
 
 
 def main(argv):
     import torch
     import model as M
-    cfg, compare = parse_eval_args(argv)
-    if cfg is None:
-        print(compare_summaries(compare))
+    if argv and argv[0] == "--compare":
+        print(compare_summaries(argv[1:]))
         return
+    cfg = parse_eval_args(argv)
     from accelerate import Accelerator
     acc = Accelerator(cpu=not torch.cuda.is_available())
     dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16

@@ -8,9 +8,8 @@ a new uint8 (3, H, W) frame out, the input never touched. Boxes go to pixels onl
 data.norm_box_to_pixels. Degenerate boxes (inverted, empty, non-finite) are dropped and boxes
 reaching outside [0, 1] are clipped; a frame left with no box is returned unchanged (there is
 nothing to point at, and darkening everything would only hide evidence).
-Leaves to others: the VP-Selector (label making, training, cached predictions) and the
-self-distillation step (distill.py), see the section at the bottom of this file; reading records
-and building the model's prompt (data.py).
+Leaves to others: the VP-Selector (selector.py), the self-distillation step (distill.py),
+reading records and building the model's prompt (data.py).
 
 Run:  python prompt.py --demo --out grid.png
       python prompt.py --data path/to/split.json --root DATA_ROOT --index 0 --out grid.png
@@ -314,7 +313,8 @@ def make_grid(frames, boxes, labels, frame_numbers, cfg=None, cell=192):
 def main():
     p = argparse.ArgumentParser(description="PNG grid of one sample's key frames under every visual prompt.")
     p.add_argument("--data", help="STGR JSON list")
-    p.add_argument("--root", default=".", help="directory the key-frame paths are relative to")
+    p.add_argument("--root", default=None, help="directory the key-frame paths are relative to "
+                                               "(default: the JSON's folder, as data.load_records)")
     p.add_argument("--index", type=int, default=0, help="which record of the list")
     p.add_argument("--out", default="grid.png")
     p.add_argument("--demo", action="store_true", help="draw a built-in synthetic scene instead of --data")
@@ -324,18 +324,14 @@ def main():
     elif args.data:
         with open(args.data) as f:
             records = json.load(f)
-        frames, boxes, labels, frame_numbers = load_key_frames(records[args.index], args.root)
+        root = args.root or os.path.dirname(os.path.abspath(args.data))
+        frames, boxes, labels, frame_numbers = load_key_frames(records[args.index], root)
     else:
         p.error("give --data (with --root) or --demo")
     if len({tuple(f.shape) for f in frames}) != 1:
         raise ValueError(f"key frames differ in size: {[tuple(f.shape) for f in frames]}")
     make_grid(frames, boxes, labels, frame_numbers).save(args.out)
     print(f"wrote {args.out}: {len(frames)} key frames x {len(VISUAL_PROMPTS)} prompts")
-
-
-# ---------------------------------------------------------------------------------------------
-# VP-Selector (label making, training, cached predictions): written by another engineer, below.
-# ---------------------------------------------------------------------------------------------
 
 
 if __name__ == "__main__":
