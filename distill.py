@@ -110,10 +110,11 @@ class Coach:
                                  f"(or use --coach=random / fixed:darken / none)")
             with open(path) as f:
                 predictions = json.load(f)
-            missing = sum(str(r["id"]) not in predictions for r in records)
+            promptable = [r for r in records if can_prompt(r)]
+            missing = sum(str(r["id"]) not in predictions for r in promptable)
             if missing:
-                print(f"[coach] selector cache {path} misses {missing} of {len(records)} training ids; "
-                      f"those fall back to raw")
+                print(f"[coach] selector cache {path} misses {missing} of {len(promptable)} promptable "
+                      f"training ids; those fall back to raw (counted as coach/fallback/selector_miss)")
         return cls(cfg.coach, predictions)
 
     def choose(self, record, counts, key=()):

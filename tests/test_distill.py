@@ -58,3 +58,19 @@ def test_coach_modes_and_fallbacks():
     assert sel.choose({"id": 2}, c) == "raw" and c["fallback/selector_miss"] == 1
     assert not distill.can_prompt({"key_frames": [], "key_items": {}})
     assert not distill.can_prompt({"key_frames": [{"idx": 3, "time": 1.0}], "key_items": {"3": {}}})
+
+
+def test_selector_cache_misses_are_counted_and_announced(tmp_path, capsys):
+    import json
+    import train as T
+    records = [{"id": "a", "key_frames": [{"idx": 1, "time": 0.5}], "key_items": {"1": {"x": [[0, 0, 1, 1]]}}},
+               {"id": "b", "key_frames": [{"idx": 1, "time": 0.5}], "key_items": {"1": {"x": [[0, 0, 1, 1]]}}},
+               {"id": "t", "key_frames": [], "key_items": {}}]                     # not promptable: not a miss
+    (tmp_path / "selector").mkdir()
+    (tmp_path / "selector" / "predictions.json").write_text(json.dumps({"a": "darken"}))
+    coach = distill.Coach.from_config(T.Config(out_dir=str(tmp_path), coach="selector"), records)
+    assert "misses 1 of 2 promptable" in capsys.readouterr().out
+    c = Counter()
+    assert coach.choose(records[1], c) == "raw" and c["fallback/selector_miss"] == 1
+    with pytest.raises(SystemExit, match="run --stage=selector first"):
+        distill.Coach.from_config(T.Config(out_dir=str(tmp_path / "none"), coach="selector"), records)
