@@ -233,27 +233,28 @@ class VideoSample:
     duration: float          # seconds
 
 
-def video_duration(path, where="video"):
+def open_video(path, where="video"):
+    """A torchcodec decoder for the record's video and its duration in seconds (checked)."""
     from torchcodec.decoders import VideoDecoder
     if not os.path.isfile(path):
         raise DataError(f"{where}: field 'video_path': file not found: {path}")
     try:
-        meta = VideoDecoder(path).metadata
+        decoder = VideoDecoder(path)
+        meta = decoder.metadata
     except Exception as e:  # torchcodec raises RuntimeError/ValueError on unreadable files
         raise DataError(f"{where}: field 'video_path': cannot decode {path} ({e})") from None
     duration = meta.duration_seconds or 0.0
     if not duration > 0 or not meta.num_frames:
         raise DataError(f"{where}: field 'video_path': empty video (no frames): {path}")
-    return duration
+    return decoder, duration
 
 
-def decode_frames(path, times, where="video"):
-    """uint8 frames (N, 3, H, W) of the video at `times` seconds."""
-    from torchcodec.decoders import VideoDecoder
+def decode_frames(decoder, times, where="video"):
+    """uint8 frames (N, 3, H, W) of an opened video at `times` seconds."""
     try:
-        return VideoDecoder(path).get_frames_played_at(seconds=list(times)).data
+        return decoder.get_frames_played_at(seconds=list(times)).data
     except Exception as e:
-        raise DataError(f"{where}: field 'video_path': cannot decode frames of {path} ({e})") from None
+        raise DataError(f"{where}: field 'video_path': cannot decode frames ({e})") from None
 
 
 def read_image(path, where="image", field="path"):
@@ -276,15 +277,18 @@ def load_video_sample(rec, fc=FrameConfig()):
     is inserted in time order. Key-frame times past the video's end are an error.
     """
     where = f"record id={rec['id']}"
-    duration = video_duration(rec["video_path"], where)
+    decoder, duration = open_video(rec["video_path"], where)
     times = sample_times(duration, fc.fps, fc.min_frames, fc.max_frames)
-    frames = list(decode_frames(rec["video_path"], times, where))
+    frames = list(decode_frames(decoder, times, where))
     for i, kf in enumerate(rec.get("key_frames", [])):
         if kf["time"] > duration + 1e-3:
             _fail(where, f"key_frames[{i}].time", f"{kf['time']} s is past the video's end ({duration:.2f} s)")
     key_positions = {}
     for kf in sorted(rec.get("key_frames", []), key=lambda k: k["time"]):
-        image = read_image(kf["path"], where, "key_frames.path") if "path" in kf else             decode_frames(rec["video_path"], [kf["time"]], where)[0]
+        if "path" in kf:
+            image = read_image(kf["path"], where, "key_frames.path")
+        else:  # no key-frame image: the frame at that time
+            image = decode_frames(decoder, [kf["time"]], where)[0]
         if image.shape != frames[0].shape:
             image = torch.nn.functional.interpolate(image[None].float(), size=frames[0].shape[-2:],
                                                     mode="bilinear", antialias=True)[0].round().clamp(0, 255).byte()

@@ -332,7 +332,8 @@ def step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, step_time, sche
         row[f"reward/{name}"] = sum(vals) / max(1, len(vals))
     adv = torch.cat([g.advantages for g in real]) if real else torch.zeros(1)
     row["adv_std"] = adv.std(unbiased=False).item()
-    row["zero_var_share"] = sum(float(torch.tensor(g.rewards["total"]).std(unbiased=False)) < 1e-6 for g in real) / max(1, len(real))
+    flat = [float(torch.tensor(g.rewards["total"]).std(unbiased=False)) < 1e-6 for g in real]
+    row["zero_var_share"] = sum(flat) / max(1, len(real))
     row["completion_len"] = sum(g.mask.sum().item() for g in real) / max(1, sum(len(g.mask) for g in real))
     row["truncated_share"] = sum(g.truncated.float().mean().item() for g in real) / max(1, len(real))
     row.update({k: v for k, v in fb.items()})

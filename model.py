@@ -301,8 +301,11 @@ def shared_prefix_logprobs(model, prompt, completions):
     G, C = completions.shape
     cache, last_hidden, start = _prefill(model, prompt, torch.is_grad_enabled())
     cache.batch_repeat_interleave(G)
-    out = model.model.language_model(input_ids=completions[:, :-1], position_ids=_text_positions(start, G, C - 1, completions.device),
-                                     cache=cache, use_cache=True) if C > 1 else None
+    out = None
+    if C > 1:
+        positions = _text_positions(start, G, C - 1, completions.device)
+        out = model.model.language_model(input_ids=completions[:, :-1], position_ids=positions, cache=cache,
+                                         use_cache=True)
     hidden = last_hidden.expand(G, 1, -1)                                  # (G, 1, D) predicts token 0
     if out is not None:
         hidden = torch.cat([hidden, out.last_hidden_state], dim=1)           # (G, C, D)
@@ -401,8 +404,9 @@ def generate(model, prompt, num_samples, max_new_tokens, stop_ids, pad_id, tempe
         done = done | just_done
         if bool(done.all()):
             break
-        h = model.model.language_model(input_ids=nxt[:, None], position_ids=_text_positions(start + step, G, 1, nxt.device),
-                                       cache=cache, use_cache=True).last_hidden_state
+        positions = _text_positions(start + step, G, 1, nxt.device)
+        h = model.model.language_model(input_ids=nxt[:, None], position_ids=positions, cache=cache,
+                                       use_cache=True).last_hidden_state
         logits = model.lm_head(h[:, -1])
     ids = torch.stack(out, dim=1)
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
