@@ -273,16 +273,25 @@ def _token_logprobs(model, hidden, targets):
     return -F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def _prefill(model, prompt, grad):
-    """Run the prompt once; return (cache, hidden at its last position (1, D), next text position)."""
+def prompt_forward(model, prompt, use_cache=False):
+    """The prompt alone through the model, rope positions built from mm_token_type_ids.
+
+    Returns (model output with last_hidden_state (1, P, D) and the cache, next text position).
+    """
     ids = prompt.input_ids[None]
     types = prompt.mm_token_type_ids[None]
     position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=prompt.image_grid_thw)
+    out = model.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values,
+                      image_grid_thw=prompt.image_grid_thw, mm_token_type_ids=types, use_cache=use_cache)
+    return out, int(position_ids.max()) + 1
+
+
+def _prefill(model, prompt, grad):
+    """Run the prompt once; return (cache, hidden at its last position (1, D), next text position)."""
     with torch.set_grad_enabled(grad):
-        out = model.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values,
-                          image_grid_thw=prompt.image_grid_thw, mm_token_type_ids=types, use_cache=True)
-    return out.cache if hasattr(out, "cache") else out.past_key_values, out.last_hidden_state[:, -1], \
-        int(position_ids.max()) + 1
+        out, start = prompt_forward(model, prompt, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return cache, out.last_hidden_state[:, -1], start
 
 
 def _text_positions(start, batch, length, device):

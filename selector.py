@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import data as D
 import distill
+import model as M
 import prompt as P
 import rewards as R
 
@@ -36,27 +37,28 @@ GROUNDING = ("spatial", "temporal_point")
 @torch.no_grad()
 def pooled_features(model, prompt):
     """Mean of the last hidden states over the prompt's tokens. -> (D,) float32."""
-    ids, types = prompt.input_ids[None], prompt.mm_token_type_ids[None]
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=prompt.image_grid_thw)
-    out = model.model(input_ids=ids, position_ids=pos, pixel_values=prompt.pixel_values,
-                      image_grid_thw=prompt.image_grid_thw, mm_token_type_ids=types, use_cache=False)
+    out, _ = M.prompt_forward(model, prompt)
     return out.last_hidden_state[0].float().mean(0)
 
 
 def prompt_scores(model, tokenizer, vision, cfg, record, rt):
-    """Score of every prompt type on one record: mean over G answers of answer + grounding reward."""
+    """Score of every prompt type on one record (mean over G answers of answer + grounding
+    reward), and the raw prompt (the selector's input), from one decode of the video."""
     import grpo
     import train as T
     video = D.load_video_sample(record, T.frame_config(cfg))
-    scores = {}
+    scores, raw_prompt = {}, None
     for kind in P.VISUAL_PROMPTS:
         v = distill.prompted_video(video, record, kind) if kind != "raw" else video
         prompt = T.build_prompt(record, tokenizer, vision, cfg, v, P.add_hint(record["question"], kind))
-        g = grpo.rollout(model, tokenizer, record, prompt.to(rt.device, rt.dtype), cfg, 0.0, cfg.selector_group)
+        prompt = prompt.to(rt.device, rt.dtype)
+        if raw_prompt is None:                                # raw is first in VISUAL_PROMPTS
+            raw_prompt = prompt
+        g = grpo.rollout(model, tokenizer, record, prompt, cfg, 0.0, cfg.selector_group)
         per = [g.rewards["answer"][i] + sum(g.rewards.get(k, [0.0] * len(g.texts))[i] for k in GROUNDING)
                for i in range(len(g.texts))]
         scores[kind] = sum(per) / len(per)
-    return scores
+    return scores, raw_prompt
 
 
 def label_of(scores):
@@ -131,10 +133,10 @@ def run_selector(cfg, rt, model, tokenizer, vision, records, out):
     feats, labels, tables = [], [], []
     with open(os.path.join(out, "labels.jsonl"), "w") as f:
         for rec in tqdm(chosen, desc="selector labels", disable=not rt.main):
-            scores = prompt_scores(model, tokenizer, vision, cfg, rec, rt)
+            scores, raw_prompt = prompt_scores(model, tokenizer, vision, cfg, rec, rt)
             label = label_of(scores)
             f.write(json.dumps({"id": rec["id"], "scores": scores, "label": label}) + "\n")
-            feats.append(pooled_features(model, T.build_prompt(rec, tokenizer, vision, cfg).to(rt.device, rt.dtype)))
+            feats.append(pooled_features(model, raw_prompt))
             labels.append(P.VISUAL_PROMPTS.index(label))
             tables.append(scores)
     feats, labels = torch.stack(feats).cpu(), torch.tensor(labels)

@@ -273,13 +273,17 @@ def stage_data(cfg, rt):
     base = os.path.join(cfg.out_dir, "base")
     if rt.main and not os.path.isfile(os.path.join(base, "config.json")):
         records = json.load(open(os.path.join(cfg.data_dir, "train.json")))
-        # The tokenizer learns from what it will read: the prompt's fixed text, questions, traces.
-        frame_text = "".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))
-        texts = [frame_text] * 50 + [r["question"] + " " + r.get("reasoning_process", r["answer"]) for r in records]
-        model, _ = M.build_tiny_model(base, texts, seed=cfg.seed)
+        model, _ = M.build_tiny_model(base, tokenizer_corpus(records), seed=cfg.seed)
         log(rt, f"[data] tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {base}")
     rt.accelerator.wait_for_everyone()
     return base
+
+
+def tokenizer_corpus(records):
+    """What the tiny tokenizer learns from: what it will read (the prompt's fixed text), questions
+    and reasoning traces."""
+    frame_text = "".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))
+    return [frame_text] * 50 + [r["question"] + " " + r.get("reasoning_process", r["answer"]) for r in records]
 
 
 def load_train_records(cfg):

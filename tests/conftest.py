@@ -20,13 +20,11 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_data, tmp_path_factory):
     """A tiny random Qwen2.5-VL checkpoint (save_pretrained layout) whose tokenizer knows the data."""
-    import data as D
     import model as M
+    import train as T
     out = str(tmp_path_factory.mktemp("tiny_model"))
     records = json.load(open(os.path.join(tiny_data, "train.json")))
-    frame_text = "".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))
-    texts = [frame_text] * 20 + [r["question"] + " " + r["reasoning_process"] for r in records]
-    M.build_tiny_model(out, texts, seed=0)
+    M.build_tiny_model(out, T.tokenizer_corpus(records), seed=0)
     return out
 
 
