@@ -54,8 +54,8 @@ Departures from the release (RewardConfig.released() turns every config-level on
      go through data.norm_box_to_pixels (rounded to integer pixels, release: unrounded); ROUGE is
      ours, without the Porter stemmer; `Correct Option: B` also counts for plain MCQ;
      grounding rewards apply to any "General video QA" record with key items (release: only the
-     free-form spatio-temporal task); odd records score 0 with a reason counted in SKIP_REASONS
-     instead of raising or printing.
+     free-form spatio-temporal task); odd records score Skip(reason), a 0.0 that says why
+     (skip_reasons reads them back per call), instead of raising or printing.
 """
 import math
 import re
@@ -67,7 +67,6 @@ import data
 REWARD_NAMES = ("answer", "temporal_iou", "format", "temporal_point", "temporal_segment", "spatial")
 FREE_FORM_TASKS = ("temporal-spatial free-form QA", "General video QA Free-form")
 MCQ_TASKS = ("General video QA MCQ", "temporal QA (MCQ)")
-SKIP_REASONS = Counter()  # why a reward scored 0 on a record it could not read (never raises)
 
 
 @dataclass
@@ -425,9 +424,23 @@ def names_match(pred, gt, cfg):
 # Records: what applies, and the ground truth read defensively (odd -> None + counted reason)
 # ---------------------------------------------------------------------------------------------
 
+class Skip(float):
+    """0.0 from a reward that could not read its record, carrying why (never raises)."""
+
+    def __new__(cls, reason):
+        value = super().__new__(cls, 0.0)
+        value.reason = reason
+        return value
+
+
 def _skip(reason):
-    SKIP_REASONS[reason] += 1
-    return 0.0
+    return Skip(reason)
+
+
+def skip_reasons(scores):
+    """Counter of the Skip reasons in a score dict or a group table ({name: [floats]})."""
+    values = [v for x in scores.values() for v in (x if isinstance(x, list) else [x])]
+    return Counter(v.reason for v in values if isinstance(v, Skip))
 
 
 def _num(x):
@@ -730,12 +743,15 @@ _REWARD_FNS = {"answer": answer_reward, "temporal_iou": temporal_iou_reward, "fo
 def score_completion(text, record, ctx, cfg=RewardConfig()) -> dict:
     """{reward name: value} for every applicable reward, plus "total" (their sum)."""
     if not isinstance(record, dict):
-        _skip("record is not a dict")
-        return {"total": 0.0}
+        return {"total": _skip("record is not a dict")}
     p = parse_completion(text)
-    out = {name: float(_REWARD_FNS[name](p, record, ctx, cfg)) for name in applicable_rewards(record)}
+    out = {name: _as_float(_REWARD_FNS[name](p, record, ctx, cfg)) for name in applicable_rewards(record)}
     out["total"] = sum(out.values())
     return out
+
+
+def _as_float(value):
+    return value if isinstance(value, Skip) else float(value)
 
 
 def score_group(texts, record, ctx, cfg=RewardConfig()) -> dict:

@@ -387,16 +387,18 @@ def test_applicable_rewards_only(rec, names):
     ({**FREE, "task": "dance"}, "answer", "unknown task"),
 ])
 def test_odd_records_score_zero_with_a_reason(rec, reward, reason):
-    before = R.SKIP_REASONS[reason]
     text = R.ground_truth_completion(ST, CTX).replace("the man walks to the red car", "B")
     got = R.score_completion(text, rec, CTX, OURS)
-    assert got[reward] == 0.0
-    assert R.SKIP_REASONS[reason] > before  # once per reward that could not read the record
+    assert got[reward] == 0.0 and got[reward].reason == reason      # the reason comes with the score
+    assert R.skip_reasons(got)[reason] >= 1                          # once per reward that could not read it
+    table = R.score_group([text, text], rec, CTX, OURS)
+    assert R.skip_reasons(table)[reason] == 2 * R.skip_reasons(got)[reason]   # per call: no global tally
 
 
 def test_odd_context_is_a_reason():
     got = R.score_completion(R.ground_truth_completion(ST, CTX), ST, R.RewardContext(0, 100), OURS)
-    assert got["spatial"] == 0.0 and R.SKIP_REASONS["odd frame size in context"] > 0
+    assert got["spatial"] == 0.0 and R.skip_reasons(got)["odd frame size in context"] == 1
+    assert not R.skip_reasons(R.score_completion(R.ground_truth_completion(ST, CTX), ST, CTX, OURS))
     got = R.score_completion(c("<t>1.0</t>"), ST, R.RewardContext(100, 100, float("nan")), OURS)
     assert math.isfinite(got["total"])
 
