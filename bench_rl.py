@@ -33,11 +33,11 @@ import time
 import torch
 import transformers
 
-import data as D
-import grpo as G
-import model as M
+import data
+import grpo
+import model
 
-CORPUS = [D.SYSTEM_PROMPT, "Frame 1 at 0.0s: The video is in total 8.0 seconds.",
+CORPUS = [data.SYSTEM_PROMPT, "Frame 1 at 0.0s: The video is in total 8.0 seconds.",
           "<think>The <obj>red ball</obj><box>[10,20,60,90]</box>at<t>2.5</t>s rolls left.</think>",
           "<answer>The ball moves to the left of the box.</answer>"] * 20
 QUESTION = "Where does the ball go after it hits the wall?"
@@ -64,34 +64,34 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def plain_generate(model, prompt, num_samples, max_new_tokens, banned_ids, generator=None):
+def plain_generate(vlm, prompt, num_samples, max_new_tokens, banned_ids, generator=None):
     """Prefill the prompt as G separate rows of a batch (vision tower and all), then decode G x C."""
     Gn = num_samples
     ids = prompt.input_ids[None].expand(Gn, -1)                              # (G, P)
     types = prompt.mm_token_type_ids[None].expand(Gn, -1)                    # (G, P)
     grid = prompt.image_grid_thw.repeat(Gn, 1)                               # (G * frames, 3)
-    position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
-    out = model.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values.repeat(Gn, 1),
-                      image_grid_thw=grid, mm_token_type_ids=types, use_cache=True)
+    position_ids, _ = vlm.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+    out = vlm.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values.repeat(Gn, 1),
+                    image_grid_thw=grid, mm_token_type_ids=types, use_cache=True)
     cache, start = out.past_key_values, int(position_ids.max()) + 1
-    logits = model.lm_head(out.last_hidden_state[:, -1])                     # (G, V)
+    logits = vlm.lm_head(out.last_hidden_state[:, -1])                       # (G, V)
     banned = torch.tensor(banned_ids, dtype=torch.long, device=logits.device)
     tokens = []
     for step in range(max_new_tokens):
-        nxt = M.sample_next(logits.index_fill(-1, banned, float("-inf")), generator=generator)  # (G,)
+        nxt = model.sample_next(logits.index_fill(-1, banned, float("-inf")), generator=generator)  # (G,)
         tokens.append(nxt)
-        pos = M._text_positions(start + step, Gn, 1, nxt.device)
-        h = model.model.language_model(input_ids=nxt[:, None], position_ids=pos, cache=cache,
-                                       use_cache=True).last_hidden_state
-        logits = model.lm_head(h[:, -1])
+        pos = model._text_positions(start + step, Gn, 1, nxt.device)
+        h = vlm.model.language_model(input_ids=nxt[:, None], position_ids=pos, cache=cache,
+                                     use_cache=True).last_hidden_state
+        logits = vlm.lm_head(h[:, -1])
     return torch.stack(tokens, dim=1)                                        # (G, C)
 
 
-def logprobs(model, prompt, ids, path):
-    """(G, C) log-probs of the completions `ids` under `model`, by either path."""
+def logprobs(vlm, prompt, ids, path):
+    """(G, C) log-probs of the completions `ids` under `vlm`, by either path."""
     if path == "shared":
-        return M.shared_prefix_logprobs(model, prompt, ids)
-    return torch.stack(M.plain_logprobs(model, [prompt] * len(ids), list(ids)))
+        return model.shared_prefix_logprobs(vlm, prompt, ids)
+    return torch.stack(model.plain_logprobs(vlm, [prompt] * len(ids), list(ids)))
 
 
 def rl_loss(policy, ref, prompt, ids, adv, path):
@@ -100,7 +100,7 @@ def rl_loss(policy, ref, prompt, ids, adv, path):
         ref_logp = logprobs(ref, prompt, ids, path)
     logp = logprobs(policy, prompt, ids, path)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    loss, _ = G.policy_loss(logp, logp.detach(), ref_logp, adv, mask, ratio="sequence")
+    loss, _ = grpo.policy_loss(logp, logp.detach(), ref_logp, adv, mask, ratio="sequence")
     return loss
 
 
@@ -126,8 +126,8 @@ def run_path(args):
     """Time fwd+bwd and a whole step for args.path; print one JSON line with the results."""
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    policy, tokenizer, _ = M.load_policy(args.workdir, args.device, dtype)
-    ref, _, _ = M.load_policy(args.workdir, args.device, dtype)
+    policy, tokenizer, _ = model.load_policy(args.workdir, args.device, dtype)
+    ref, _, _ = model.load_policy(args.workdir, args.device, dtype)
     ref.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():                                # the policy has moved a little from the reference
@@ -136,7 +136,7 @@ def run_path(args):
     saved = torch.load(os.path.join(args.workdir, "bench.pt"), weights_only=False)  # our own file
     prompt = saved["prompt"].to(args.device, dtype)
     ids, adv = saved["ids"].to(args.device), saved["adv"].to(args.device)
-    banned = M.vision_token_ids(tokenizer)
+    banned = model.vision_token_ids(tokenizer)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     gen = torch.Generator(args.device).manual_seed(2)
 
@@ -151,8 +151,8 @@ def run_path(args):
 
     def step():
         if args.path == "shared":   # stop_ids=[]: every completion runs the full length
-            new, _, _ = M.generate(policy, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
-                                   generator=gen, banned_ids=banned)
+            new, _, _ = model.generate(policy, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
+                                       generator=gen, banned_ids=banned)
         else:
             new = plain_generate(policy, prompt, args.group, args.completion, banned, gen)
         assert new.shape == (args.group, args.completion), new.shape
@@ -176,18 +176,20 @@ def run_path(args):
 def prepare(args, workdir):
     """Tiny model + one long prompt + fixed completions and advantages, saved to workdir."""
     torch.set_num_threads(args.threads)
-    cfg = M.TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 32,
-                            num_kv_heads=2, intermediate_size=2 * args.hidden, frame_pixels=args.size * args.size)
-    model, tokenizer = M.build_tiny_model(workdir, CORPUS, cfg, seed=0)
-    vision = M.VisionProcessor.load(workdir)
+    cfg = model.TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 32,
+                                num_kv_heads=2, intermediate_size=2 * args.hidden,
+                                frame_pixels=args.size * args.size)
+    vlm, tokenizer = model.build_tiny_model(workdir, CORPUS, cfg, seed=0)
+    vision = model.VisionProcessor.load(workdir)
     times = [round(0.5 * i, 1) for i in range(args.frames)]
     frames = torch.randint(0, 256, (args.frames, 3, args.size, args.size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    prompt = M.tokenize_prompt(tokenizer, D.render_prompt(QUESTION, times, 0.5 * args.frames), frames, vision)
-    ids, _, _ = M.generate(model, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
-                           generator=torch.Generator().manual_seed(0), banned_ids=M.vision_token_ids(tokenizer))
+    prompt = model.tokenize_prompt(tokenizer, data.render_prompt(QUESTION, times, 0.5 * args.frames), frames, vision)
+    ids, _, _ = model.generate(vlm, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
+                               generator=torch.Generator().manual_seed(0),
+                               banned_ids=model.vision_token_ids(tokenizer))
     rewards = torch.rand(args.group, generator=torch.Generator().manual_seed(0))
-    torch.save({"prompt": prompt, "ids": ids, "adv": G.group_advantages(rewards)}, os.path.join(workdir, "bench.pt"))
+    torch.save({"prompt": prompt, "ids": ids, "adv": grpo.group_advantages(rewards)}, os.path.join(workdir, "bench.pt"))
     return len(prompt), int(prompt.mm_token_type_ids.sum())
 
 

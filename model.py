@@ -2,10 +2,11 @@
 
 Owns: building the embedded tiny model (real Qwen2.5-VL classes from a config, a byte-level BPE
 tokenizer trained locally with Qwen's special tokens), loading any Qwen2.5-VL checkpoint directory
-with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, tokenizing a rendered
-prompt, sampling G completions per prompt from one shared prefill, and per-token log-probs of
-completions (shared-prefix fast path and the plain repeated path). Every visual-tensor detail
-(pixel values, grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
+with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, building what the
+model reads from a decoded video and a question (`model_input`, the one place), sampling G
+completions per prompt from one shared prefill, and per-token log-probs of completions
+(shared-prefix fast path and the plain repeated path). Every visual-tensor detail (pixel values,
+grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
 Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
 
 Frames go in as images (one image per frame, REFERENCE.md section 4), so only the image path of
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+import data
 from data import ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 # Qwen2.5-VL's special tokens (the names are the checkpoint's; ids come from the tokenizer).
@@ -261,6 +263,19 @@ def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
             types += [MM_TEXT] + [MM_IMAGE] * n + [MM_TEXT]
             k += 1
     return Prompt(torch.tensor(ids), torch.tensor(types, dtype=torch.int32), pixel_values, grid, frame_size)
+
+
+def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
+    """What the model reads: a decoded video (data.VideoSample) and a question -> Prompt.
+
+    The text is data.render_prompt's chat layout (each frame after `Frame i at t s:`); `turns` are
+    earlier (answer, next question) pairs of a multi-turn conversation (eval.py's V-STAR chains).
+    max_pixels overrides the checkpoint's per-frame pixel budget.
+    """
+    parts = data.render_prompt(question, video.times, video.duration)
+    for answer, next_question in turns:
+        parts[-1] += f"{answer}{IM_END}\n{IM_START}user\n{next_question}{IM_END}\n{IM_START}assistant\n"
+    return tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,16 +55,16 @@ class VisualPromptConfig:
     spotlight_falloff: float = 0.1   # Gaussian sigma of the spotlight's edge, normalized units
 
 
-def check_kind(kind):
-    """Raise a ValueError naming `kind` and the allowed prompt types unless it is one of them."""
-    if kind not in VISUAL_PROMPTS:
-        raise ValueError(f"unknown visual prompt {kind!r}; expected one of {', '.join(VISUAL_PROMPTS)}")
+def check_vp(vp):
+    """Raise a ValueError naming `vp` and the allowed visual prompts unless it is one of them."""
+    if vp not in VISUAL_PROMPTS:
+        raise ValueError(f"unknown visual prompt {vp!r}; expected one of {', '.join(VISUAL_PROMPTS)}")
 
 
-def add_hint(question, kind):
-    """The question the model sees under prompt `kind`: the hint sentence on a new line (raw: as is)."""
-    check_kind(kind)
-    return question if not HINTS[kind] else f"{question.rstrip()}\n{HINTS[kind]}"
+def add_hint(question, vp):
+    """The question the model sees under visual prompt `vp`: its hint on a new line (raw: as is)."""
+    check_vp(vp)
+    return question if not HINTS[vp] else f"{question.rstrip()}\n{HINTS[vp]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,28 +223,28 @@ def attention_spotlight(frame, boxes, dim=0.3, falloff=0.1):
     return scale_brightness(frame, dim + (1 - dim) * near)
 
 
-def apply_visual_prompt(kind, frames, boxes_per_frame, frame_numbers, cfg=None):
-    """Draw prompt `kind` on each key frame; returns a new list of uint8 (3, H, W) tensors.
+def apply_visual_prompt(vp, frames, boxes_per_frame, frame_numbers, cfg=None):
+    """Draw visual prompt `vp` on each key frame; returns a new list of uint8 (3, H, W) tensors.
 
     boxes_per_frame[i]: the normalized xyxy boxes of frame i's key objects.
     frame_numbers[i]: the 1-based index frame i has in the prompt the model sees (needed only for
     "frame_numbers"; may be None otherwise).
     """
-    check_kind(kind)
+    check_vp(vp)
     cfg = cfg or VisualPromptConfig()
     if len(boxes_per_frame) != len(frames):
         raise ValueError(f"{len(frames)} frames but {len(boxes_per_frame)} box lists")
-    if kind == "frame_numbers" and (frame_numbers is None or len(frame_numbers) != len(frames)):
+    if vp == "frame_numbers" and (frame_numbers is None or len(frame_numbers) != len(frames)):
         raise ValueError(f"'frame_numbers' needs one number per frame ({len(frames)}), got {frame_numbers!r}")
     out = []
     for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
-        if kind == "raw":
+        if vp == "raw":
             out.append(raw(frame))
-        elif kind == "darken":
+        elif vp == "darken":
             out.append(darken_outside_boxes(frame, boxes, cfg.darken_factor, cfg.darken_pad))
-        elif kind == "red_circle":
+        elif vp == "red_circle":
             out.append(draw_red_circles(frame, boxes, cfg.circle_thickness))
-        elif kind == "frame_numbers":
+        elif vp == "frame_numbers":
             out.append(stamp_frame_number(frame, frame_numbers[i], cfg.digit_scale))
         else:  # spotlight
             out.append(attention_spotlight(frame, boxes, cfg.spotlight_dim, cfg.spotlight_falloff))
@@ -294,14 +294,14 @@ def demo_key_frames(size=112):
 def make_grid(frames, boxes, labels, frame_numbers, cfg=None, cell=192):
     """PIL image: a header row of prompt names, then one row per key frame, one column per prompt."""
     from PIL import Image, ImageDraw
-    columns = [apply_visual_prompt(kind, frames, boxes, frame_numbers, cfg) for kind in VISUAL_PROMPTS]
+    columns = [apply_visual_prompt(vp, frames, boxes, frame_numbers, cfg) for vp in VISUAL_PROMPTS]
     H, W = frames[0].shape[1:]
     zoom = max(1, math.ceil(cell / max(H, W)))  # nearest-neighbour upscaling keeps small frames' pixels crisp
     ch, cw, head, side, gap = H * zoom, W * zoom, 20, 60, 4
     grid = Image.new("RGB", (side + len(columns) * (cw + gap), head + len(frames) * (ch + gap)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, kind in enumerate(VISUAL_PROMPTS):
-        draw.text((side + c * (cw + gap) + 2, 4), kind, fill="black")
+    for c, vp in enumerate(VISUAL_PROMPTS):
+        draw.text((side + c * (cw + gap) + 2, 4), vp, fill="black")
         for r, img in enumerate(columns[c]):
             pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()).resize((cw, ch), Image.NEAREST)
             grid.paste(pil, (side + c * (cw + gap), head + r * (ch + gap)))
