@@ -142,7 +142,7 @@ def field_help():
 def help_text(prog, aliases=None, base=None):
     """--help: every field with its default (base's, when given) and comment, grouped as in Config."""
     comments, base = field_help(), base or Config()
-    lines = [f"usage: python {prog} [--field=value ...]", ""]
+    lines = [f"usage: python {prog} [--field=value ...]"]
     for line in inspect.getsource(Config).splitlines()[1:]:
         section = re.match(r"\s+# ---- (.*) ----", line)
         m = re.match(r"\s+(\w+): ", line)
@@ -151,7 +151,8 @@ def help_text(prog, aliases=None, base=None):
         elif m and m.group(1) in comments:
             name = m.group(1)
             default = getattr(base, name)
-            lines.append(f"  --{name}={default!s:<14} {comments[name]}")
+            flag = f"--{name}={str(default).lower() if isinstance(default, bool) else default}"
+            lines.append(f"  {flag:<32} {comments[name]}")
     if aliases:
         lines.append(f"\n{prog} also reads: " + ", ".join(f"--{a} (= --{f})" for a, f in aliases.items()))
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """VisionCoach: visual prompts on hard samples and self-distillation back into the raw-video policy.
 
-A library of the pieces of the RL step that run only for hard samples (REFERENCE.md section 1,
-Algorithm 1); train.py's `rl_rollouts` calls them in this order:
+A library of the pieces of the RL step that run only for hard samples (the paper's Algorithm 1);
+train.py's `rl_rollouts` calls them in this order:
 1. A group is hard when its mean total reward Rbar is below k (--hard_k): `is_hard`.
 2. A visual prompt (vp) is chosen (--coach): the trained VP-Selector's cached prediction
    (selector.py), a random non-raw type, one fixed type (fixed:darken ...), or none (plain

@@ -5,7 +5,7 @@ scores, summaries and the markdown table. No model, no files written: eval.py ru
 and calls these. Leaves completion parsing (tags, letters, spans, claims) and the reward
 components to rewards.py, and coordinate / time conventions to data.py.
 
-Metrics (REFERENCE.md section 6 for V-STAR):
+Metrics (V-STAR's definitions for V-STAR):
 - V-STAR: What accuracy; When tIoU and Where vIoU for chain 1 (when then where) and chain 2
   (where then when); AM_c = (Acc + mtIoU_c + mvIoU_c) / 3, LGM_c = -mean(ln(1 - x)); mAM, mLGM the
   means over the two chains. Everything reported x100.

@@ -9,7 +9,7 @@ completions per prompt from one shared prefill, and per-token log-probs of compl
 grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
 Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
 
-Frames go in as images (one image per frame, REFERENCE.md section 4), so only the image path of
+Frames go in as images (one image per frame, as the release shows them), so only the image path of
 Qwen2.5-VL is used: each frame becomes grid (1, h, w) of 14-pixel patches, merged 2x2 into
 h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few lines that turn
 frames into patches are written here with einops (tests check them against the PIL image

@@ -2,7 +2,7 @@
 
 Owns: a deterministic generator of short clips (grey background, moving coloured shapes,
 distractors, one event in time per clip: stop, turn, colour change, appear, meet), rendered with
-tensor masks, encoded with torchcodec, plus STGR records (REFERENCE.md section 2) whose
+tensor masks, encoded with torchcodec, plus STGR records (data.py's layout) whose
 reasoning_process is a grounded trace built from ground truth, and a V-STAR-style test set.
 Leaves loading / validation to data.py and scoring to rewards.py and eval.py.
 Difficulty: each sample is hard with probability --difficulty (meta.hard says which). Hard: 3-5

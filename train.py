@@ -387,7 +387,7 @@ def selector_predictions(cfg, rt, proxy, head, records):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage rl: GRPO/GSPO with VisionCoach (REFERENCE.md section 1, Algorithm 1)
+# Stage rl: GRPO/GSPO with VisionCoach (the paper's Algorithm 1)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -519,12 +519,11 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
     scale = rt.world / cfg.batch_size      # DDP averages over ranks; every prompt weighs 1 / batch_size
     reference = model.LogProbModule(ref) if ref is not None else None
-    with torch.no_grad():
-        for g in groups:
-            if g is None:
-                continue
-            g.ref_logp = grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None
-            g.old_logp = grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None
+    with torch.no_grad():                  # pi_ref, and pi_old when it must outlive the first update
+        groups = [None if g is None else dataclasses.replace(
+            g, ref_logp=grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None,
+            old_logp=grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None)
+            for g in groups]
     sums, skipped = Counter(), Counter()
     items = groups + sd_examples
     for _ in range(cfg.inner_updates):
