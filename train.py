@@ -462,7 +462,7 @@ def step_prompt_ids(cfg, rt, n_records, step):
 
 
 def rl_rollouts(cfg, rt, run, rl, step):
-    """Algorithm 1, lines 1-3, on this rank's prompts. -> (groups, SD examples, coach counters,
+    """Steps 1-3 of Algorithm 1 on this rank's prompts. -> (groups, SD examples, coach counters,
     other counters: skipped/..., reward_skipped/..., time/...); a prompt too long is a None group."""
     vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
     progress = step / max(1, cfg.rl_steps)
@@ -513,7 +513,7 @@ def reward_skips(group):
 
 
 def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
-    """Algorithm 1, line 3-4's loss, inner_updates times on the same rollouts:
+    """The loss of Algorithm 1 (steps 3-4), inner_updates times on the same rollouts:
         L = mean over the global batch of grpo.policy_loss(group) + alpha * mean of distill.sd_nll(S).
     Each group is its own backward (one group's graph in memory at a time). -> (loss metrics with
     the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
