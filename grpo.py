@@ -127,7 +127,7 @@ def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None, g
                                       banned_ids=M.vision_token_ids(tokenizer))
     texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
     ctx = R.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1], progress=progress)
-    table = R.score_group(texts, record, ctx, R.RewardConfig(identity=cfg.reward_identity))
+    table = R.score_group(texts, record, ctx, R.rules_config(cfg.reward_rules, cfg.reward_identity))
     return Group(record, prompt, ids, mask, truncated, texts, table)
 
 

@@ -80,6 +80,7 @@ class Config:
     top_n: int = 2
     sd_condition: str = "prompted"  # prompted (paper) | raw
     reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
+    reward_rules: str = "ours"    # ours | released: rewards.py's rules or the release's (an ablation arm)
     # selector (selector.py)
     selector_dir: str = ""        # where predictions.json lives; empty -> {out_dir}/selector
     selector_samples: int = 64    # samples labelled by the proxy (5 prompt types x selector_group answers)
@@ -118,7 +119,8 @@ def parse_args(argv, cfg=None):
 
 
 CHOICES = {"stage": ("all", "data", "sft", "selector", "rl", "eval"), "ratio": ("sequence", "token"),
-           "sd_condition": ("prompted", "raw"), "reward_identity": ("soft", "strict", "none")}
+           "sd_condition": ("prompted", "raw"), "reward_identity": ("soft", "strict", "none"),
+           "reward_rules": ("ours", "released")}
 
 
 # ---------------------------------------------------------------------------------------------

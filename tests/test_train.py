@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_overrides_are_type_checked():
     cfg = T.parse_args(["--lr=0.5", "--train_vision=false", "--stage=sft", "--group_size=3"])
     assert (cfg.lr, cfg.train_vision, cfg.stage, cfg.group_size) == (0.5, False, "sft", 3)
+    assert T.parse_args(["--reward_rules=released"]).reward_rules == "released"
     for bad in (["--lr=fast"], ["--nope=1"], ["lr=1"], ["--train_vision=maybe"], ["--group_size=2.5"],
-                ["--ratio=tokens"], ["--stage=pretrain"], ["--sd_condition=both"]):
+                ["--ratio=tokens"], ["--stage=pretrain"], ["--sd_condition=both"], ["--reward_rules=release"]):
         with pytest.raises(SystemExit):
             T.parse_args(bad)
 
