@@ -242,8 +242,13 @@ def rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, gr
     for idx in step_prompt_ids(cfg, rt, len(records), st.step):
         rec = records[idx]
         t = time.time()
-        video = D.load_video_sample(rec, T.frame_config(cfg))
-        prompt = T.build_prompt(rec, tokenizer, vision, cfg, video).to(rt.device, rt.dtype)
+        try:
+            video = D.load_video_sample(rec, T.frame_config(cfg))
+            prompt = T.build_prompt(rec, tokenizer, vision, cfg, video).to(rt.device, rt.dtype)
+        except D.DataError as e:  # a file that passed the header check but fails to decode
+            D.skip_bad_sample(st.skipped, cfg.max_bad_samples, e)
+            groups.append(None)
+            continue
         if len(prompt) > cfg.max_prompt_tokens:
             st.skipped["prompt_too_long"] += 1
             groups.append(None)
