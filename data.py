@@ -290,16 +290,12 @@ def validate_record(rec, roots, where="record"):
     """Check one record's keys, types and limits; return a copy with media paths resolved."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
-    where = f"{where} (id={rec.get('id', '?')!r})"
+    where = f"{where} (id={repr(rec.get('id', '?'))[:80]})"
     for key in ("id", "task", "question", "answer"):
         if key not in rec:
             _fail(where, key, "missing")
     _check_id(rec["id"], where)
-    for key, limit in MAX_TEXT_CHARS.items():
-        if key in rec and not isinstance(rec[key], str):
-            _fail(where, key, f"expected a string, got {type(rec[key]).__name__}")
-        if len(rec.get(key, "")) > limit:
-            _fail(where, key, f"{len(rec[key])} characters, more than {limit}")
+    _check_texts(rec, where)
     if rec["task"] not in TASKS:
         _fail(where, "task", f"unknown task {rec['task']!r}; expected one of {TASKS}")
     rec = dict(rec, _origin=where)
@@ -324,6 +320,14 @@ def validate_record(rec, roots, where="record"):
     if rec.get("reasoning_process"):  # a video's pixel boxes are bounded once its size is known
         check_trace_boxes(rec["reasoning_process"], rec.get("image_size"), where)
     return rec
+
+
+def _check_texts(rec, where):
+    for key, limit in MAX_TEXT_CHARS.items():
+        if key in rec and not isinstance(rec[key], str):
+            _fail(where, key, f"expected a string, got {type(rec[key]).__name__}")
+        if len(rec.get(key, "")) > limit:
+            _fail(where, key, f"{len(rec[key])} characters, more than {limit}")
 
 
 def _check_id(rid, where):

@@ -16,7 +16,6 @@ Run:  python prompt.py --demo --out grid.png
 Test: python -m pytest tests/test_prompt.py -q
 """
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import norm_box_to_pixels, read_image, resolve_media
+from data import norm_box_to_pixels, read_image, read_json, resolve_media
 
 # ---------------------------------------------------------------------------------------------
 # Registry: the order is fixed, a prompt's index is its class id for the VP-Selector
@@ -321,8 +320,7 @@ def main():
     if args.demo:
         frames, boxes, labels, frame_numbers = demo_key_frames()
     elif args.data:
-        with open(args.data) as f:
-            records = json.load(f)
+        records = read_json(args.data)
         root = args.root or os.path.dirname(os.path.abspath(args.data))
         frames, boxes, labels, frame_numbers = load_key_frames(records[args.index], root)
     else:
