@@ -179,7 +179,8 @@ def stage_rl(cfg, rt, start_path):
         st.step = step
         metrics = rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach, st)
         if rt.main:
-            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", hard=f"{metrics.get('coach/hard_share', 0):.2f}")
+            reward = metrics.get("reward/total", float("nan"))   # absent when every sample was skipped
+            bar.set_postfix(reward=f"{reward:.3f}", hard=f"{metrics.get('coach/hard_share', 0):.2f}")
             T.append_jsonl(os.path.join(out, "metrics.jsonl"), metrics)
         st.step = step + 1
         if st.step % cfg.save_every == 0 or st.step == cfg.rl_steps:
