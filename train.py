@@ -350,7 +350,8 @@ def stage_sft(cfg, rt, start_path):
         loss = sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch, skipped)
         if rt.main:
             bar.set_postfix(loss=f"{loss:.3f}")
-            append_jsonl(os.path.join(out, "metrics.jsonl"), {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
+            append_jsonl(os.path.join(out, "metrics.jsonl"), {"step": step + 1, "loss": loss,
+                                                              "lr": sched.get_last_lr()[0],
                                                               "skipped/bad_sample": skipped["bad_sample"]})
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
             if rt.main:

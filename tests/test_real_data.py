@@ -238,7 +238,8 @@ def test_normalized_trace_boxes_become_pixels_of_the_frame_the_model_sees(clips,
     trace = ("<think><obj>dot</obj><box>[0.25,0.5,0.75,1.0]</box>at<t>0.5</t>s</think>"
              "<answer>it gets brighter</answer>")
     rec = load_one(root, video_record("st", "wide", task="temporal-spatial free-form QA", reasoning_process=trace,
-                                      key_frames=[{"idx": 2, "time": 0.5}], key_items={"2": {"dot": [[0.25, 0.5, 0.75, 1.0]]}}))
+                                      key_frames=[{"idx": 2, "time": 0.5}],
+                                      key_items={"2": {"dot": [[0.25, 0.5, 0.75, 1.0]]}}))
     prompt, target = T.sft_example(rec, tok, vision, T.Config())
     assert prompt.frame_size == (84, 56)
     assert "<box>[21,28,63,56]</box>" in tok.decode(target)       # round(x * W), not [0,0,1,1]
