@@ -351,15 +351,14 @@ def vstar_sample_from_dict(d, path="<records>", i=0):
 
 def _read_json_list(path):
     """A JSON list (or JSON lines) from path; ValueError naming the file otherwise."""
-    with open(path) as f:
-        text = f.read()
+    text = data.read_text(path)
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
+        items = data.parse_json(text, path)
+    except data.DataError:
         try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
+            items = [data.parse_json(line, path) for line in text.splitlines() if line.strip()]
+        except data.DataError as e:
+            raise ValueError(f"neither a JSON list nor JSON lines: {e}") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of samples, got {type(items).__name__}")
     if not items:
@@ -692,6 +691,7 @@ class EvalConfig:
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 16
+    max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (the release's RL limit)
 
 
 def generate_text(model, tokenizer, prompt, cfg):
@@ -701,14 +701,14 @@ def generate_text(model, tokenizer, prompt, cfg):
     return tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
 
 
-def _prompt_for(model_bundle, video, questions, answers, device, dtype):
+def _prompt_for(model_bundle, video, questions, answers, cfg, where, device, dtype):
     """A multi-turn prompt: the video with questions[0], then earlier answers and later questions."""
     import model as M
     _, tokenizer, vision = model_bundle
-    parts = data.render_prompt(questions[0], video.times, video.duration)
-    for a, q in zip(answers, questions[1:]):
-        parts[-1] += f"{a}{data.IM_END}\n{data.IM_START}user\n{q}{data.IM_END}\n{data.IM_START}assistant\n"
-    return M.tokenize_prompt(tokenizer, parts, video.frames, vision).to(device, dtype)
+    parts = data.render_prompt(questions[0], video.times, video.duration, history=list(zip(answers, questions[1:])))
+    prompt = M.tokenize_prompt(tokenizer, parts, video.frames, vision)
+    data.check_prompt_length(len(prompt), cfg.max_prompt_tokens, where)
+    return prompt.to(device, dtype)
 
 
 def infer_stgr(bundle, records, cfg, rank=0, world=1, device="cpu", dtype=None):
@@ -719,7 +719,7 @@ def infer_stgr(bundle, records, cfg, rank=0, world=1, device="cpu", dtype=None):
     out = []
     for i in tqdm(range(rank, len(records), world), desc="eval", disable=rank != 0):
         video = data.load_video_sample(records[i], fc)
-        prompt = _prompt_for(bundle, video, [records[i]["question"]], [], device, dtype)
+        prompt = _prompt_for(bundle, video, [records[i]["question"]], [], cfg, data.origin(records[i]), device, dtype)
         out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
     return out
 
@@ -732,10 +732,11 @@ def infer_vstar(bundle, samples, video_root, cfg, rank=0, world=1, device="cpu",
     fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
     out = []
     for i in tqdm(range(rank, len(samples), world), desc="eval v-star", disable=rank != 0):
-        s = samples[i]
-        rec = {"id": s.vid, "video_path": os.path.join(video_root, "videos", f"{s.vid}.mp4"), "key_frames": []}
+        s, where = samples[i], f"{cfg.data}: sample {i} (vid={samples[i].vid!r})"
+        rec = {"id": s.vid, "_origin": where, "key_frames": [],
+               "video_path": data.resolve_media(video_root, f"videos/{s.vid}.mp4", where, "vid")}
         video = data.load_video_sample(rec, fc)
-        ask = lambda qs: _chain(bundle, video, qs, cfg, device, dtype)
+        ask = lambda qs: _chain(bundle, video, qs, cfg, where, device, dtype)
         what, when1, where1 = ask([s.question, s.temporal_question, s.spatial_question])
         _, where2, when2 = ask([s.question, s.spatial_question_2, s.temporal_question])
         out.append((i, {"what": what, "when1": when1, "where1": where1, "where2": where2, "when2": when2},
@@ -743,11 +744,11 @@ def infer_vstar(bundle, samples, video_root, cfg, rank=0, world=1, device="cpu",
     return out
 
 
-def _chain(bundle, video, questions, cfg, device, dtype):
+def _chain(bundle, video, questions, cfg, where, device, dtype):
     model, tokenizer, _ = bundle
     answers = []
     for k in range(len(questions)):
-        prompt = _prompt_for(bundle, video, questions[:k + 1], answers, device, dtype)
+        prompt = _prompt_for(bundle, video, questions[:k + 1], answers, cfg, where, device, dtype)
         answers.append(generate_text(model, tokenizer, prompt, cfg))
     return answers
 
@@ -768,8 +769,9 @@ def infer_questions(bundle, rows, root, questions, cfg, rank=0, world=1, device=
     fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
     out = []
     for i in tqdm(range(rank, len(rows), world), desc="eval", disable=rank != 0):
-        video = data.load_video_sample(_video_record(rows[i], root), fc)
-        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], device, dtype)
+        rec = _video_record(rows[i], root)
+        video = data.load_video_sample(rec, fc)
+        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], cfg, data.origin(rec), device, dtype)
         out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
     return out
 
@@ -794,8 +796,8 @@ def gather_in_order(rows, world):
 
 def detect_kind(path):
     """vstar (temporal_question), mcq (options), tg (query / sentence), else stgr."""
-    with open(path) as f:
-        first = (json.load(f) or [{}])[0]
+    items = data.read_json(path)
+    first = items[0] if isinstance(items, list) and items else {}
     if not isinstance(first, dict):
         return "stgr"
     if "temporal_question" in first:

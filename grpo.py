@@ -179,7 +179,8 @@ def stage_rl(cfg, rt, start_path):
         st.step = step
         metrics = rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach, st)
         if rt.main:
-            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", hard=f"{metrics.get('coach/hard_share', 0):.2f}")
+            reward = metrics.get("reward/total", float("nan"))   # absent when every sample was skipped
+            bar.set_postfix(reward=f"{reward:.3f}", hard=f"{metrics.get('coach/hard_share', 0):.2f}")
             T.append_jsonl(os.path.join(out, "metrics.jsonl"), metrics)
         st.step = step + 1
         if st.step % cfg.save_every == 0 or st.step == cfg.rl_steps:
@@ -242,8 +243,13 @@ def rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, gr
     for idx in step_prompt_ids(cfg, rt, len(records), st.step):
         rec = records[idx]
         t = time.time()
-        video = D.load_video_sample(rec, T.frame_config(cfg))
-        prompt = T.build_prompt(rec, tokenizer, vision, cfg, video).to(rt.device, rt.dtype)
+        try:
+            video = D.load_video_sample(rec, T.frame_config(cfg))
+            prompt = T.build_prompt(rec, tokenizer, vision, cfg, video).to(rt.device, rt.dtype)
+        except D.DataError as e:  # a file that passed the header check but fails to decode
+            D.skip_bad_sample(st.skipped, cfg.max_bad_samples, e)
+            groups.append(None)
+            continue
         if len(prompt) > cfg.max_prompt_tokens:
             st.skipped["prompt_too_long"] += 1
             groups.append(None)

@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ class Config:
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, eval tables
     data_dir: str = "data/synth"  # synthetic data is generated here when missing
     train_json: str = ""          # STGR JSON; empty -> {data_dir}/train.json
-    data_root: str = ""           # media root; empty -> the JSON's folder
+    data_root: str = ""           # media root, or one per record `source` (a=/x,b=/y); empty -> the JSON's folder
+    max_bad_samples: int = 20     # samples whose media fail mid-run are skipped and counted; one more stops the run
     model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
@@ -115,6 +117,10 @@ def parse_args(argv, cfg=None):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
+    try:
+        frame_config(cfg)  # the frame settings are within data.py's limits
+    except ValueError as e:
+        raise SystemExit(f"frame settings: {e}") from None
     return cfg
 
 
@@ -221,7 +227,7 @@ def make_optimizer(model, lr, weight_decay, total_steps, warmup):
 # ---------------------------------------------------------------------------------------------
 
 def frame_config(cfg):
-    return D.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+    return D.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames, cfg.max_pixels or D.MAX_FRAME_PIXELS)
 
 
 def build_prompt(rec, tokenizer, vision, cfg, video=None, question=None):
@@ -232,18 +238,29 @@ def build_prompt(rec, tokenizer, vision, cfg, video=None, question=None):
 
 
 def sft_target_ids(rec, tokenizer, prompt, source_size):
-    """The record's reasoning_process, boxes rescaled to the frame the model sees, ending in <|im_end|>."""
+    """The record's reasoning_process, boxes in pixels of the frame the model sees, ending in <|im_end|>."""
     if not rec.get("reasoning_process"):
-        raise D.DataError(f"record id={rec['id']}: field 'reasoning_process': missing (needed for SFT)")
-    text = D.rescale_boxes_in_text(rec["reasoning_process"], source_size, prompt.frame_size)
-    return torch.tensor(tokenizer.encode(text + D.IM_END, add_special_tokens=False))
+        raise D.DataError(f"{D.origin(rec)}: field 'reasoning_process': missing (needed for SFT)")
+    text = D.trace_to_frame_pixels(rec["reasoning_process"], source_size, prompt.frame_size, D.origin(rec))
+    return torch.tensor(M.encode_text(tokenizer, text) + [tokenizer.convert_tokens_to_ids(D.IM_END)])
 
 
 def sft_example(rec, tokenizer, vision, cfg):
     video = D.load_video_sample(rec, frame_config(cfg))
     prompt = build_prompt(rec, tokenizer, vision, cfg, video)
-    source_size = (video.frames.shape[-1], video.frames.shape[-2])
-    return prompt, sft_target_ids(rec, tokenizer, prompt, source_size)
+    D.check_prompt_length(len(prompt), cfg.max_prompt_tokens, D.origin(rec))
+    return prompt, sft_target_ids(rec, tokenizer, prompt, video.source_size)
+
+
+def sft_examples(records, ids, tokenizer, vision, cfg, skipped):
+    """(prompt, target) pairs for records[ids]; a sample whose media fails is skipped and counted."""
+    out = []
+    for j in ids:
+        try:
+            out.append(sft_example(records[j], tokenizer, vision, cfg))
+        except D.DataError as e:
+            D.skip_bad_sample(skipped, cfg.max_bad_samples, e)
+    return out
 
 
 def epoch_order(n, epoch, seed):
@@ -289,8 +306,12 @@ def tokenizer_corpus(records):
 
 
 def load_train_records(cfg):
+    """The training records, validated, with every media file's header checked (fail early)."""
     path = cfg.train_json or os.path.join(cfg.data_dir, "train.json")
-    return D.load_records(path, cfg.data_root or None)
+    records = D.load_records(path, cfg.data_root or None)
+    D.check_enough_records(records, cfg.batch_size, path)
+    D.check_media(records)
+    return records
 
 
 def prepare_policy(cfg, rt, path):
@@ -319,24 +340,27 @@ def stage_sft(cfg, rt, start_path):
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, total, cfg.sft_warmup)
     policy = M.LogProbModule(model)
     policy, opt = rt.accelerator.prepare(policy, opt)
-    step = 0
+    step, skipped = 0, Counter()
     if state:
         opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step = state["step"]
+        step, skipped = state["step"], Counter(state.get("skipped", {}))
         log(rt, f"[sft] resumed at step {step} from {ckpt}")
     os.makedirs(out, exist_ok=True)
     bar = tqdm(range(step, total), desc="sft", disable=not rt.main, initial=step, total=total)
     for step in bar:
-        loss = sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch)
+        loss = sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch, skipped)
         if rt.main:
             bar.set_postfix(loss=f"{loss:.3f}")
-            append_jsonl(os.path.join(out, "metrics.jsonl"), {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0]})
+            append_jsonl(os.path.join(out, "metrics.jsonl"), {"step": step + 1, "loss": loss,
+                                                              "lr": sched.get_last_lr()[0],
+                                                              "skipped/bad_sample": skipped["bad_sample"]})
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
             if rt.main:
                 save_checkpoint(ckpt, unwrap(rt, policy).model, tokenizer, vision,
                                 {"step": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "rng": rng_state(), "done": step + 1 == total, "config": dataclasses.asdict(cfg)})
+                                 "rng": rng_state(), "done": step + 1 == total, "skipped": dict(skipped),
+                                 "config": dataclasses.asdict(cfg)})
             rt.accelerator.wait_for_everyone()
     log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {ckpt}")
     return ckpt
@@ -346,18 +370,21 @@ def unwrap(rt, policy):
     return rt.accelerator.unwrap_model(policy)
 
 
-def sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch):
-    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches."""
+def sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch, skipped):
+    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches.
+    A sample whose media fails is skipped and counted in `skipped` (data.skip_bad_sample)."""
     epoch, i = divmod(step, steps_per_epoch)
     order = epoch_order(len(records), epoch, cfg.seed)
     batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
     micro = len(batch_ids) // cfg.grad_accum
     total_loss = 0.0
     for k in range(cfg.grad_accum):
-        batch = [sft_example(records[j], tokenizer, vision, cfg) for j in batch_ids[k * micro:(k + 1) * micro]]
+        batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], tokenizer, vision, cfg, skipped)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         with rt.accelerator.no_sync(policy) if k < cfg.grad_accum - 1 else nullcontext():
-            loss = sft_loss(policy, batch)
+            # a micro-batch left empty still runs a backward, so every rank reduces the same number
+            loss = sft_loss(policy, batch) if batch else \
+                0.0 * sum(p.sum() for p in policy.parameters() if p.requires_grad)
             rt.accelerator.backward(loss / cfg.grad_accum)
         total_loss += loss.item() / cfg.grad_accum
     rt.accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
