@@ -37,7 +37,8 @@ class Config:
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, eval tables
     data_dir: str = "data/synth"  # synthetic data is generated here when missing
     train_json: str = ""          # STGR JSON; empty -> {data_dir}/train.json
-    data_root: str = ""           # media root; empty -> the JSON's folder
+    data_root: str = ""           # media root, or one per record `source` (a=/x,b=/y); empty -> the JSON's folder
+    max_bad_samples: int = 20     # samples whose media fail mid-run are skipped and counted; one more stops the run
     model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
     seed: int = 0                 # seeds data order, rollouts, the synthetic set and the selector
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
@@ -81,6 +82,7 @@ class Config:
     max_prompt_tokens: int = 4096  # a longer prompt (frames + text) is skipped and counted
     max_bad_updates: int = 5      # stop after this many updates in a row with NaN/inf loss or gradients
     reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
+    reward_rules: str = "ours"    # ours | released: rewards.py's rules or the release's (an ablation arm)
     # ---- VisionCoach (distill.py) ----
     coach: str = "selector"       # selector | random | fixed:<visual prompt> | none (plain GRPO/GSPO)
     hard_k: float = 2.21          # a group is hard when its mean total reward < hard_k
@@ -109,6 +111,7 @@ class Config:
     eval_samples: int = 100       # evaluate the first N samples of each file (0: all; eval.py --limit, default 0)
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
+    eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
     sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
     save_every: int = 100         # checkpoint every N optimizer steps (and at the end)
@@ -122,6 +125,7 @@ CHOICES = {
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,
     "sd_condition": distill.SD_CONDITIONS,
+    "reward_rules": rewards.REWARD_RULES,
     "benchmark": ("auto", "stgr", "vstar", "mcq", "tg"),
 }
 
@@ -199,6 +203,10 @@ def check(cfg):
         reward_config(cfg)                   # rewards.RewardConfig checks its own modes
     except ValueError as e:
         raise SystemExit(f"--reward_identity={cfg.reward_identity!r}: {e}") from None
+    try:
+        frames(cfg)                          # the frame settings are within data.py's limits
+    except ValueError as e:
+        raise SystemExit(f"frame settings: {e}") from None
     if not 0.0 <= cfg.difficulty <= 1.0:
         raise SystemExit(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
     if not 0.0 < cfg.selector_train_share <= 1.0:
@@ -211,7 +219,7 @@ def check(cfg):
 
 def frames(cfg):
     """How videos are sampled into frames (data.load_video_sample)."""
-    return data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+    return data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames, cfg.max_pixels or data.MAX_FRAME_PIXELS)
 
 
 def vp_config(cfg):
@@ -223,8 +231,8 @@ def vp_config(cfg):
 
 
 def reward_config(cfg):
-    """The reward rules (rewards.score_group)."""
-    return rewards.RewardConfig(identity=cfg.reward_identity)
+    """The reward rules (rewards.score_group): ours or the release's, with cfg's name matching."""
+    return rewards.rules_config(cfg.reward_rules, cfg.reward_identity)
 
 
 def sampling(cfg, n=None):

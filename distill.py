@@ -91,7 +91,7 @@ def draw_vp(video, record, vp, vp_cfg=None):
     drawn = prompt.apply_visual_prompt(vp, [frames[p] for p in positions], boxes, [p + 1 for p in positions], vp_cfg)
     for p, f in zip(positions, drawn):
         frames[p] = f
-    return data.VideoSample(frames, list(video.times), dict(video.key_positions), video.duration)
+    return data.VideoSample(frames, list(video.times), dict(video.key_positions), video.duration, video.source_size)
 
 
 def can_prompt(record):

@@ -11,9 +11,10 @@ world-th sample and the results are gathered in the original order; rank 0 write
 {benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md. One prompt at
 a time (prompts differ in length; the tiny default runs at ~0.1 s a sample here, and a real model
 is generation-bound anyway). The settings are the one config's (config.py): --data, --kind, --out,
---limit, --max_new_tokens and --temperature are eval.py's names for eval_data, benchmark,
-eval_out, eval_samples, eval_max_new_tokens and eval_temperature; frames (--fps, --min_frames,
---max_frames) are the training run's fields. The metrics themselves are pure and live in metrics.py.
+--limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
+eval_data, benchmark, eval_out, eval_samples, eval_max_new_tokens, eval_temperature and
+eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames) are the training run's fields.
+The metrics themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """
@@ -32,7 +33,8 @@ import rewards
 
 # eval.py's flag names -> the config's fields (kept from when eval.py had its own config)
 EVAL_FLAGS = {"data": "eval_data", "kind": "benchmark", "out": "eval_out", "limit": "eval_samples",
-              "max_new_tokens": "eval_max_new_tokens", "temperature": "eval_temperature"}
+              "max_new_tokens": "eval_max_new_tokens", "temperature": "eval_temperature",
+              "max_prompt_tokens": "eval_max_prompt_tokens"}
 
 
 def generate_text(vlm, tokenizer, inputs, cfg):
@@ -47,11 +49,13 @@ def one_process():
     return config.Runtime(None, torch.device("cpu"), torch.float32, 0, 1)
 
 
-def _input_for(bundle, video, questions, answers, rt):
-    """A multi-turn model input: the video with questions[0], then earlier answers and later questions."""
+def _input_for(bundle, video, questions, answers, cfg, where, rt):
+    """A multi-turn model input: the video with questions[0], then earlier answers and later
+    questions. A prompt over eval_max_prompt_tokens is an error naming the sample (`where`)."""
     _, tokenizer, vision = bundle
-    return model.model_input(tokenizer, vision, video, questions[0],
-                             turns=list(zip(answers, questions[1:]))).to(rt.device, rt.dtype)
+    inputs = model.model_input(tokenizer, vision, video, questions[0], turns=list(zip(answers, questions[1:])))
+    data.check_prompt_length(len(inputs), cfg.eval_max_prompt_tokens, where)
+    return inputs.to(rt.device, rt.dtype)
 
 
 def infer_stgr(bundle, records, cfg, rt):
@@ -60,7 +64,7 @@ def infer_stgr(bundle, records, cfg, rt):
     out = []
     for i in tqdm(range(rt.rank, len(records), rt.world), desc="eval", disable=not rt.main):
         video = data.load_video_sample(records[i], config.frames(cfg))
-        inputs = _input_for(bundle, video, [records[i]["question"]], [], rt)
+        inputs = _input_for(bundle, video, [records[i]["question"]], [], cfg, data.origin(records[i]), rt)
         out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
     return out
 
@@ -69,10 +73,11 @@ def infer_vstar(bundle, samples, video_root, cfg, rt):
     """Five answers per V-STAR sample: What; chain 1 When -> Where; chain 2 Where -> When."""
     out = []
     for i in tqdm(range(rt.rank, len(samples), rt.world), desc="eval v-star", disable=not rt.main):
-        s = samples[i]
-        rec = {"id": s.vid, "video_path": os.path.join(video_root, "videos", f"{s.vid}.mp4"), "key_frames": []}
+        s, where = samples[i], f"{cfg.eval_data}: sample {i} (vid={samples[i].vid!r})"
+        rec = {"id": s.vid, "_origin": where, "key_frames": [],
+               "video_path": data.resolve_media(video_root, f"videos/{s.vid}.mp4", where, "vid")}
         video = data.load_video_sample(rec, config.frames(cfg))
-        ask = lambda qs: _chain(bundle, video, qs, cfg, rt)  # noqa: E731
+        ask = lambda qs: _chain(bundle, video, qs, cfg, where, rt)  # noqa: E731
         what, when1, where1 = ask([s.question, s.temporal_question, s.spatial_question])
         _, where2, when2 = ask([s.question, s.spatial_question_2, s.temporal_question])
         out.append((i, {"what": what, "when1": when1, "where1": where1, "where2": where2, "when2": when2},
@@ -80,11 +85,11 @@ def infer_vstar(bundle, samples, video_root, cfg, rt):
     return out
 
 
-def _chain(bundle, video, questions, cfg, rt):
+def _chain(bundle, video, questions, cfg, where, rt):
     vlm, tokenizer, _ = bundle
     answers = []
     for k in range(len(questions)):
-        inputs = _input_for(bundle, video, questions[:k + 1], answers, rt)
+        inputs = _input_for(bundle, video, questions[:k + 1], answers, cfg, where, rt)
         answers.append(generate_text(vlm, tokenizer, inputs, cfg))
     return answers
 
@@ -102,8 +107,9 @@ def infer_questions(bundle, rows, root, questions, cfg, rt):
     vlm, tokenizer, _ = bundle
     out = []
     for i in tqdm(range(rt.rank, len(rows), rt.world), desc="eval", disable=not rt.main):
-        video = data.load_video_sample(_video_record(rows[i], root), config.frames(cfg))
-        inputs = _input_for(bundle, video, [questions(rows[i])], [], rt)
+        rec = _video_record(rows[i], root)
+        video = data.load_video_sample(rec, config.frames(cfg))
+        inputs = _input_for(bundle, video, [questions(rows[i])], [], cfg, data.origin(rec), rt)
         out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
     return out
 
@@ -128,8 +134,8 @@ def gather_in_order(rows, world):
 
 def detect_benchmark(path):
     """vstar (temporal_question), mcq (options), tg (query / sentence), else stgr."""
-    with open(path) as f:
-        first = (json.load(f) or [{}])[0]
+    items = data.read_json(path)
+    first = items[0] if isinstance(items, list) and items else {}
     if not isinstance(first, dict):
         return "stgr"
     if "temporal_question" in first:

@@ -349,15 +349,14 @@ def vstar_sample_from_dict(d, path="<records>", i=0):
 
 def _read_json_list(path):
     """A JSON list (or JSON lines) from path; ValueError naming the file otherwise."""
-    with open(path) as f:
-        text = f.read()
+    text = data.read_text(path)
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
+        items = data.parse_json(text, path)
+    except data.DataError:
         try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
+            items = [data.parse_json(line, path) for line in text.splitlines() if line.strip()]
+        except data.DataError as e:
+            raise ValueError(f"neither a JSON list nor JSON lines: {e}") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of samples, got {type(items).__name__}")
     if not items:

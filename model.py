@@ -27,7 +27,8 @@ from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import data
-from data import ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from data import (ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
+                  Special)
 
 # Qwen2.5-VL's special tokens (the names are the checkpoint's; ids come from the tokenizer).
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
@@ -187,10 +188,9 @@ class VisionProcessor:
     def __call__(self, frames, max_pixels=None):
         """uint8 frames (N, 3, H, W) -> pixel_values (N*h*w, 3*2*14*14), grid_thw (N, 3), (W', H')."""
         height, width = self.target_size(frames.shape[-2], frames.shape[-1], max_pixels)
+        if (height, width) != tuple(frames.shape[-2:]):  # in uint8: a float copy of full-size frames is 4x larger
+            frames = F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
         x = frames.float()
-        if (height, width) != tuple(frames.shape[-2:]):
-            x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
         x = (x / 255.0 - mean) / std                                         # (N, 3, H', W')
@@ -241,11 +241,20 @@ class Prompt:
         return self.input_ids.shape[0]
 
 
-def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
-    """data.render_prompt's parts (str pieces and int frame indices) + uint8 frames -> Prompt.
+def encode_text(tokenizer, text):
+    """Token ids of text that came from data or from the model: a chat token's spelling inside it
+    (`<|im_end|>`, `<|image_pad|>`) stays plain text, so it can neither end a turn nor claim an
+    image slot. Grounding tags (added, not special) are still one token each."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    Text is tokenized piece by piece; each frame k becomes <|vision_start|>, as many <|image_pad|>
-    as it has merged patches, <|vision_end|>. Frames are used in the order the parts name them.
+
+def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
+    """data.render_prompt's parts (text, data.Special chat tokens, int frame indices) + uint8
+    frames -> Prompt.
+
+    A Special becomes its one id, any other text goes through encode_text; each frame k becomes
+    <|vision_start|>, as many <|image_pad|> as it has merged patches, <|vision_end|>. Frames are
+    used in the order the parts name them.
     """
     order = [p for p in parts if isinstance(p, int)]
     pixel_values, grid, frame_size = vision(frames[order], max_pixels)
@@ -254,7 +263,10 @@ def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
     ids, types, k = [], [], 0
     for part in parts:
         if isinstance(part, str):
-            piece = tokenizer.encode(part, add_special_tokens=False)
+            if isinstance(part, Special):
+                piece = [tokenizer.convert_tokens_to_ids(part)]
+            else:
+                piece = encode_text(tokenizer, part)
             ids += piece
             types += [MM_TEXT] * len(piece)
         else:
@@ -270,11 +282,11 @@ def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
 
     The text is data.render_prompt's chat layout (each frame after `Frame i at t s:`); `turns` are
     earlier (answer, next question) pairs of a multi-turn conversation (eval.py's V-STAR chains).
-    max_pixels overrides the checkpoint's per-frame pixel budget.
+    Chat tokens are placed by the template alone: questions and earlier answers go through
+    encode_text, so text spelling `<|im_end|>` stays text. max_pixels overrides the checkpoint's
+    per-frame pixel budget.
     """
-    parts = data.render_prompt(question, video.times, video.duration)
-    for answer, next_question in turns:
-        parts[-1] += f"{answer}{IM_END}\n{IM_START}user\n{next_question}{IM_END}\n{IM_START}assistant\n"
+    parts = data.render_prompt(question, video.times, video.duration, history=turns)
     return tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
 
 

@@ -16,7 +16,6 @@ Run:  python prompt.py --demo --out grid.png
 Test: python -m pytest tests/test_prompt.py -q
 """
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import norm_box_to_pixels
+from data import norm_box_to_pixels, read_image, read_json, resolve_media
 
 # ---------------------------------------------------------------------------------------------
 # Registry: the order is fixed, a prompt's index is its class id for the VP-Selector
@@ -257,15 +256,14 @@ def apply_visual_prompt(vp, frames, boxes_per_frame, frame_numbers, cfg=None):
 
 def load_key_frames(record, root):
     """A record's key frames as uint8 (3, H, W) tensors, their boxes, row labels, frame numbers."""
-    from PIL import Image
     key_frames = record.get("key_frames") or []
+    where = f"record {record.get('id')!r}"
     if not key_frames:
-        raise ValueError(f"record {record.get('id')!r} has no key_frames")
+        raise ValueError(f"{where} has no key_frames")
     frames, boxes, labels = [], [], []
-    for kf in key_frames:
-        img = Image.open(os.path.join(root, kf["path"])).convert("RGB")
-        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-        frames.append(hwc.permute(2, 0, 1).clone())  # (3, H, W)
+    for i, kf in enumerate(key_frames):  # through data.py's resolver: a path cannot leave the root
+        field = f"key_frames[{i}].path"
+        frames.append(read_image(resolve_media(root, kf.get("path"), where, field), where, field))  # (3, H, W)
         items = record.get("key_items", {}).get(str(kf["idx"]), {})
         boxes.append([box for obj_boxes in items.values() for box in obj_boxes])
         labels.append(f"idx {kf['idx']}\n{kf['time']:.1f}s")
@@ -322,8 +320,7 @@ def main():
     if args.demo:
         frames, boxes, labels, frame_numbers = demo_key_frames()
     elif args.data:
-        with open(args.data) as f:
-            records = json.load(f)
+        records = read_json(args.data)
         root = args.root or os.path.dirname(os.path.abspath(args.data))
         frames, boxes, labels, frame_numbers = load_key_frames(records[args.index], root)
     else:

@@ -122,6 +122,7 @@ class Run:
     sched: object
     start: int                # first step to run (> 0 when resumed)
     state: dict               # the trainer state resumed from ({} on a fresh start)
+    skipped: Counter          # samples skipped so far, by reason (saved with every checkpoint)
 
 
 def resume_point(cfg, name):
@@ -155,7 +156,8 @@ def start_run(cfg, rt, name, loaded, state, lr, total, warmup):
         start = state["step"]
         log(rt, f"[{name}] resumed at step {start} from {ckpt}")
     os.makedirs(stage_dir(cfg, name), exist_ok=True)
-    return Run(name, ckpt, policy, tokenizer, vision, opt, sched, start, state or {})
+    return Run(name, ckpt, policy, tokenizer, vision, opt, sched, start, state or {},
+               Counter((state or {}).get("skipped", {})))
 
 
 def progress_bar(rt, run, total):
@@ -164,15 +166,16 @@ def progress_bar(rt, run, total):
 
 def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
     """After optimizer step `step` (1-based): rank 0 logs the metrics row; every save_every steps
-    and at the end the checkpoint is written (atomically), with what a resume needs."""
+    and at the end the checkpoint is written (atomically), with what a resume needs (the skip
+    counts included)."""
     if rt.main:
         append_jsonl(os.path.join(stage_dir(cfg, run.name), "metrics.jsonl"), metrics)
     if step % cfg.save_every == 0 or step == total:
         if rt.main:
             save_checkpoint(run.ckpt, unwrap(rt, run.policy).model, run.tokenizer, run.vision,
                             {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                             "rng": rng_state(), "done": step == total, "config": dataclasses.asdict(cfg),
-                             **(extra_state or {})})
+                             "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
+                             "config": dataclasses.asdict(cfg), **(extra_state or {})})
         rt.accelerator.wait_for_everyone()
 
 
@@ -191,8 +194,12 @@ def epoch_order(n, epoch, seed):
 # ---------------------------------------------------------------------------------------------
 
 def load_train_records(cfg):
+    """The training records, validated, with every media file's header checked (fail early)."""
     path = cfg.train_json or os.path.join(cfg.data_dir, "train.json")
-    return data.load_records(path, cfg.data_root or None)
+    records = data.load_records(path, cfg.data_root or None)
+    data.check_enough_records(records, cfg.batch_size, path)
+    data.check_media(records)
+    return records
 
 
 def model_input(cfg, rt, tokenizer, vision, video, question):
@@ -238,19 +245,31 @@ def tokenizer_corpus(records):
 # ---------------------------------------------------------------------------------------------
 
 def sft_target_ids(rec, tokenizer, inputs, source_size):
-    """The record's reasoning_process, boxes rescaled to the frame the model sees, ending in <|im_end|>."""
+    """The record's reasoning_process, boxes in pixels of the frame the model sees, ending in <|im_end|>."""
     if not rec.get("reasoning_process"):
-        raise data.DataError(f"record id={rec['id']}: field 'reasoning_process': missing (needed for SFT)")
-    text = data.rescale_boxes_in_text(rec["reasoning_process"], source_size, inputs.frame_size)
-    return torch.tensor(tokenizer.encode(text + data.IM_END, add_special_tokens=False))
+        raise data.DataError(f"{data.origin(rec)}: field 'reasoning_process': missing (needed for SFT)")
+    text = data.trace_to_frame_pixels(rec["reasoning_process"], source_size, inputs.frame_size, data.origin(rec))
+    return torch.tensor(model.encode_text(tokenizer, text) + [tokenizer.convert_tokens_to_ids(data.IM_END)])
 
 
 def sft_example(rec, tokenizer, vision, cfg):
     """(model input, target ids) of one record, on the CPU."""
     video = data.load_video_sample(rec, config.frames(cfg))
     inputs = model.model_input(tokenizer, vision, video, rec["question"], cfg.max_pixels or None)
-    source_size = (video.frames.shape[-1], video.frames.shape[-2])
-    return inputs, sft_target_ids(rec, tokenizer, inputs, source_size)
+    data.check_prompt_length(len(inputs), cfg.max_prompt_tokens, data.origin(rec))
+    return inputs, sft_target_ids(rec, tokenizer, inputs, video.source_size)
+
+
+def sft_examples(records, ids, tokenizer, vision, cfg, skipped):
+    """(model input, target) pairs for records[ids]; a sample whose media fails is skipped and
+    counted in `skipped` (data.skip_bad_sample stops the run past max_bad_samples)."""
+    out = []
+    for j in ids:
+        try:
+            out.append(sft_example(records[j], tokenizer, vision, cfg))
+        except data.DataError as e:
+            data.skip_bad_sample(skipped, cfg.max_bad_samples, e)
+    return out
 
 
 def sft_loss(policy, batch):
@@ -278,23 +297,27 @@ def stage_sft(cfg, rt, start_path):
     for step in bar:
         loss = sft_step(cfg, rt, run, records, step)
         bar.set_postfix(loss=f"{loss:.3f}")
-        end_step(cfg, rt, run, step + 1, total, {"step": step + 1, "loss": loss, "lr": run.sched.get_last_lr()[0]})
+        end_step(cfg, rt, run, step + 1, total, {"step": step + 1, "loss": loss, "lr": run.sched.get_last_lr()[0],
+                                                 "skipped/bad_sample": run.skipped["bad_sample"]})
     log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {ckpt}")
     return ckpt
 
 
 def sft_step(cfg, rt, run, records, step):
-    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches."""
+    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches.
+    A sample whose media fails is skipped and counted in run.skipped (data.skip_bad_sample)."""
     epoch, i = divmod(step, len(records) // cfg.batch_size)
     order = epoch_order(len(records), epoch, cfg.seed)
     batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
     micro = len(batch_ids) // cfg.grad_accum
     total_loss = 0.0
     for k in range(cfg.grad_accum):
-        batch = [sft_example(records[j], run.tokenizer, run.vision, cfg) for j in batch_ids[k * micro:(k + 1) * micro]]
+        batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
+                             run.skipped)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         with rt.accelerator.no_sync(run.policy) if k < cfg.grad_accum - 1 else nullcontext():
-            loss = sft_loss(run.policy, batch)
+            # a micro-batch left empty still runs a backward, so every rank reduces the same number
+            loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
             rt.accelerator.backward(loss / cfg.grad_accum)
         total_loss += loss.item() / cfg.grad_accum
     rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
@@ -431,7 +454,7 @@ def stage_rl(cfg, rt, start_path):
     records = load_train_records(cfg)
     rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
-    skipped, bad_in_a_row = Counter(run.state.get("skipped", {})), 0
+    bad_in_a_row = 0
     bar = progress_bar(rt, run, cfg.rl_steps)
     for step in bar:
         t0 = time.time()
@@ -443,12 +466,13 @@ def stage_rl(cfg, rt, start_path):
         t = time.time()
         losses, bad_in_a_row = rl_update(cfg, rt, run, rl.ref, groups, sd_examples, bad_in_a_row, step)
         counts.update({"time/forward_backward": time.time() - t, **losses.pop("skipped")})
-        skipped += Counter({k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")})
-        scalars = {**losses, "time/step": time.time() - t0, **{f"skipped/{k}": v for k, v in skipped.items()},
+        run.skipped.update({k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")})
+        scalars = {**losses, "time/step": time.time() - t0, **{f"skipped/{k}": v for k, v in run.skipped.items()},
                    **{k: v for k, v in counts.items() if k.startswith(("time/", "reward_skipped/"))}}
         row = rl_metrics(cfg, rt, run, step, groups, coached, scalars)
-        bar.set_postfix(reward=f"{row['reward/total']:.3f}", hard=f"{row.get('coach/hard_share', 0):.2f}")
-        end_step(cfg, rt, run, step + 1, cfg.rl_steps, row, {"skipped": dict(skipped), "reference_path": ref_path})
+        reward = row.get("reward/total", float("nan"))   # absent when every sample was skipped
+        bar.set_postfix(reward=f"{reward:.3f}", hard=f"{row.get('coach/hard_share', 0):.2f}")
+        end_step(cfg, rt, run, step + 1, cfg.rl_steps, row, {"reference_path": ref_path})
     log(rt, f"[rl] done: {cfg.rl_steps} steps -> {ckpt}")
     return ckpt
 
@@ -463,15 +487,21 @@ def step_prompt_ids(cfg, rt, n_records, step):
 
 def rl_rollouts(cfg, rt, run, rl, step):
     """Steps 1-3 of Algorithm 1 on this rank's prompts. -> (groups, SD examples, coach counters,
-    other counters: skipped/..., reward_skipped/..., time/...); a prompt too long is a None group."""
+    other counters: skipped/..., reward_skipped/..., time/...); a prompt too long, or one whose media
+    fails to decode (counted in run.skipped by data.skip_bad_sample), is a None group."""
     vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
     progress = step / max(1, cfg.rl_steps)
     groups, sd_examples, coached, counts = [], [], Counter(), Counter()
     for idx in step_prompt_ids(cfg, rt, len(rl.records), step):
         t = time.time()
         record = rl.records[idx]
-        video = data.load_video_sample(record, config.frames(cfg))
-        inputs = model_input(cfg, rt, tokenizer, vision, video, record["question"])
+        try:
+            video = data.load_video_sample(record, config.frames(cfg))
+            inputs = model_input(cfg, rt, tokenizer, vision, video, record["question"])
+        except data.DataError as e:  # a file that passed the header check but fails to decode
+            data.skip_bad_sample(run.skipped, cfg.max_bad_samples, e)
+            groups.append(None)
+            continue
         if len(inputs) > cfg.max_prompt_tokens:
             counts["skipped/prompt_too_long"] += 1
             groups.append(None)
