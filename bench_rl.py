@@ -63,6 +63,7 @@ QUESTIONS = [QUESTION, "What colour is the box?", "When does the red ball first 
              "Which object moves faster?", "Where is the ball at the end of the video, and what is next to it?",
              "How many times does the ball bounce?", "What happens after the ball stops rolling at the wall?",
              "Is the box left of the ball?"]
+MULTI_PATHS = ("batched", "one", "plain")    # multi-prompt mode's paths
 
 
 def parse_args(argv=None):
@@ -78,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     p.add_argument("--prompts", type=int, default=1, help="P > 1: a whole step over P prompts, three paths")
     p.add_argument("--logprob_batch", type=int, default=0, help="groups per forward on the batched path (0: all P)")
+    p.add_argument("--paths", default=",".join(MULTI_PATHS), help="multi-prompt mode: which paths to run")
     p.add_argument("--eval_prompts", type=int, default=0, help="N > 0: eval-style greedy decoding of N STGR prompts")
     p.add_argument("--max_new", type=int, default=128, help="eval mode: max new tokens (eval.py's default)")
     p.add_argument("--model", default="", help="eval mode: a checkpoint directory (default: random tiny model)")
@@ -273,7 +275,6 @@ def main_single(args):
 # Multi-prompt mode: a whole RL step over P prompts x G, batched / one prompt at a time / plain
 # ---------------------------------------------------------------------------------------------
 
-MULTI_PATHS = ("batched", "one", "plain")
 PARTS = ("generate", "reference", "policy_fwd_bwd", "optimizer")
 
 
@@ -378,12 +379,17 @@ def main_multi(args):
               f"{args.size}x{args.size}); G = {args.group}, completions of {args.completion} tokens (no stop); "
               f"{args.layers} layers x {args.hidden} wide; logprob_batch {args.logprob_batch or args.prompts}; "
               f"device {args.device}, {args.threads} threads, median of {args.repeats} steps after 1 warm-up")
-        res = {path: run_child(path, workdir) for path in MULTI_PATHS}
+        res = {}
+        for path in args.paths.split(","):
+            res[path] = run_child(path, workdir)
+            print(json.dumps(res[path]), flush=True)          # partial results survive a timeout
     print("\n| path | step s | generate s | reference s | policy fwd+bwd s | optimizer s | step CPU s "
           "| gen tok/s | step tok/s | peak MiB | loss |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res.values():
         print(f"| {r['path']} | {r['step']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in PARTS) +
               f" | {r['cpu']:.1f} | {r['gen_tok_s']:.0f} | {r['step_tok_s']:.0f} | {r['peak_mib']:.0f} | {r['loss']:.9g} |")
+    if set(res) != set(MULTI_PATHS):
+        return
     b = res["batched"]
     for other in ("one", "plain"):
         o = res[other]

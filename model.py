@@ -463,8 +463,8 @@ def chunks(items, n):
 
 
 def pad_prompts(prompts):
-    """List of Prompt -> PromptBatch. The filler id 0 is masked out of attention and rope, and is
-    never an image id, so the vision tower's placeholder count is unchanged."""
+    """List of Prompt -> PromptBatch. The filler id 0 (<|endoftext|> in our tokenizer, '!' in Qwen's)
+    is masked out of attention and rope, and is not an image id, so the placeholder count holds."""
     B, L = len(prompts), max(len(p) for p in prompts)
     device = prompts[0].input_ids.device
     ids = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -560,13 +560,15 @@ def generate_batch(model, prompts, num_samples, sampling, generators=None):
     (ids (G, C_i), mask (G, C_i), truncated (G,)) per prompt, as generate returns for that prompt.
     """
     P, G, S = len(prompts), num_samples, sampling
+    # 1. Prefill every prompt once, then give each prompt's cache its G rows.
     batch = pad_prompts(prompts)
     cache, last_hidden, starts = prompt_batch_forward(model, batch)
     device = last_hidden.device
-    live = torch.arange(P * G, device=device)                              # (R,) global row ids still decoding
-    cache.reorder_cache(live // G)                                         # each prompt's cache to its G rows
+    live = torch.arange(P * G, device=device)                              # (R,) global ids of rows still decoding
+    cache.reorder_cache(live // G)
     attn = batch.attention_mask[live // G]                                 # (R, L)
     logits = model.lm_head(last_hidden)[live // G]                         # (R, V)
+    # 2. Decode: per-row stops; a prompt whose rows have all stopped leaves the batch.
     out = torch.full((P * G, S.max_new_tokens), S.pad_id, dtype=torch.long, device=device)
     lengths = torch.full((P * G,), S.max_new_tokens, device=device)
     done = torch.zeros(P * G, dtype=torch.bool, device=device)
@@ -588,7 +590,7 @@ def generate_batch(model, prompts, num_samples, sampling, generators=None):
             steps[p] = step + 1
         if bool(finished.all()) or step == S.max_new_tokens - 1:
             break
-        if bool(finished.any()):                                           # drop finished prompts' rows
+        if bool(finished.any()):
             keep = (~finished).repeat_interleave(G).nonzero().squeeze(1)
             cache.reorder_cache(keep)
             live, attn, nxt = live[keep], attn[keep], nxt[keep]
@@ -596,13 +598,15 @@ def generate_batch(model, prompts, num_samples, sampling, generators=None):
         h = model.model.language_model(input_ids=nxt[:, None], attention_mask=attn, cache=cache, use_cache=True,
                                        position_ids=_row_positions(starts[live // G], step, 1)).last_hidden_state
         logits = model.lm_head(h[:, -1])
-    result = []
-    for p in range(P):
-        rows = slice(p * G, (p + 1) * G)
-        ids = out[rows, :steps[p]]
-        mask = torch.arange(steps[p], device=device)[None] < lengths[rows, None]
-        result.append((ids, mask, ~done[rows]))
-    return result
+    # 3. Each prompt's rows, cut where it stopped; masks from lengths (the pad id may be a stop id).
+    return [_group_result(out[p * G:(p + 1) * G, :steps[p]], lengths[p * G:(p + 1) * G], done[p * G:(p + 1) * G])
+            for p in range(P)]
+
+
+def _group_result(ids, lengths, done):
+    """ids (G, C), lengths (G,), done (G,) -> (ids, mask (G, C) bool, truncated (G,)), as generate returns."""
+    mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+    return ids, mask, ~done
 
 
 def generate_groups(model, prompts, num_samples, sampling, generators=None, batch_prompts=1):
