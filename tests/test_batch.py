@@ -141,16 +141,18 @@ def test_logprob_chunks_and_module_modes_agree(sharp, prompts):
         torch.testing.assert_close(d, a, atol=1e-5, rtol=1e-5)
 
 
-def test_pad_prompts_lines_up_last_tokens_and_positions(sharp, prompts):
+def test_prefill_rows_holds_each_prompts_own_cache_right_aligned(sharp, prompts):
     model, _, _ = sharp
-    batch = M.pad_prompts(prompts)
-    L = batch.input_ids.shape[1]
-    for b, p in enumerate(prompts):
-        assert torch.equal(batch.input_ids[b, L - len(p):], p.input_ids)
-        assert int(batch.attention_mask[b].sum()) == len(p) and not batch.attention_mask[b, :L - len(p)].any()
+    repeats = [2, 1, 3, 1]
     with torch.no_grad():
-        _, last, starts = M.prompt_batch_forward(model, batch)
-        for b, p in enumerate(prompts):
-            out, start = M.prompt_forward(model, p)
-            assert int(starts[b]) == start
-            torch.testing.assert_close(last[b], out.last_hidden_state[0, -1], atol=1e-5, rtol=1e-5)
+        cache, mask, last, starts = M.prefill_rows(model, prompts, repeats)
+        L, r = max(len(p) for p in prompts), 0
+        assert mask.shape == (sum(repeats), L) and len(last) == len(starts) == sum(repeats)
+        for p, n in zip(prompts, repeats):
+            own, own_last, own_start = M._prefill(model, p, grad=False)
+            for row in range(r, r + n):
+                assert mask[row].tolist() == [0] * (L - len(p)) + [1] * len(p)
+                assert int(starts[row]) == own_start and torch.equal(last[row], own_last[0])
+                for (k, v, _), (k1, v1, _) in zip(cache, own):
+                    assert torch.equal(k[row, :, L - len(p):], k1[0]) and torch.equal(v[row, :, L - len(p):], v1[0])
+            r += n
