@@ -51,10 +51,19 @@ class TinyModelConfig:
     vision_depth: int = 2
     vision_heads: int = 3
     frame_pixels: int = 112 * 112  # per-frame pixel budget written to preprocessor_config.json
+    patch_size: int = 14          # vision patch side in pixels (merged 2x2 into one token)
+    value_tokens: int = 0         # > 0: one token per integer 0..value_tokens-1 (a coordinate is one
+                                  # token, not one per digit); 0: Qwen's single-digit split
 
 
-def build_tokenizer(texts, vocab_size=1024):
-    """Byte-level BPE with Qwen's split rule and special tokens, trained on `texts`."""
+def build_tokenizer(texts, vocab_size=1024, value_tokens=0):
+    """Byte-level BPE with Qwen's split rule and special tokens, trained on `texts`.
+
+    value_tokens > 0 adds the integers 0..value_tokens-1 as whole tokens. Added tokens are matched
+    before the split rule, longest first, so "[12,105,40,58]" reads as [ 12 , 105 , 40 , 58 ]: a
+    box costs four value tokens to write. The text is unchanged; a real checkpoint keeps its own
+    tokenizer.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -68,6 +77,7 @@ def build_tokenizer(texts, vocab_size=1024):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.add_tokens(GROUNDING_TAGS)  # one token per tag: cheap to learn, still plain text on decode
+    fast.add_tokens([str(v) for v in range(value_tokens)])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -80,7 +90,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
     """Train the tokenizer on `texts`, build a random tiny Qwen2.5-VL, save everything to out_dir."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(texts, cfg.vocab_size)
+    tokenizer = build_tokenizer(texts, cfg.vocab_size, cfg.value_tokens)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = cfg.hidden_size // cfg.num_heads
     config = Qwen2_5_VLConfig(
@@ -93,7 +103,7 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
                          bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]),
         vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
                            num_heads=cfg.vision_heads, intermediate_size=2 * cfg.vision_hidden_size,
-                           out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+                           out_hidden_size=cfg.hidden_size, patch_size=cfg.patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[cfg.vision_depth - 1],
                            tokens_per_second=2),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
@@ -105,7 +115,7 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    VisionProcessor(max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
+    VisionProcessor(patch_size=cfg.patch_size, max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
     return model, tokenizer
 
 
