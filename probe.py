@@ -65,7 +65,9 @@ class ProbeConfig:
     vision_depth: int = 2
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
+    eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
     eval_frames: int = 100        # held-out frames per task
+    log_every: int = 25           # steps between training-loss lines (per task)
     save: bool = False            # save the trained model to {out}/model (safetensors)
     threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
 
@@ -281,7 +283,9 @@ def make_optimizer(cfg, model):
 
 
 def train_step(model, opt, sched, batch, grad_clip):
-    """One optimizer step on a list of (prompt, target ids) -> mean loss per target token."""
+    """One optimizer step on a list of (prompt, target ids).
+
+    Returns (mean loss per target token, each sample's mean loss per token)."""
     logps = M.plain_logprobs(model, [p for p, _ in batch], [t for _, t in batch])
     loss = -sum(lp.sum() for lp in logps) / sum(len(t) for _, t in batch)
     opt.zero_grad(set_to_none=True)
@@ -289,7 +293,7 @@ def train_step(model, opt, sched, batch, grad_clip):
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     sched.step()
-    return loss.item()
+    return loss.item(), [-lp.mean().item() for lp in logps]
 
 
 def write_plot(curve, path):
@@ -323,15 +327,18 @@ def run(cfg, log=print):
     log(f"[probe] {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
     opt, sched = make_optimizer(cfg, model)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
-    curve, train_s, next_eval, step, losses = [], 0.0, 0.0, 0, []
+    curve, train_s, cpu_s, next_eval, step, losses = [], 0.0, 0.0, 0.0, 0, []
+    task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
     while True:
         done = train_s >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
-        if train_s >= next_eval or done:
+        due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else train_s >= next_eval
+        if due or done:
             model.eval()
             t0 = time.time()
             m = evaluate(model, tokenizer, vision, evalset, cfg.prompt)
             model.train()
             row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(train_s, 1),
+                   "cpu_s": round(cpu_s, 1),
                    "loss": round(sum(losses) / max(len(losses), 1), 4), "eval_s": round(time.time() - t0, 1),
                    "load": round(os.getloadavg()[0], 2), **{k: round(v, 4) for k, v in m.items() if k != "examples"}}
             curve.append(row)
@@ -342,14 +349,24 @@ def run(cfg, log=print):
             next_eval = train_s + cfg.eval_every
         if done:
             break
-        t0 = time.time()
-        batch = [encode(training_sample(rng, cfg, step), tokenizer, vision, cfg.prompt)
-                 for _ in range(cfg.batch_size)]
-        losses.append(train_step(model, opt, sched, batch, cfg.grad_clip))
+        t0, c0 = time.time(), time.process_time()
+        samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
+        batch = [encode(s, tokenizer, vision, cfg.prompt) for s in samples]
+        loss, per_sample = train_step(model, opt, sched, batch, cfg.grad_clip)
+        losses.append(loss)
+        for s, v in zip(samples, per_sample):
+            task_loss[s.task].append(v)
         step += 1
         train_s += time.time() - t0
-    log(f"[probe] {step} steps in {train_s:.0f}s training: {train_s / max(step, 1):.2f} s/step")
-    result = {"config": dataclasses.asdict(cfg), "s_per_step": train_s / max(step, 1), "curve": curve}
+        cpu_s += time.process_time() - c0
+        if step % cfg.log_every == 0:
+            mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
+            log(f"[probe] step {step:5d} {train_s:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f}")
+            task_loss = {"find": [], "marked": []}
+    log(f"[probe] {step} steps in {train_s:.0f}s training: {train_s / max(step, 1):.2f} s/step wall, "
+        f"{cpu_s / max(step, 1):.2f} s/step of process CPU time")
+    result = {"config": dataclasses.asdict(cfg), "s_per_step": train_s / max(step, 1),
+              "cpu_s_per_step": cpu_s / max(step, 1), "curve": curve}
     with open(os.path.join(cfg.out, "curve.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_plot(curve, os.path.join(cfg.out, "curve.png"))
