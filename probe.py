@@ -311,6 +311,8 @@ def write_plot(curve, path):
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out, greedy")
+    load = sum(r["load"] for r in curve) / len(curve)
+    fig.suptitle(f"{curve[-1]['samples']} samples; mean 1-min load average at evaluations {load:.1f}", fontsize=9)
     axes[0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
