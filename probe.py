@@ -1,8 +1,8 @@
 """Perception probe: how fast can the tiny model learn to find and name objects in one frame?
 
-    python probe.py                                         # the recipe: 5 minutes of training
-    python probe.py --train_seconds=60 --out=runs/probe_1m  # a first look
-    python probe.py --train_seconds=1800 --save=true        # the long fallback, saves the model
+    python probe.py                                         # 5 minutes of training, eval every 30 s
+    python probe.py --max_steps=400 --train_seconds=1e9 --eval_steps=100   # by steps (busy machine)
+    python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model
 
 Owns: single synthetic frames rendered in memory (synth.py's world: shapes on grey, fresh samples
 every step), two perception tasks in the project's output grammar, a plain next-token training
@@ -58,7 +58,7 @@ class ProbeConfig:
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"         # short (the frame and the question) | full (the SFT layout)
     # model (model.TinyModelConfig fields)
-    value_tokens: int = 0         # > 0: one token per integer 0..value_tokens-1; 0: one per digit
+    value_tokens: int = 113       # > 0: one token per integer 0..value_tokens-1; 0: one per digit
     patch_size: int = 14          # 7 gives 4x the image tokens of 14 on the same frame
     frame_pixels: int = 112 * 112
     vision_hidden_size: int = 96
