@@ -319,59 +319,70 @@ def write_plot(curve, path):
     plt.close(fig)
 
 
+def eval_row(model, tokenizer, vision, evalset, cfg, step, clock, losses):
+    """One point of the curve: held-out metrics plus where training stands."""
+    model.eval()
+    t0 = time.time()
+    m = evaluate(model, tokenizer, vision, evalset, cfg.prompt)
+    model.train()
+    row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
+           "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
+           "eval_s": round(time.time() - t0, 1), "load": round(os.getloadavg()[0], 2),
+           **{k: round(v, 4) for k, v in m.items() if k != "examples"}}
+    return row, m["examples"]
+
+
+def save_curve(cfg, curve, clock, step):
+    """curve.json and curve.png, rewritten at every evaluation so a stopped run keeps its curve."""
+    result = {"config": dataclasses.asdict(cfg), "s_per_step": clock["wall"] / max(step, 1),
+              "cpu_s_per_step": clock["cpu"] / max(step, 1), "curve": curve}
+    with open(os.path.join(cfg.out, "curve.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_plot(curve, os.path.join(cfg.out, "curve.png"))
+    return result
+
+
 def run(cfg, log=print):
     """Train for the budget, evaluating every cfg.eval_every training seconds. -> the curve."""
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, tokenizer, vision = build_model(cfg, os.path.join(cfg.out, "model"))
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"[probe] {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
+    log(f"[probe] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
     opt, sched = make_optimizer(cfg, model)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
-    curve, train_s, cpu_s, next_eval, step, losses = [], 0.0, 0.0, 0.0, 0, []
+    curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
     task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
     while True:
-        done = train_s >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
-        due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else train_s >= next_eval
+        done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
+        due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
         if due or done:
-            model.eval()
-            t0 = time.time()
-            m = evaluate(model, tokenizer, vision, evalset, cfg.prompt)
-            model.train()
-            row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(train_s, 1),
-                   "cpu_s": round(cpu_s, 1),
-                   "loss": round(sum(losses) / max(len(losses), 1), 4), "eval_s": round(time.time() - t0, 1),
-                   "load": round(os.getloadavg()[0], 2), **{k: round(v, 4) for k, v in m.items() if k != "examples"}}
+            row, examples = eval_row(model, tokenizer, vision, evalset, cfg, step, clock, losses)
             curve.append(row)
-            losses = []
-            log(f"[probe] step {step:5d} {train_s:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
+            result = save_curve(cfg, curve, clock, step)
+            losses, next_eval = [], clock["wall"] + cfg.eval_every
+            log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
-                f"parsed {row['parsed']:.2f} (eval {row['eval_s']}s, load {row['load']}) e.g. {m['examples'][0]!r}")
-            next_eval = train_s + cfg.eval_every
+                f"parsed {row['parsed']:.2f} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
         if done:
             break
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
-        batch = [encode(s, tokenizer, vision, cfg.prompt) for s in samples]
-        loss, per_sample = train_step(model, opt, sched, batch, cfg.grad_clip)
+        loss, per_sample = train_step(model, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
+                                      cfg.grad_clip)
+        clock["wall"] += time.time() - t0
+        clock["cpu"] += time.process_time() - c0
         losses.append(loss)
         for s, v in zip(samples, per_sample):
             task_loss[s.task].append(v)
         step += 1
-        train_s += time.time() - t0
-        cpu_s += time.process_time() - c0
         if step % cfg.log_every == 0:
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
-            log(f"[probe] step {step:5d} {train_s:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f}")
+            log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f}")
             task_loss = {"find": [], "marked": []}
-    log(f"[probe] {step} steps in {train_s:.0f}s training: {train_s / max(step, 1):.2f} s/step wall, "
-        f"{cpu_s / max(step, 1):.2f} s/step of process CPU time")
-    result = {"config": dataclasses.asdict(cfg), "s_per_step": train_s / max(step, 1),
-              "cpu_s_per_step": cpu_s / max(step, 1), "curve": curve}
-    with open(os.path.join(cfg.out, "curve.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    write_plot(curve, os.path.join(cfg.out, "curve.png"))
+    log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
+        f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
     if cfg.save:
         model.save_pretrained(os.path.join(cfg.out, "model"))
     return result
