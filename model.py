@@ -54,6 +54,8 @@ class TinyModelConfig:
     patch_size: int = 14          # vision patch side in pixels (merged 2x2 into one token)
     value_tokens: int = 0         # > 0: one token per integer 0..value_tokens-1 (a coordinate is one
                                   # token, not one per digit); 0: Qwen's single-digit split
+    value_init: str = "ordinal"   # value tokens' embedding rows: ordinal (nearby values alike) | random
+    value_freqs: int = 32         # ordinal init: cosine frequencies (kernel width ~ value_tokens / this)
 
 
 def build_tokenizer(texts, vocab_size=1024, value_tokens=0):
@@ -110,6 +112,14 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
         tie_word_embeddings=True)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    if cfg.value_tokens and cfg.value_init == "ordinal":
+        rows = tokenizer.convert_tokens_to_ids([str(v) for v in range(cfg.value_tokens)])
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[rows] = ordinal_embeddings(cfg.value_tokens, cfg.hidden_size, cfg.value_freqs,
+                                           emb.norm(dim=1).mean().item())
+    elif cfg.value_init not in ("ordinal", "random"):
+        raise ValueError(f"TinyModelConfig.value_init={cfg.value_init!r}: expected ordinal or random")
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
     os.makedirs(out_dir, exist_ok=True)
@@ -117,6 +127,23 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
     tokenizer.save_pretrained(out_dir)
     VisionProcessor(patch_size=cfg.patch_size, max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
     return model, tokenizer
+
+
+def ordinal_embeddings(n, dim, freqs, norm):
+    """Embedding rows for the values 0..n-1 in which nearby values are alike: (n, dim).
+
+    Row v is a cosine basis, cos(pi f (v + 1/2) / n) for f = 1..freqs (half periods, so 0 and n-1
+    are not neighbours), placed in a random freqs-dimensional subspace and scaled to `norm`. The
+    embeddings are tied, so a hidden state aligned with value u gives logits that peak at u and
+    fall off with |v - u|: the head starts ordinal instead of learning n unrelated classes.
+    """
+    v = torch.arange(n, dtype=torch.float32) + 0.5
+    f = torch.arange(1, freqs + 1, dtype=torch.float32)
+    basis = torch.cos(torch.pi * v[:, None] * f[None] / n)                  # (n, freqs)
+    basis = basis - basis.mean(0)
+    q, _ = torch.linalg.qr(torch.randn(dim, freqs))                         # (dim, freqs) orthonormal
+    rows = basis @ q.T                                                      # (n, dim)
+    return rows * norm / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 def _mrope_section(head_dim):
@@ -331,13 +358,9 @@ def shared_prefix_logprobs(model, prompt, completions):
     return _token_logprobs(model, hidden, completions)
 
 
-def plain_logprobs(model, prompts, completions):
-    """Reference path: each (prompt, completion) row is its own full sequence, right-padded.
-
-    prompts: list of B Prompt; completions: list of B 1-D id tensors (lengths may differ).
-    Returns a list of B tensors of per-token log-probs, one per completion token.
-    Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
-    """
+def plain_hidden(model, prompts, completions):
+    """Each (prompt, completion) row as its own right-padded sequence -> B tensors (len(c), D):
+    the last hidden states at the positions that predict each completion token."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     L, B = max(lengths), len(prompts)
     device = prompts[0].input_ids.device
@@ -354,11 +377,19 @@ def plain_logprobs(model, prompts, completions):
                       pixel_values=torch.cat([p.pixel_values for p in prompts]), image_grid_thw=grid,
                       mm_token_type_ids=types, use_cache=False)
     hidden = out.last_hidden_state                                          # (B, L, D)
-    result = []
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        h = hidden[b, len(p) - 1: len(p) - 1 + len(c)]                      # positions that predict c
-        result.append(_token_logprobs(model, h, c))
-    return result
+    # the positions that predict each completion
+    return [hidden[b, len(p) - 1: len(p) - 1 + len(c)] for b, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def plain_logprobs(model, prompts, completions):
+    """Reference path: each (prompt, completion) row is its own full sequence, right-padded.
+
+    prompts: list of B Prompt; completions: list of B 1-D id tensors (lengths may differ).
+    Returns a list of B tensors of per-token log-probs, one per completion token.
+    Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
+    """
+    hidden = plain_hidden(model, prompts, completions)
+    return [_token_logprobs(model, h, c) for h, c in zip(hidden, completions)]
 
 
 class LogProbModule(torch.nn.Module):

@@ -57,8 +57,12 @@ class ProbeConfig:
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"         # short (the frame and the question) | full (the SFT layout)
+    background: str = "flat"      # flat grey (synth.py) | gradient (colour says where a pixel is)
+    value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
     # model (model.TinyModelConfig fields)
     value_tokens: int = 113       # > 0: one token per integer 0..value_tokens-1; 0: one per digit
+    value_init: str = "ordinal"   # ordinal (nearby values have nearby embeddings) | random
+    num_layers: int = 4           # text layers
     patch_size: int = 14          # 7 gives 4x the image tokens of 14 on the same frame
     frame_pixels: int = 112 * 112
     vision_hidden_size: int = 96
@@ -72,7 +76,7 @@ class ProbeConfig:
     threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
 
 
-CHOICES = {"prompt": ("short", "full")}
+CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
 FIND_Q, MARKED_Q = "Where is the {}?", "Which object is marked?"
 
@@ -105,7 +109,17 @@ def parse_args(argv):
 # Frames and samples
 # ---------------------------------------------------------------------------------------------
 
-def sample_frame(rng, n_distractors):
+def gradient_background(size):
+    """uint8 (3, H, W): red grows left to right, blue top to bottom, green fixed."""
+    ramp = torch.arange(size, dtype=torch.float32) / size
+    bg = torch.empty(3, size, size)
+    bg[0] = 96 + 64 * ramp[None, :]
+    bg[1] = 128
+    bg[2] = 96 + 64 * ramp[:, None]
+    return bg.round().to(torch.uint8)
+
+
+def sample_frame(rng, n_distractors, background="flat"):
     """One 112x112 frame: a target and up to n distractors, all names distinct, boxes 3 px apart.
 
     Returns (uint8 (3, H, W), shapes); shapes[0] is the target (drawn on top).
@@ -120,7 +134,11 @@ def sample_frame(rng, n_distractors):
                 shapes.append(synth.Shape(kind, radius, pos, [colour], one))
                 break
     scene = synth.Scene(1 / synth.FPS, shapes, "", (0.0, 0.0), "", False, 0)  # one frame
-    return synth.render(scene)[0], shapes
+    frame = synth.render(scene)[0]
+    if background == "gradient":  # no object colour is flat grey
+        grey = (frame == synth.BACKGROUND).all(0)
+        frame = torch.where(grey, gradient_background(synth.SIZE), frame)
+    return frame, shapes
 
 
 @dataclass
@@ -133,7 +151,7 @@ class Sample:
 
 
 def make_sample(rng, cfg, task, n_distractors):
-    frame, shapes = sample_frame(rng, n_distractors)
+    frame, shapes = sample_frame(rng, n_distractors, cfg.background)
     target = shapes[0]
     name, box = target.name(0), target.box(0)
     if task == "find":
@@ -261,7 +279,8 @@ def tokenizer_corpus(seed=0, n=400):
 
 
 def build_model(cfg, out_dir):
-    mc = M.TinyModelConfig(value_tokens=cfg.value_tokens, patch_size=cfg.patch_size,
+    mc = M.TinyModelConfig(value_tokens=cfg.value_tokens, value_init=cfg.value_init, num_layers=cfg.num_layers,
+                           patch_size=cfg.patch_size,
                            frame_pixels=cfg.frame_pixels, vision_hidden_size=cfg.vision_hidden_size,
                            vision_depth=cfg.vision_depth)
     if mc.vision_hidden_size % mc.vision_heads:
@@ -282,18 +301,46 @@ def make_optimizer(cfg, model):
     return opt, sched
 
 
-def train_step(model, opt, sched, batch, grad_clip):
+def value_targets(tokenizer, n, sigma):
+    """(token id -> value, soft targets (n, n)): row u is a Gaussian over values around u."""
+    ids = tokenizer.convert_tokens_to_ids([str(v) for v in range(n)])
+    v = torch.arange(n, dtype=torch.float32)
+    soft = torch.softmax(-(v[:, None] - v[None]) ** 2 / (2 * sigma ** 2), dim=1)  # (n, n)
+    return {i: k for k, i in enumerate(ids)}, torch.tensor(ids), soft
+
+
+def token_losses(model, batch, values=None):
+    """Per-sample, per-token losses (list of 1-D tensors): next-token NLL, or with `values`
+    (value_targets' result) cross-entropy to a soft target over nearby values at value tokens."""
+    prompts, targets = [p for p, _ in batch], [t for _, t in batch]
+    if values is None:
+        return [-lp for lp in M.plain_logprobs(model, prompts, targets)]
+    value_of, ids, soft = values
+    out = []
+    for h, t in zip(M.plain_hidden(model, prompts, targets), targets):
+        logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)                # (C, V)
+        nll = -logp.gather(1, t[:, None])[:, 0]                                   # (C,)
+        at = [k for k, tok in enumerate(t.tolist()) if tok in value_of]
+        if at:
+            q = soft[[value_of[t[k].item()] for k in at]]                          # (n_at, n)
+            soft_ce = -(q * logp[at][:, ids]).sum(1)
+            nll = nll.index_put((torch.tensor(at),), soft_ce)
+        out.append(nll)
+    return out
+
+
+def train_step(model, opt, sched, batch, grad_clip, values=None):
     """One optimizer step on a list of (prompt, target ids).
 
     Returns (mean loss per target token, each sample's mean loss per token)."""
-    logps = M.plain_logprobs(model, [p for p, _ in batch], [t for _, t in batch])
-    loss = -sum(lp.sum() for lp in logps) / sum(len(t) for _, t in batch)
+    losses = token_losses(model, batch, values)
+    loss = sum(l.sum() for l in losses) / sum(len(t) for _, t in batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     sched.step()
-    return loss.item(), [-lp.mean().item() for lp in logps]
+    return loss.item(), [l.mean().item() for l in losses]
 
 
 def write_plot(curve, path):
@@ -352,6 +399,7 @@ def run(cfg, log=print):
         f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
     opt, sched = make_optimizer(cfg, model)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
+    values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
     task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
     while True:
@@ -370,7 +418,7 @@ def run(cfg, log=print):
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         loss, per_sample = train_step(model, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
-                                      cfg.grad_clip)
+                                      cfg.grad_clip, values)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         losses.append(loss)

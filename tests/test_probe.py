@@ -93,3 +93,35 @@ def test_bad_argument_names_the_field():
         probe.parse_args(["--patch_size=big"])
     with pytest.raises(SystemExit, match="marks"):
         probe.parse_args(["--marks=frame_numbers"])
+
+
+def test_ordinal_value_init_puts_neighbouring_values_closer(tmp_path):
+    texts = probe.tokenizer_corpus(n=20)
+    cfg = M.TinyModelConfig(vocab_size=400, value_tokens=113)
+    M.build_tiny_model(str(tmp_path / "ordinal"), texts, cfg)
+    model, tok, _ = M.load_policy(str(tmp_path / "ordinal"))  # the init survives saving, tied head too
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    emb = model.get_input_embeddings().weight.detach()
+    rows = emb[tok.convert_tokens_to_ids([str(v) for v in range(113)])]
+    dist = torch.cdist(rows, rows)                                          # (113, 113)
+    for v in range(1, 112):
+        far = torch.cat([dist[v, :max(v - 6, 0)], dist[v, v + 7:]])
+        assert dist[v, v - 1] < far.min() and dist[v, v + 1] < far.min()
+    assert dist[0, 112] > dist[0, 1]                                        # the ends are not neighbours
+    others = emb[[i for i in range(len(emb)) if i not in set(tok.convert_tokens_to_ids([str(v) for v in range(113)]))]]
+    assert rows.norm(dim=1).mean() == pytest.approx(others.norm(dim=1).mean().item(), rel=0.1)
+    cfg.value_init = "random"
+    M.build_tiny_model(str(tmp_path / "random"), texts, cfg)
+    model, tok, _ = M.load_policy(str(tmp_path / "random"))
+    rows = model.get_input_embeddings().weight.detach()[tok.convert_tokens_to_ids([str(v) for v in range(113)])]
+    dist = torch.cdist(rows, rows)
+    near, far = dist[torch.arange(112), torch.arange(1, 113)].mean(), dist[torch.arange(83), torch.arange(30, 113)].mean()
+    assert near > 0.9 * far                                                 # random rows: no order
+
+
+def test_soft_value_targets_peak_at_the_value_and_spread_to_neighbours():
+    tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
+    value_of, ids, soft = probe.value_targets(tok, 113, 2.0)
+    assert value_of[tok.convert_tokens_to_ids("40")] == 40 and ids[40] == tok.convert_tokens_to_ids("40")
+    assert torch.allclose(soft.sum(1), torch.ones(113))
+    assert soft[40].argmax() == 40 and soft[40, 39] == soft[40, 41] > soft[40, 44] > soft[40, 60]
