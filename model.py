@@ -132,18 +132,22 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
 def ordinal_embeddings(n, dim, freqs, norm):
     """Embedding rows for the values 0..n-1 in which nearby values are alike: (n, dim).
 
-    Row v is a cosine basis, cos(pi f (v + 1/2) / n) for f = 1..freqs (half periods, so 0 and n-1
-    are not neighbours), placed in a random freqs-dimensional subspace and scaled to `norm`. The
-    embeddings are tied, so a hidden state aligned with value u gives logits that peak at u and
-    fall off with |v - u|: the head starts ordinal instead of learning n unrelated classes.
+    Row v holds x and -x^2/2 for x = v scaled to [-1, 1], and cos(pi f (v + 1/2) / n) for
+    f = 1..freqs (half periods, so 0 and n-1 are not neighbours), in a random (freqs + 2)-dim
+    subspace, scaled to `norm`. The embeddings are tied, so a hidden state h gives value logits
+    h . e_v: with h = k (u, 1, ...) the first two give -k (x_v - x_u)^2 / 2, a bump at u from a
+    hidden state linear in u; the cosines can sharpen it. The head starts ordinal instead of
+    learning n unrelated classes.
     """
     v = torch.arange(n, dtype=torch.float32) + 0.5
+    x = 2 * v / n - 1
     f = torch.arange(1, freqs + 1, dtype=torch.float32)
-    basis = torch.cos(torch.pi * v[:, None] * f[None] / n)                  # (n, freqs)
+    cos = torch.cos(torch.pi * v[:, None] * f[None] / n) / freqs ** 0.5     # (n, freqs)
+    basis = torch.cat([x[:, None], -x[:, None] ** 2 / 2, cos], dim=1)       # (n, freqs + 2)
     basis = basis - basis.mean(0)
-    q, _ = torch.linalg.qr(torch.randn(dim, freqs))                         # (dim, freqs) orthonormal
+    q, _ = torch.linalg.qr(torch.randn(dim, freqs + 2))                     # (dim, freqs + 2) orthonormal
     rows = basis @ q.T                                                      # (n, dim)
-    return rows * norm / rows.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return rows * norm / rows.norm(dim=1, keepdim=True).mean()
 
 
 def _mrope_section(head_dim):
