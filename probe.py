@@ -57,7 +57,7 @@ class ProbeConfig:
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"         # short (the frame and the question) | full (the SFT layout)
-    background: str = "flat"      # flat grey (synth.py) | gradient (colour says where a pixel is)
+    background: str = "flat"      # flat grey | gradient (colour says where a pixel is; synth.render)
     value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
     # model (model.TinyModelConfig fields)
     value_tokens: int = 113       # > 0: one token per integer 0..value_tokens-1; 0: one per digit
@@ -109,16 +109,6 @@ def parse_args(argv):
 # Frames and samples
 # ---------------------------------------------------------------------------------------------
 
-def gradient_background(size):
-    """uint8 (3, H, W): red grows left to right, blue top to bottom, green fixed."""
-    ramp = torch.arange(size, dtype=torch.float32) / size
-    bg = torch.empty(3, size, size)
-    bg[0] = 96 + 64 * ramp[None, :]
-    bg[1] = 128
-    bg[2] = 96 + 64 * ramp[:, None]
-    return bg.round().to(torch.uint8)
-
-
 def sample_frame(rng, n_distractors, background="flat"):
     """One 112x112 frame: a target and up to n distractors, all names distinct, boxes 3 px apart.
 
@@ -134,11 +124,7 @@ def sample_frame(rng, n_distractors, background="flat"):
                 shapes.append(synth.Shape(kind, radius, pos, [colour], one))
                 break
     scene = synth.Scene(1 / synth.FPS, shapes, "", (0.0, 0.0), "", False, 0)  # one frame
-    frame = synth.render(scene)[0]
-    if background == "gradient":  # no object colour is flat grey
-        grey = (frame == synth.BACKGROUND).all(0)
-        frame = torch.where(grey, gradient_background(synth.SIZE), frame)
-    return frame, shapes
+    return synth.render(scene, background)[0], shapes
 
 
 @dataclass

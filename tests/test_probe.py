@@ -125,3 +125,17 @@ def test_soft_value_targets_peak_at_the_value_and_spread_to_neighbours():
     assert value_of[tok.convert_tokens_to_ids("40")] == 40 and ids[40] == tok.convert_tokens_to_ids("40")
     assert torch.allclose(soft.sum(1), torch.ones(113))
     assert soft[40].argmax() == 40 and soft[40, 39] == soft[40, 41] > soft[40, 44] > soft[40, 60]
+
+
+def test_gradient_background_says_where_and_leaves_objects_alone():
+    flat, shapes = probe.sample_frame(random.Random(3), 3)
+    grad, _ = probe.sample_frame(random.Random(3), 3, "gradient")
+    grey = (flat == synth.BACKGROUND).all(0)                                # (H, W) background pixels
+    assert torch.equal(flat[:, ~grey], grad[:, ~grey]) and grey.float().mean() > 0.5
+    bg = synth.gradient_background()
+    assert torch.equal(grad[:, grey], bg[:, grey])
+    assert (bg[0, :, 1:] >= bg[0, :, :-1]).all() and bg[0, 0, -1] - bg[0, 0, 0] > 50   # red grows with x
+    assert (bg[2, 1:] >= bg[2, :-1]).all() and bg[2, -1, 0] - bg[2, 0, 0] > 50         # blue with y
+    assert (bg[0] == bg[0, :1]).all() and (bg[1] == synth.BACKGROUND).all()
+    with pytest.raises(ValueError, match="background"):
+        synth.render(synth.Scene(0.25, shapes, "", (0.0, 0.0), "", False, 0), "stripes")
