@@ -54,7 +54,7 @@ class TinyModelConfig:
     patch_size: int = 14          # vision patch side in pixels (merged 2x2 into one token)
     value_tokens: int = 0         # > 0: one token per integer 0..value_tokens-1 (a coordinate is one
                                   # token, not one per digit); 0: Qwen's single-digit split
-    value_init: str = "ordinal"   # value tokens' embedding rows: ordinal (nearby values alike) | random
+    value_init: str = "random"    # value tokens' embedding rows: random | ordinal (nearby values alike)
     value_freqs: int = 32         # ordinal init: cosine frequencies (kernel width ~ value_tokens / this)
 
 

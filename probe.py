@@ -4,16 +4,18 @@
     python probe.py --max_steps=400 --train_seconds=1e9 --eval_steps=100   # by steps (busy machine)
     python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model
 
-Owns: single synthetic frames rendered in memory (synth.py's world: shapes on grey, fresh samples
-every step), two perception tasks in the project's output grammar, a plain next-token training
-loop on them, and a held-out greedy curve written to {out}/curve.json and {out}/curve.png.
+Owns: single synthetic frames rendered in memory (synth.py's world: shapes on a position-coloured
+background by default, --background=flat for synth.py's grey; fresh samples every step), two
+perception tasks in the project's output grammar, a plain next-token training loop on them, and a
+held-out greedy curve written to {out}/curve.json and {out}/curve.png.
   find    "Where is the red circle?"  -> <obj>red circle</obj><box>[x1,y1,x2,y2]</box>
   marked  a frame with one object circled, spotlit or left lit by darkening (prompt.py draws
           them), "Which object is marked?" -> <obj>blue square</obj>
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
-coordinate value one token (--value_tokens), its vision tower may use smaller patches
-(--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
+coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
+--value_sigma trains them on a soft target over nearby values), its vision tower may use smaller
+patches (--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
 share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
 only; evaluations are timed apart.
@@ -57,11 +59,11 @@ class ProbeConfig:
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"         # short (the frame and the question) | full (the SFT layout)
-    background: str = "flat"      # flat grey | gradient (colour says where a pixel is; synth.render)
+    background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
     value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
     # model (model.TinyModelConfig fields)
     value_tokens: int = 113       # > 0: one token per integer 0..value_tokens-1; 0: one per digit
-    value_init: str = "ordinal"   # ordinal (nearby values have nearby embeddings) | random
+    value_init: str = "random"    # random | ordinal (nearby values have nearby embeddings; no gain seen)
     num_layers: int = 4           # text layers
     patch_size: int = 14          # 7 gives 4x the image tokens of 14 on the same frame
     frame_pixels: int = 112 * 112

@@ -97,7 +97,7 @@ def test_bad_argument_names_the_field():
 
 def test_ordinal_value_init_puts_neighbouring_values_closer(tmp_path):
     texts = probe.tokenizer_corpus(n=20)
-    cfg = M.TinyModelConfig(vocab_size=400, value_tokens=113)
+    cfg = M.TinyModelConfig(vocab_size=400, value_tokens=113, value_init="ordinal")
     M.build_tiny_model(str(tmp_path / "ordinal"), texts, cfg)
     model, tok, _ = M.load_policy(str(tmp_path / "ordinal"))  # the init survives saving, tied head too
     assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
