@@ -2,6 +2,8 @@
 
     python bench_rl.py                                   # 16 frames 224x224, G=8, 64-token completions
     python bench_rl.py --repeats=2 --device=cuda         # bf16 on a GPU
+    python bench_rl.py --prompts=8 --repeats=2           # a whole step over P=8 prompts x G (see below)
+    python bench_rl.py --eval_prompts=16                 # eval-style greedy decoding, batched vs one by one
 
 Builds a random tiny Qwen2.5-VL (model.build_tiny_model, sized by --layers / --hidden) in a temp
 dir and one long prompt: --frames noise frames of --size x --size pixels (16 x 224x224 -> 1,024
@@ -19,6 +21,21 @@ CPU, torch.cuda.max_memory_allocated on GPU) and each path's loss, and whether t
 issue 3 are met: fwd+bwd >= 5x and step >= 3x faster, lower peak memory, identical loss.
 The policy is the reference plus small weight noise so the KL term (hence the loss) depends on
 the log-probs; advantages are group-normalized random rewards (mean zero).
+
+--prompts=P (> 1): P prompts (questions of different lengths, each its own noise frames), G
+completions each, and a whole RL step timed in parts: generation, reference log-probs, policy
+forward+backward, optimizer. Three paths, each in its own process (peak memory is the path's own):
+"batched" (model.generate_groups with batch_prompts=P, model.groups_logprobs with --logprob_batch
+groups per forward, backward per chunk), "one" (today's loop: one prompt at a time, shared prefix),
+"plain" (one prompt at a time, each prompt repeated G times). Per-prompt generators, no stop ids.
+Prints median seconds of each part, CPU seconds of the step (steadier than wall time on a shared
+machine), completion tokens per second, peak memory, and the loss of all paths on the same fixed
+completions (they must agree).
+
+--eval_prompts=N: N synthetic STGR test prompts (synth.py, default frame settings) and the default
+tiny model (or --model, any checkpoint), greedy decoding of up to --max_new tokens, model.generate_groups
+with batch_prompts=1 and =N alternately in one process; samples per second and whether both give
+the same tokens.
 """
 import argparse
 import json
@@ -33,14 +50,20 @@ import time
 import torch
 import transformers
 
-import data as D
-import grpo as G
-import model as M
+import data
+import grpo
+import model
+import synth
 
-CORPUS = [D.SYSTEM_PROMPT, "Frame 1 at 0.0s: The video is in total 8.0 seconds.",
+CORPUS = [data.SYSTEM_PROMPT, "Frame 1 at 0.0s: The video is in total 8.0 seconds.",
           "<think>The <obj>red ball</obj><box>[10,20,60,90]</box>at<t>2.5</t>s rolls left.</think>",
           "<answer>The ball moves to the left of the box.</answer>"] * 20
 QUESTION = "Where does the ball go after it hits the wall?"
+QUESTIONS = [QUESTION, "What colour is the box?", "When does the red ball first touch the left wall of the room?",
+             "Which object moves faster?", "Where is the ball at the end of the video, and what is next to it?",
+             "How many times does the ball bounce?", "What happens after the ball stops rolling at the wall?",
+             "Is the box left of the ball?"]
+MULTI_PATHS = ("batched", "one", "plain")    # multi-prompt mode's paths
 
 
 def parse_args(argv=None):
@@ -54,6 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--prompts", type=int, default=1, help="P > 1: a whole step over P prompts, three paths")
+    p.add_argument("--logprob_batch", type=int, default=0, help="groups per forward on the batched path (0: all P)")
+    p.add_argument("--paths", default=",".join(MULTI_PATHS), help="multi-prompt mode: which paths to run")
+    p.add_argument("--eval_prompts", type=int, default=0, help="N > 0: eval-style greedy decoding of N STGR prompts")
+    p.add_argument("--max_new", type=int, default=128, help="eval mode: max new tokens (eval.py's default)")
+    p.add_argument("--model", default="", help="eval mode: a checkpoint directory (default: random tiny model)")
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)     # set in the child processes
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -64,34 +93,34 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def plain_generate(model, prompt, num_samples, max_new_tokens, banned_ids, generator=None):
+def plain_generate(vlm, prompt, num_samples, max_new_tokens, banned_ids, generator=None):
     """Prefill the prompt as G separate rows of a batch (vision tower and all), then decode G x C."""
     Gn = num_samples
     ids = prompt.input_ids[None].expand(Gn, -1)                              # (G, P)
     types = prompt.mm_token_type_ids[None].expand(Gn, -1)                    # (G, P)
     grid = prompt.image_grid_thw.repeat(Gn, 1)                               # (G * frames, 3)
-    position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
-    out = model.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values.repeat(Gn, 1),
+    position_ids, _ = vlm.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+    out = vlm.model(input_ids=ids, position_ids=position_ids, pixel_values=prompt.pixel_values.repeat(Gn, 1),
                       image_grid_thw=grid, mm_token_type_ids=types, use_cache=True)
     cache, start = out.past_key_values, int(position_ids.max()) + 1
-    logits = model.lm_head(out.last_hidden_state[:, -1])                     # (G, V)
+    logits = vlm.lm_head(out.last_hidden_state[:, -1])                     # (G, V)
     banned = torch.tensor(banned_ids, dtype=torch.long, device=logits.device)
     tokens = []
     for step in range(max_new_tokens):
-        nxt = M.sample_next(logits.index_fill(-1, banned, float("-inf")), generator=generator)  # (G,)
+        nxt = model.sample_next(logits.index_fill(-1, banned, float("-inf")), generator=generator)  # (G,)
         tokens.append(nxt)
-        pos = M._text_positions(start + step, Gn, 1, nxt.device)
-        h = model.model.language_model(input_ids=nxt[:, None], position_ids=pos, cache=cache,
+        pos = model._text_positions(start + step, Gn, 1, nxt.device)
+        h = vlm.model.language_model(input_ids=nxt[:, None], position_ids=pos, cache=cache,
                                        use_cache=True).last_hidden_state
-        logits = model.lm_head(h[:, -1])
+        logits = vlm.lm_head(h[:, -1])
     return torch.stack(tokens, dim=1)                                        # (G, C)
 
 
-def logprobs(model, prompt, ids, path):
+def logprobs(vlm, prompt, ids, path):
     """(G, C) log-probs of the completions `ids` under `model`, by either path."""
     if path == "shared":
-        return M.shared_prefix_logprobs(model, prompt, ids)
-    return torch.stack(M.plain_logprobs(model, [prompt] * len(ids), list(ids)))
+        return model.shared_prefix_logprobs(vlm, prompt, ids)
+    return torch.stack(model.plain_logprobs(vlm, [prompt] * len(ids), list(ids)))
 
 
 def rl_loss(policy, ref, prompt, ids, adv, path):
@@ -100,7 +129,7 @@ def rl_loss(policy, ref, prompt, ids, adv, path):
         ref_logp = logprobs(ref, prompt, ids, path)
     logp = logprobs(policy, prompt, ids, path)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    loss, _ = G.policy_loss(logp, logp.detach(), ref_logp, adv, mask, ratio="sequence")
+    loss, _ = grpo.policy_loss(logp, logp.detach(), ref_logp, adv, mask, ratio="sequence")
     return loss
 
 
@@ -122,21 +151,34 @@ def timed(fn, repeats, device):
     return statistics.median(times), result
 
 
-def run_path(args):
-    """Time fwd+bwd and a whole step for args.path; print one JSON line with the results."""
+def load_pair(args):
+    """(policy, frozen reference, tokenizer, dtype) from args.workdir; the policy is the reference
+    moved a little, so the KL term depends on the log-probs."""
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    policy, tokenizer, _ = M.load_policy(args.workdir, args.device, dtype)
-    ref, _, _ = M.load_policy(args.workdir, args.device, dtype)
+    policy, tokenizer, _ = model.load_policy(args.workdir, args.device, dtype)
+    ref, _, _ = model.load_policy(args.workdir, args.device, dtype)
     ref.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():                                # the policy has moved a little from the reference
+    with torch.no_grad():
         for p in policy.parameters():
             p.add_(1e-2 * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+    return policy, ref, tokenizer, dtype
+
+
+def peak_mib(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def run_path(args):
+    """Time fwd+bwd and a whole step for args.path; print one JSON line with the results."""
+    policy, ref, tokenizer, dtype = load_pair(args)
     saved = torch.load(os.path.join(args.workdir, "bench.pt"), weights_only=False)  # our own file
     prompt = saved["prompt"].to(args.device, dtype)
     ids, adv = saved["ids"].to(args.device), saved["adv"].to(args.device)
-    banned = M.vision_token_ids(tokenizer)
+    banned = model.vision_token_ids(tokenizer)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     gen = torch.Generator(args.device).manual_seed(2)
 
@@ -151,7 +193,7 @@ def run_path(args):
 
     def step():
         if args.path == "shared":   # stop_ids=[]: every completion runs the full length
-            new, _, _ = M.generate(policy, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
+            new, _, _ = model.generate(policy, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
                                    generator=gen, banned_ids=banned)
         else:
             new = plain_generate(policy, prompt, args.group, args.completion, banned, gen)
@@ -162,32 +204,39 @@ def run_path(args):
 
     fb_s, loss = timed(fwd_bwd_fixed, args.repeats, args.device)   # before any optimizer step
     step_s, _ = timed(step, args.repeats, args.device)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
-    print(json.dumps({"path": args.path, "fb_s": fb_s, "step_s": step_s, "peak_mib": peak, "loss": loss}))
+    print(json.dumps({"path": args.path, "fb_s": fb_s, "step_s": step_s, "peak_mib": peak_mib(args.device),
+                      "loss": loss}))
 
 
 # ---------------------------------------------------------------------------------------------
 # The parent: build the model and prompt, run both paths, print the table
 # ---------------------------------------------------------------------------------------------
 
-def prepare(args, workdir):
-    """Tiny model + one long prompt + fixed completions and advantages, saved to workdir."""
+def build_model(args, workdir):
+    """The random tiny model the benchmark runs, saved to workdir. -> (model, tokenizer, vision)"""
     torch.set_num_threads(args.threads)
-    cfg = M.TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 32,
+    cfg = model.TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 32,
                             num_kv_heads=2, intermediate_size=2 * args.hidden, frame_pixels=args.size * args.size)
-    model, tokenizer = M.build_tiny_model(workdir, CORPUS, cfg, seed=0)
-    vision = M.VisionProcessor.load(workdir)
+    vlm, tokenizer = model.build_tiny_model(workdir, CORPUS, cfg, seed=0)
+    return vlm, tokenizer, model.VisionProcessor.load(workdir)
+
+
+def noise_prompt(args, tokenizer, vision, question, seed):
+    """--frames noise frames of --size pixels, half a second apart, and the question."""
     times = [round(0.5 * i, 1) for i in range(args.frames)]
     frames = torch.randint(0, 256, (args.frames, 3, args.size, args.size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    prompt = M.tokenize_prompt(tokenizer, D.render_prompt(QUESTION, times, 0.5 * args.frames), frames, vision)
-    ids, _, _ = M.generate(model, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
-                           generator=torch.Generator().manual_seed(0), banned_ids=M.vision_token_ids(tokenizer))
+                           generator=torch.Generator().manual_seed(seed))
+    return model.tokenize_prompt(tokenizer, data.render_prompt(question, times, 0.5 * args.frames), frames, vision)
+
+
+def prepare(args, workdir):
+    """Tiny model + one long prompt + fixed completions and advantages, saved to workdir."""
+    vlm, tokenizer, vision = build_model(args, workdir)
+    prompt = noise_prompt(args, tokenizer, vision, QUESTION, 0)
+    ids, _, _ = model.generate(vlm, prompt, args.group, args.completion, [], tokenizer.pad_token_id,
+                           generator=torch.Generator().manual_seed(0), banned_ids=model.vision_token_ids(tokenizer))
     rewards = torch.rand(args.group, generator=torch.Generator().manual_seed(0))
-    torch.save({"prompt": prompt, "ids": ids, "adv": G.group_advantages(rewards)}, os.path.join(workdir, "bench.pt"))
+    torch.save({"prompt": prompt, "ids": ids, "adv": grpo.group_advantages(rewards)}, os.path.join(workdir, "bench.pt"))
     return len(prompt), int(prompt.mm_token_type_ids.sum())
 
 
@@ -203,11 +252,7 @@ def verdict(ok):
     return "met" if ok else "MISSED"
 
 
-def main():
-    args = parse_args()
-    transformers.utils.logging.disable_progress_bar()
-    if args.path:
-        return run_path(args)
+def main_single(args):
     with tempfile.TemporaryDirectory() as workdir:
         P, visual = prepare(args, workdir)
         print(f"prompt: {P} tokens ({visual} visual, {args.frames} frames of {args.size}x{args.size}); "
@@ -224,6 +269,198 @@ def main():
     print(f"step speed-up    {st:.1f}x (target >= 3x: {verdict(st >= 3)})")
     print(f"peak memory      shared / plain = {mem:.2f} (target < 1: {verdict(mem < 1)})")
     print(f"loss |diff|      {diff:.2e} (target <= {tol:g}: {verdict(diff <= tol)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-prompt mode: a whole RL step over P prompts x G, batched / one prompt at a time / plain
+# ---------------------------------------------------------------------------------------------
+
+PARTS = ("generate", "reference", "policy_fwd_bwd", "optimizer")
+
+
+def prepare_multi(args, workdir):
+    """Tiny model, P prompts (own frames, questions of different lengths), fixed random completions
+    and advantages (for the cross-path loss check), saved to workdir. -> prompt lengths."""
+    vlm, tokenizer, vision = build_model(args, workdir)
+    prompts = [noise_prompt(args, tokenizer, vision, QUESTIONS[i % len(QUESTIONS)], i) for i in range(args.prompts)]
+    normal = torch.tensor(sorted(set(range(len(tokenizer))) - set(model.vision_token_ids(tokenizer))))
+    g = torch.Generator().manual_seed(0)
+    ids = [normal[torch.randint(0, len(normal), (args.group, args.completion), generator=g)] for _ in prompts]
+    adv = [grpo.group_advantages(torch.rand(args.group, generator=g)) for _ in prompts]
+    torch.save({"prompts": prompts, "ids": ids, "adv": adv}, os.path.join(workdir, "bench.pt"))
+    return [len(p) for p in prompts]
+
+
+class MultiStep:
+    """One path's RL step over all prompts, in parts (generate, reference, policy fwd+bwd, optimizer)."""
+
+    def __init__(self, args, policy, ref, tokenizer, prompts, adv):
+        self.args, self.policy, self.ref, self.prompts, self.adv = args, policy, ref, prompts, adv
+        self.banned = model.vision_token_ids(tokenizer)
+        self.sampling = model.Sampling(args.completion, [], tokenizer.pad_token_id, banned_ids=tuple(self.banned))
+        P = len(prompts)
+        self.per_forward = (args.logprob_batch or P) if args.path == "batched" else 1
+        self.opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+
+    def generate(self, step):
+        """Per-prompt generators, seeded from (step, prompt), as the RL step seeds them."""
+        a, P = self.args, len(self.prompts)
+        gens = [torch.Generator(a.device).manual_seed(1000 * step + i) for i in range(P)]
+        if a.path == "plain":
+            return [plain_generate(self.policy, p, a.group, a.completion, self.banned, g) for p, g in zip(self.prompts, gens)]
+        outs = model.generate_groups(self.policy, self.prompts, a.group, self.sampling, gens,
+                                 batch_prompts=P if a.path == "batched" else 1)
+        return [ids for ids, _, _ in outs]
+
+    def logprobs(self, vlm, idx, comps):
+        """Log-probs of the groups idx (a list of prompt indices), one forward when batched."""
+        if self.args.path == "plain":
+            return [logprobs(vlm, self.prompts[i], comps[i], "plain") for i in idx]
+        return model.groups_logprobs(vlm, [self.prompts[i] for i in idx], [comps[i] for i in idx], self.per_forward)
+
+    def reference(self, comps):
+        with torch.no_grad():
+            return self.logprobs(self.ref, list(range(len(comps))), comps)
+
+    def policy_backward(self, comps, refs):
+        """GSPO + KL over all groups, every group weighing 1 / P; backward once per chunk of groups."""
+        total, P = 0.0, len(comps)
+        for idx in model.chunks(list(range(P)), self.per_forward):
+            logps = self.logprobs(self.policy, idx, comps)
+            loss = sum(grpo.policy_loss(lp, lp.detach(), refs[i], self.adv[i], torch.ones_like(comps[i], dtype=torch.bool),
+                                     ratio="sequence")[0] for lp, i in zip(logps, idx)) / P
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def step(self, k):
+        """A whole step; returns wall seconds of each part and CPU seconds of the whole."""
+        sync = torch.cuda.synchronize if self.args.device.startswith("cuda") else (lambda: None)
+        times, cpu0 = {}, time.process_time()
+
+        def part(name, fn):
+            sync()
+            t = time.perf_counter()
+            out = fn()
+            sync()
+            times[name] = time.perf_counter() - t
+            return out
+
+        comps = part("generate", lambda: self.generate(k))
+        refs = part("reference", lambda: self.reference(comps))
+        self.opt.zero_grad(set_to_none=True)
+        part("policy_fwd_bwd", lambda: self.policy_backward(comps, refs))
+        part("optimizer", self.opt.step)
+        times["step"] = sum(times.values())
+        times["cpu"] = time.process_time() - cpu0
+        return times
+
+
+def run_multi_path(args):
+    """The cross-path loss on fixed completions, then one warm-up and --repeats timed steps."""
+    policy, ref, tokenizer, dtype = load_pair(args)
+    saved = torch.load(os.path.join(args.workdir, "bench.pt"), weights_only=False)  # our own file
+    prompts = [p.to(args.device, dtype) for p in saved["prompts"]]
+    ids = [i.to(args.device) for i in saved["ids"]]
+    adv = [a.to(args.device) for a in saved["adv"]]
+    run = MultiStep(args, policy, ref, tokenizer, prompts, adv)
+    loss = run.policy_backward(ids, run.reference(ids))      # before any optimizer step
+    steps = [run.step(k) for k in range(args.repeats + 1)][1:]
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    tokens = len(prompts) * args.group * args.completion
+    print(json.dumps({"path": args.path, **med, "gen_tok_s": tokens / med["generate"],
+                      "step_tok_s": tokens / med["step"], "peak_mib": peak_mib(args.device), "loss": loss}))
+
+
+def main_multi(args):
+    with tempfile.TemporaryDirectory() as workdir:
+        lengths = prepare_multi(args, workdir)
+        print(f"P = {args.prompts} prompts of {min(lengths)}..{max(lengths)} tokens ({args.frames} frames of "
+              f"{args.size}x{args.size}); G = {args.group}, completions of {args.completion} tokens (no stop); "
+              f"{args.layers} layers x {args.hidden} wide; logprob_batch {args.logprob_batch or args.prompts}; "
+              f"device {args.device}, {args.threads} threads, median of {args.repeats} steps after 1 warm-up")
+        res = {}
+        for path in args.paths.split(","):
+            res[path] = run_child(path, workdir)
+            print(json.dumps(res[path]), flush=True)          # partial results survive a timeout
+    print("\n| path | step s | generate s | reference s | policy fwd+bwd s | optimizer s | step CPU s "
+          "| gen tok/s | step tok/s | peak MiB | loss |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res.values():
+        print(f"| {r['path']} | {r['step']:.2f} | " + " | ".join(f"{r[k]:.2f}" for k in PARTS) +
+              f" | {r['cpu']:.1f} | {r['gen_tok_s']:.0f} | {r['step_tok_s']:.0f} | {r['peak_mib']:.0f} | {r['loss']:.9g} |")
+    if set(res) != set(MULTI_PATHS):
+        return
+    b = res["batched"]
+    for other in ("one", "plain"):
+        o = res[other]
+        print(f"\nbatched vs {other}: step {o['step'] / b['step']:.1f}x (CPU {o['cpu'] / b['cpu']:.1f}x), " +
+              ", ".join(f"{k} {o[k] / b[k]:.1f}x" for k in PARTS[:3]) + f", peak memory {b['peak_mib'] / o['peak_mib']:.2f}")
+    diff = max(abs(b["loss"] - res[k]["loss"]) for k in ("one", "plain"))
+    tol = 1e-5 if args.device == "cpu" else 5e-2
+    print(f"step speed-up vs plain {res['plain']['step'] / b['step']:.1f}x "
+          f"(issue 14 target >= 5x: {verdict(res['plain']['step'] / b['step'] >= 5)})")
+    print(f"loss |diff| {diff:.2e} (target <= {tol:g}: {verdict(diff <= tol)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval mode: greedy decoding of N synthetic STGR prompts, batched vs one by one, in one process
+# ---------------------------------------------------------------------------------------------
+
+def eval_prompts(args, workdir):
+    """N synthetic STGR test prompts (default frame settings) and the model. -> (model, tokenizer, prompts)"""
+    synth.generate(synth.SynthConfig(out=os.path.join(workdir, "synth"), n_train=0, n_val=0,
+                                     n_test=args.eval_prompts, seed=0, workers=1))
+    records = data.load_records(os.path.join(workdir, "synth", "test.json"))
+    if args.model:
+        vlm, tokenizer, vision = model.load_policy(args.model, args.device,
+                                                 torch.float32 if args.device == "cpu" else torch.bfloat16)
+    else:
+        frame_text = "".join(p for p in data.render_prompt("", data.sample_times(8.0), 8.0) if isinstance(p, str))
+        corpus = [frame_text] * 50 + [r["question"] + " " + r["answer"] for r in records] + CORPUS
+        vlm, tokenizer = model.build_tiny_model(os.path.join(workdir, "model"), corpus, seed=0)
+        vlm = vlm.to(args.device)
+        vision = model.VisionProcessor.load(os.path.join(workdir, "model"))
+    prompts = []
+    for r in records:
+        video = data.load_video_sample(r)
+        parts = data.render_prompt(r["question"], video.times, video.duration)
+        prompts.append(model.tokenize_prompt(tokenizer, parts, video.frames, vision).to(args.device, vlm.dtype))
+    return vlm.eval(), tokenizer, prompts
+
+
+def main_eval(args):
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as workdir:
+        vlm, tokenizer, prompts = eval_prompts(args, workdir)
+    N = len(prompts)
+    S = model.Sampling(args.max_new, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id, temperature=0.0,
+                   banned_ids=tuple(model.vision_token_ids(tokenizer)))
+    times, outs = {1: [], N: []}, {}
+    for k in range(args.repeats + 1):                  # alternate the two, first round is the warm-up
+        for bp in (1, N):
+            t = time.perf_counter()
+            outs[bp] = model.generate_groups(vlm, prompts, 1, S, batch_prompts=bp)
+            if k:
+                times[bp].append(time.perf_counter() - t)
+    lengths = [int(m.sum()) for _, m, _ in outs[1]]
+    same = sum(torch.equal(a[0], b[0]) for a, b in zip(outs[1], outs[N]))
+    print(f"{N} STGR prompts of {min(len(p) for p in prompts)}..{max(len(p) for p in prompts)} tokens, greedy, "
+          f"up to {args.max_new} new tokens (completions {min(lengths)}..{max(lengths)}); device {args.device}, "
+          f"{args.threads} threads, median of {args.repeats} after 1 warm-up")
+    one, many = statistics.median(times[1]), statistics.median(times[N])
+    print(f"\n| path | s | samples/s |\n|---|---|---|\n| one prompt at a time | {one:.2f} | {N / one:.2f} |\n"
+          f"| batched ({N} prompts) | {many:.2f} | {N / many:.2f} |")
+    print(f"\nspeed-up {one / many:.1f}x; identical completions: {same} of {N}")
+
+
+def main():
+    args = parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    if args.path:
+        return run_multi_path(args) if args.prompts > 1 else run_path(args)
+    if args.eval_prompts:
+        return main_eval(args)
+    return main_multi(args) if args.prompts > 1 else main_single(args)
 
 
 if __name__ == "__main__":

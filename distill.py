@@ -1,14 +1,17 @@
 """VisionCoach: visual prompts on hard samples and self-distillation back into the raw-video policy.
 
-Owns the part of the RL step that runs only for hard samples (REFERENCE.md section 1, Algorithm 1):
-1. A group is hard when its mean total reward Rbar is below k (--hard_k).
-2. A prompt type is chosen (--coach): the trained VP-Selector's cached prediction (selector.py),
-   a random non-raw type, one fixed type (fixed:darken ...), or none (plain GRPO/GSPO).
-3. The prompt is drawn on the key frames (prompt.py), its hint is appended to the question, and
-   G new rollouts are sampled and scored.
+A library of the pieces of the RL step that run only for hard samples (the paper's Algorithm 1);
+train.py's `rl_rollouts` calls them in this order:
+1. A group is hard when its mean total reward Rbar is below k (--hard_k): `is_hard`.
+2. A visual prompt (vp) is chosen (--coach): the trained VP-Selector's cached prediction
+   (selector.py), a random non-raw type, one fixed type (fixed:darken ...), or none (plain
+   GRPO/GSPO): `Coach.choose`.
+3. The vp is drawn on the key frames (`draw_vp`, prompt.py's drawing), its hint is appended to
+   the question, and G new rollouts are sampled and scored (grpo.rollout).
 4. Candidates are the prompted rollouts whose total reward beats Rbar; the top N by answer reward
-   are kept, and alpha times their length-normalized NLL is added to the GSPO loss (grpo.py). The
-   GSPO loss itself always stays on the raw rollouts. Inference never sees prompts or hints.
+   are kept (`select_candidates`), and alpha times their length-normalized NLL (`sd_nll`) is
+   added to the GSPO loss in train.py's `rl_update`. The GSPO loss itself always stays on the raw
+   rollouts. Inference never sees visual prompts or hints.
 
 Where we depart from or extend the paper's Algorithm 1:
 - --sd_condition=raw distills the prompted completions conditioned on the RAW video and question
@@ -21,23 +24,35 @@ Where we depart from or extend the paper's Algorithm 1:
   counted; so is a selector cache miss.
 - Ties in answer reward among candidates are broken by the lower rollout index (stable sort).
 
-Pure pieces (tested directly): `select_candidates`, `sd_nll`. Test: python -m pytest tests/test_distill.py
+Pure pieces (tested directly): `is_hard`, `select_candidates`, `sd_nll`, `coach_counts`.
+Test: python -m pytest tests/test_distill.py
 """
-import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-import data as D
-import prompt as P
+import data
+import prompt
+
+COACH_MODES = ("selector", "random", "none") + tuple(f"fixed:{vp}" for vp in prompt.VISUAL_PROMPTS)
+SD_CONDITIONS = ("prompted", "raw")   # what distilled completions are conditioned on
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure pieces
+# Pure pieces: the hard gate, the candidates, the self-distillation loss
 # ---------------------------------------------------------------------------------------------
+
+def mean_reward(totals):
+    """Rbar: the mean total reward of a group's rollouts."""
+    return sum(totals) / len(totals)
+
+
+def is_hard(totals, k):
+    """Algorithm 1's hard indicator I = [Rbar < k] on a group's total rewards."""
+    return mean_reward(totals) < k
+
 
 def select_candidates(raw_mean, prompted_totals, prompted_answers, top_n):
     """Indices of the prompted rollouts to distill: total > raw_mean, then top_n by answer reward."""
@@ -47,25 +62,36 @@ def select_candidates(raw_mean, prompted_totals, prompted_answers, top_n):
 
 
 def sd_nll(logp, mask):
-    """Self-distillation loss: mean over sequences of the length-normalized NLL. (N, C) -> scalar."""
+    """Self-distillation loss: mean over sequences of the length-normalized NLL. (N, C) -> scalar.
+    The caller weighs it by alpha."""
     mask = mask.to(logp.dtype)
     return (-(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
+@dataclass
+class SDExample:
+    """Prompted completions to distill, with the model input they are conditioned on."""
+    prompt: object           # model.Prompt (with the vp, or raw, per --sd_condition)
+    ids: torch.Tensor        # (N, C)
+    mask: torch.Tensor       # (N, C) bool
+
+
 # ---------------------------------------------------------------------------------------------
-# Drawing a prompt onto a decoded sample
+# Drawing a visual prompt onto a decoded sample
 # ---------------------------------------------------------------------------------------------
 
-def prompted_video(video, record, kind, cfg=None):
-    """A copy of the VideoSample with prompt `kind` drawn on its key frames (others untouched)."""
+def draw_vp(video, record, vp, vp_cfg=None):
+    """The VideoSample with visual prompt `vp` drawn on its key frames (a copy; raw: the same sample)."""
+    if vp == "raw":
+        return video
     frames = video.frames.clone()
     positions = [video.key_positions[kf["idx"]] for kf in record["key_frames"] if kf["idx"] in video.key_positions]
     boxes = [[b for bs in record["key_items"].get(str(kf["idx"]), {}).values() for b in bs]
              for kf in record["key_frames"] if kf["idx"] in video.key_positions]
-    drawn = P.apply_visual_prompt(kind, [frames[p] for p in positions], boxes, [p + 1 for p in positions], cfg)
+    drawn = prompt.apply_visual_prompt(vp, [frames[p] for p in positions], boxes, [p + 1 for p in positions], vp_cfg)
     for p, f in zip(positions, drawn):
         frames[p] = f
-    return D.VideoSample(frames, list(video.times), dict(video.key_positions), video.duration)
+    return data.VideoSample(frames, list(video.times), dict(video.key_positions), video.duration, video.source_size)
 
 
 def can_prompt(record):
@@ -75,91 +101,48 @@ def can_prompt(record):
 
 
 # ---------------------------------------------------------------------------------------------
-# The coach
+# The coach: which visual prompt a hard sample gets
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class SDExample:
-    """Prompted completions to distill, with the prompt they are conditioned on."""
-    prompt: object           # model.Prompt (prompted or raw, per --sd_condition)
-    ids: torch.Tensor        # (N, C)
-    mask: torch.Tensor       # (N, C) bool
-
-
-def sd_loss(policy, ex):
-    """alpha-free SD loss of one example under the policy (a model.LogProbModule)."""
-    return sd_nll(policy(ex.prompt, ex.ids, mode="shared"), ex.mask)
-
-
 class Coach:
-    """Chooses prompts for hard groups, runs the prompted rollouts, returns what to distill."""
+    """Chooses the visual prompt for a hard sample (--coach). predictions: the VP-Selector's cached
+    {record id: vp} (train.py reads them from the selector stage's predictions.json)."""
 
     def __init__(self, mode, predictions=None):
-        if not (mode in ("selector", "random", "none") or
-                (mode.startswith("fixed:") and mode.split(":", 1)[1] in P.VISUAL_PROMPTS)):
-            raise SystemExit(f"--coach={mode!r}: expected selector | random | none | fixed:<one of {P.VISUAL_PROMPTS}>")
+        if mode not in COACH_MODES or mode == "none":
+            raise ValueError(f"coach mode {mode!r}: expected one of {', '.join(m for m in COACH_MODES if m != 'none')}")
         self.mode, self.predictions = mode, predictions or {}
 
-    @classmethod
-    def from_config(cls, cfg, records):
-        predictions = None
-        if cfg.coach == "selector":
-            path = os.path.join(cfg.selector_dir or os.path.join(cfg.out_dir, "selector"), "predictions.json")
-            if not os.path.isfile(path):
-                raise SystemExit(f"--coach=selector needs {path}: run --stage=selector first "
-                                 f"(or use --coach=random / fixed:darken / none)")
-            with open(path) as f:
-                predictions = json.load(f)
-            promptable = [r for r in records if can_prompt(r)]
-            missing = sum(str(r["id"]) not in predictions for r in promptable)
-            if missing:
-                print(f"[coach] selector cache {path} misses {missing} of {len(promptable)} promptable "
-                      f"training ids; those fall back to raw (counted as coach/fallback/selector_miss)")
-        return cls(cfg.coach, predictions)
-
-    def choose(self, record, counts, key=()):
+    def choose(self, record, key=()):
+        """-> (vp, why it fell back to raw, or None). key (seed, step, sample index) seeds --coach=random."""
+        if not can_prompt(record):
+            return "raw", "no_key_objects"
         if self.mode == "random":
-            return random.Random(str(key)).choice(P.VISUAL_PROMPTS[1:])
+            return random.Random(str(key)).choice(prompt.VISUAL_PROMPTS[1:]), None
         if self.mode.startswith("fixed:"):
-            return self.mode.split(":", 1)[1]
-        kind = self.predictions.get(str(record["id"]))
-        if kind is None:
-            counts["fallback/selector_miss"] += 1
-            return "raw"
-        return kind
+            return self.mode.split(":", 1)[1], None
+        vp = self.predictions.get(str(record["id"]))
+        return (vp, None) if vp is not None else ("raw", "selector_miss")
 
-    def coach_group(self, model, tokenizer, vision, cfg, record, video, group, progress, rt, key=()):
-        """VisionCoach for one raw group. Returns (list of SDExample, Counter of metrics).
 
-        key (seed, step, sample index) seeds the random prompt choice and the prompted rollouts.
-        """
-        import grpo
-        import train as T
-        counts = Counter()
-        raw_mean = sum(group.rewards["total"]) / len(group.rewards["total"])
-        if self.mode == "none" or raw_mean >= cfg.hard_k:
-            return [], counts
-        counts["hard"] += 1
-        if can_prompt(record):
-            kind = self.choose(record, counts, key)
-        else:
-            counts["fallback/no_key_objects"] += 1
-            kind = "raw"
-        counts[f"chosen/{kind}"] += 1
-        video_p = prompted_video(video, record, kind) if kind != "raw" else video
-        prompt_p = T.build_prompt(record, tokenizer, vision, cfg, video_p, P.add_hint(record["question"], kind))
-        prompt_p = prompt_p.to(rt.device, rt.dtype)
-        g = grpo.rollout(model, tokenizer, record, prompt_p, cfg, progress,
-                         generator=grpo.sample_generator(*key, "coach", device=rt.device))
-        totals, answers = g.rewards["total"], g.rewards.get("answer", [0.0] * len(g.texts))
-        counts[f"lift_sum/{kind}"] += sum(totals) / len(totals) - raw_mean
-        counts[f"lift_n/{kind}"] += 1
-        counts[f"raw_sum/{kind}"] += raw_mean
-        counts[f"prompted_sum/{kind}"] += sum(totals) / len(totals)
-        chosen = select_candidates(raw_mean, totals, answers, cfg.top_n)
-        counts["candidates"] += sum(r > raw_mean for r in totals)
-        counts["kept"] += len(chosen)
-        if not chosen or cfg.alpha <= 0:
-            return [], counts
-        target = prompt_p if cfg.sd_condition == "prompted" else group.prompt
-        return [SDExample(target, g.ids[chosen], g.mask[chosen])], counts
+def coach_counts(vp, fallback, raw_mean, prompted_totals, n_kept):
+    """Counters of one hard group, for the RL metrics (summed over groups, then coach_summary)."""
+    prompted_mean = mean_reward(prompted_totals)
+    counts = Counter({"hard": 1, f"chosen/{vp}": 1, f"lift_sum/{vp}": prompted_mean - raw_mean,
+                      f"lift_n/{vp}": 1, f"raw_sum/{vp}": raw_mean, f"prompted_sum/{vp}": prompted_mean,
+                      "candidates": sum(r > raw_mean for r in prompted_totals), "kept": n_kept})
+    if fallback:
+        counts[f"fallback/{fallback}"] += 1
+    return counts
+
+
+def coach_summary(counts, n_groups):
+    """Summed coach counters -> metrics: the hard share, mean lift per vp, the rest as counts."""
+    out = {"coach/hard_share": counts.get("hard", 0) / max(1, n_groups)}
+    for k, v in counts.items():
+        if k.startswith("lift_sum/"):
+            vp = k.split("/", 1)[1]
+            out[f"coach/lift/{vp}"] = v / max(1, counts.get(f"lift_n/{vp}", 0))
+        elif not k.startswith("lift_n/") and k != "hard":
+            out[f"coach/{k}"] = v
+    return out

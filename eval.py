@@ -1,741 +1,83 @@
-"""Evaluation: V-STAR-style grounded QA, multiple-choice video QA, temporal grounding, STGR split.
+"""Evaluation entry point: run a checkpoint over a test file and score it (metrics.py).
 
-Owns: the metric half (pure functions at the top: annotation loaders, parsers for what a model
-writes, per-sample scores, summaries, the markdown table) and, at the bottom, inference (running a
-checkpoint over a test file). Leaves completion parsing (tags, letters, spans, claims) and the
-reward components to rewards.py, and coordinate / time conventions to data.py.
+    python eval.py --model=runs/default/rl/last --data=data/synth/test.json
+    python eval.py --model=runs/default/rl/last --data=data/synth/vstar_test.json --limit=50
+    torchrun --nproc_per_node=2 eval.py --model=CKPT --data=JSON          # each rank takes a shard
+    python eval.py --compare A_summary.json B_summary.json ...            # one markdown table
+    python eval.py --help                                                 # every field of the config
 
-Metrics (REFERENCE.md section 6 for V-STAR):
-- V-STAR: What accuracy; When tIoU and Where vIoU for chain 1 (when then where) and chain 2
-  (where then when); AM_c = (Acc + mtIoU_c + mvIoU_c) / 3, LGM_c = -mean(ln(1 - x)); mAM, mLGM the
-  means over the two chains. Everything reported x100.
-- Multiple choice (VideoMME-style JSON: question, options, answer letter): accuracy, broken down by
-  every category-like field the records carry (task_type, duration, domain, ...).
-- Temporal grounding (Charades-STA style): R@0.3 / 0.5 / 0.7 and mIoU, x100.
-- STGR synthetic split: accuracy per task plus the mean of every rewards.py component that applies.
+Owns inference: raw video, no visual prompt, no hint, greedy by default; each rank takes every
+world-th sample and the results are gathered in the original order; rank 0 writes
+{benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md. One prompt at
+a time (prompts differ in length; the tiny default runs at ~0.1 s a sample here, and a real model
+is generation-bound anyway). The settings are the one config's (config.py): --data, --kind, --out,
+--limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
+eval_data, benchmark, eval_out, eval_samples, eval_max_new_tokens, eval_temperature and
+eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames) are the training run's fields.
+The metrics themselves are pure and live in metrics.py.
 
-Bad input policy: a prediction with no answer, or with times / boxes that do not parse, scores 0
-and never raises; an annotation file with a missing or malformed field raises ValueError naming
-the file, the sample index and the field.
-
-Run:  python eval.py --model CKPT --data JSON      (inference section, bottom of the file)
-      python eval.py --compare A.json B.json ...  (one markdown table across checkpoints)
-Test: python -m pytest tests/test_eval_metrics.py -q
+Test: python -m pytest tests/test_eval.py -q
 """
-import ast
 import json
-import math
-import re
-from collections import defaultdict
-from dataclasses import dataclass, field
+import os
+import sys
 
+import torch
+from tqdm import tqdm
+
+import config
 import data
+import metrics
+import model
 import rewards
 
-# =============================================================================================
-# Small shared helpers
-# =============================================================================================
-
-
-def answer_text(text):
-    """The answer part of a completion ('' when it has tags but no answer block); plain text
-    passes through. Reads the first <answer> block, as the official V-STAR scorer does; the
-    stricter structure rules of the training rewards are not an evaluation concern."""
-    if not isinstance(text, str):
-        return ""
-    if data.ANSWER_OPEN not in text and data.THINK_OPEN not in text:
-        return text.strip()
-    answer = rewards.parse_completion(text).first_answer
-    return answer.strip() if isinstance(answer, str) else ""
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def _finite_number(x):
-    """x as a float when it is a real finite number (or a numeric string), else None."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, str):
-        try:
-            x = float(x.strip())
-        except ValueError:
-            return None
-    if isinstance(x, (int, float)) and math.isfinite(x):
-        return float(x)
-    return None
-
-
-# V-STAR tIoU = overlap / (max end - min start); None or a reversed span scores 0 (rewards.py
-# implements exactly that definition; the official scorer does not swap a reversed span either).
-temporal_iou = rewards.segment_iou
-
-
-# =============================================================================================
-# Parsing what a model writes: times and timed boxes (never raise; None / {} means unparseable)
-# =============================================================================================
-_CLOCK = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)$")  # h:mm:ss or m:ss (fractional secs ok)
-_TIME_TOKEN = re.compile(r"(?:\d+:)?\d+:\d+(?:\.\d+)?|\d+(?:\.\d+)?")
-_SECONDS_SUFFIX = re.compile(r"\s*(?:s|sec|secs|second|seconds)\.?$")
-
-
-def parse_time_string(s):
-    """One time -> seconds (float) or None. Accepts 12.5, '12.5', '12.5s', '1:05', '1:02:03',
-    '<t>12.5</t>s'. Negative, infinite or unreadable times give None."""
-    if not isinstance(s, str):
-        v = _finite_number(s)
-        return v if v is not None and v >= 0 else None
-    t = s.strip().lower().replace(data.T_OPEN, "").replace(data.T_CLOSE, "")
-    t = _SECONDS_SUFFIX.sub("", t).strip()
-    m = _CLOCK.match(t)
-    if m:  # float, not int: a 5000-digit "minute" must give None, not int()'s ValueError
-        h, mm, ss = (float(g or 0) for g in m.groups())
-        v = h * 3600 + mm * 60 + ss
-        return v if math.isfinite(v) else None
-    v = _finite_number(t)
-    return v if v is not None and v >= 0 else None
-
-
-def parse_time_span(text):
-    """A predicted (start, end) in seconds, or None. rewards.parse_span reads our grammar
-    ('From <t>s</t>s to <t>e</t>s', '[s, e]'); what it misses (m:ss clocks, 's - e') falls back to
-    the official V-STAR rule: exactly two time tokens in the answer."""
-    if isinstance(text, (list, tuple)):  # already a span, e.g. read back from a predictions file
-        vals = [parse_time_string(x) for x in text]
-        return tuple(vals) if len(vals) == 2 and None not in vals else None
-    answer = answer_text(text)
-    if not answer:
-        return None
-    span = rewards.parse_span(answer)
-    if span is not None:
-        return (float(span[0]), float(span[1]))
-    tokens = [parse_time_string(tok) for tok in _TIME_TOKEN.findall(answer)]
-    tokens = [t for t in tokens if t is not None]
-    return (tokens[0], tokens[1]) if len(tokens) == 2 else None
-
-
-def _as_box(v):
-    """[x1, y1, x2, y2] floats from a list or a {xmin, ymin, xmax, ymax} dict, else None."""
-    if isinstance(v, dict):
-        if all(k in v for k in ("xmin", "ymin", "xmax", "ymax")):
-            v = [v["xmin"], v["ymin"], v["xmax"], v["ymax"]]
-        else:
-            v = next((v[k] for k in ("bbox", "box", "bbox_2d") if k in v), None)
-    if not isinstance(v, (list, tuple)) or len(v) != 4:
-        return None
-    box = [_finite_number(x) for x in v]
-    return box if None not in box else None
-
-
-def _as_boxes(v):
-    """One box or a list of boxes -> list of boxes (the unreadable ones dropped)."""
-    box = _as_box(v)
-    if box is not None:
-        return [box]
-    if isinstance(v, (list, tuple)):
-        return [b for b in (_as_box(x) for x in v) if b is not None]
-    return []
-
-
-_TIME_KEYS = ("time", "timestamp", "t", "second", "sec")
-_FRAME_KEYS = ("frame", "frame_index", "frame_id", "frame_idx")
-
-
-def _key_time(key):
-    """A dict key -> seconds. V-STAR writes '{timestamp}_{frame_index}' keys: keep the time."""
-    if isinstance(key, str) and "_" in key:
-        key = key.split("_")[0]
-    return parse_time_string(key)
-
-
-def _entry_time(entry, fps):
-    """The time of a {'frame': i, 'bbox': ...}-style entry; frame indices become i / fps."""
-    for k in _TIME_KEYS:
-        if k in entry:
-            return parse_time_string(entry[k])
-    for k in _FRAME_KEYS:
-        if k in entry:
-            i = parse_time_string(entry[k])
-            return i / fps if (i is not None and fps) else i
-    return None
-
-
-def _close_brackets(s):
-    """Append the closers a cut-off answer is missing, innermost first ('[{"3": [1, 2' -> ..]}])."""
-    stack = []
-    for ch in s:
-        if ch in "[{":
-            stack.append("]" if ch == "[" else "}")
-        elif ch in "]}" and stack:
-            stack.pop()
-    return s + "".join(reversed(stack))
-
-
-def _load_loose_json(text):
-    """The first JSON object / array in text (```json fences, single quotes, missing closers)."""
-    m = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    body = m.group(1) if m else text
-    m = re.search(r"[\[{][\s\S]*[\]}]|[\[{][\s\S]*", body)
-    if not m:
-        return None
-    s = _close_brackets(m.group(0))
-    for load in (json.loads, ast.literal_eval, lambda x: json.loads(x.replace("'", '"'))):
-        try:
-            return load(s)
-        except Exception:  # any parse failure means "try the next reader"; never raise
-            continue
-    return None
-
-
-def _claims_to_timed_boxes(text):
-    """Our grammar inside an answer: <obj>x</obj><box>[..]</box>at<t>3.0</t>s."""
-    parsed = rewards.parse_completion(
-        f"{data.THINK_OPEN}{text}{data.THINK_CLOSE}{data.ANSWER_OPEN}x{data.ANSWER_CLOSE}")
-    out = defaultdict(list)
-    for claim in parsed.claims:
-        if claim.time is not None:
-            out[float(claim.time)].extend(_as_boxes(list(claim.boxes)))
-    return dict(out)
-
-
-def parse_timed_boxes(pred, fps=None):
-    """Predicted boxes -> {seconds: [[x1, y1, x2, y2], ...]}; {} when nothing parses.
-
-    pred is a completion / answer string or an already-decoded object. Accepted shapes:
-    {"3": [x1, y1, x2, y2]}, {"3": [[..], [..]]}, {"3_90": {"xmin": .., ...}}, [{"3": [..]}, ...],
-    [{"frame": 90, "bbox": [..]}, ...] (frame indices / fps when fps is given, else taken as
-    seconds), [{"time": 3, "box": [..]}], [[3, [..]], ...], and <obj>/<box>/<t> claims. Boxes
-    without a time cannot be matched to a frame and are dropped (the official scorer does too)."""
-    if isinstance(pred, str):
-        text = answer_text(pred)
-        if data.BOX_OPEN in text:
-            return _claims_to_timed_boxes(text)
-        pred = _load_loose_json(text)
-    out = defaultdict(list)
-    if isinstance(pred, dict):
-        if any(k in pred for k in _TIME_KEYS + _FRAME_KEYS):
-            pred = [pred]  # a single {'frame': i, 'bbox': ...} entry
-        else:
-            for k, v in pred.items():
-                t = _key_time(k)
-                if t is not None:
-                    out[t].extend(_as_boxes(v))
-            return {t: b for t, b in out.items() if b}
-    if not isinstance(pred, (list, tuple)):
-        return {}
-    for entry in pred:
-        if isinstance(entry, dict) and any(k in entry for k in _TIME_KEYS + _FRAME_KEYS):
-            t = _entry_time(entry, fps)
-            if t is not None:
-                out[t].extend(_as_boxes(entry))
-        elif isinstance(entry, dict):
-            for t, boxes in parse_timed_boxes(entry, fps).items():
-                out[t].extend(boxes)
-        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and _as_box(entry) is None:
-            t = parse_time_string(entry[0])  # [time, box] pairs
-            if t is not None:
-                out[t].extend(_as_boxes(entry[1]))
-    return {t: b for t, b in out.items() if b}
-
-
-# =============================================================================================
-# V-STAR: annotation layout, per-sample scores, summary
-# =============================================================================================
-# Public layout (V-STaR-Bench/V-STaR, V_STaR_test.json: a JSON list, one object per video QA):
-#   vid, domain, fps, width, height, frame_count, question, chain, object, answer,
-#   temporal_question, timestamps [start_s, end_s], spatial_question (chain 1),
-#   spatial_question_2 (chain 2), bboxes: pixel boxes of the width x height video, one per
-#   annotated frame, either [{"timestamp": t, "frame_index": i, "xmin", "ymin", "xmax", "ymax"}]
-#   (the released file, what the official scorer reads) or [{"{t}_{i}": {"xmin", ...}}] (README).
-VSTAR_REQUIRED = ("vid", "fps", "width", "height", "frame_count", "question", "answer",
-                  "temporal_question", "timestamps", "spatial_question", "spatial_question_2",
-                  "bboxes")
-
-
-@dataclass
-class VStarFrame:
-    time: float             # seconds from the start of the video
-    box: list               # [x1, y1, x2, y2] pixels of the width x height video
-    frame_index: int = None  # native-fps frame index, when the annotation gives one
-
-
-@dataclass
-class VStarSample:
-    vid: str
-    fps: float
-    width: int
-    height: int
-    frame_count: int
-    question: str           # What
-    answer: str
-    temporal_question: str  # When
-    timestamps: tuple       # (start, end) seconds
-    spatial_question: str   # Where, chain 1 (asked after When)
-    spatial_question_2: str  # Where, chain 2 (asked before When)
-    frames: list            # [VStarFrame], the ground-truth boxes
-    domain: str = ""
-    object: str = ""
-    chain: str = ""
-    extra: dict = field(default_factory=dict)  # unknown keys, kept for the predictions file
-
-    @property
-    def duration(self):
-        return self.frame_count / self.fps
-
-
-def _bad(path, i, name, why):
-    return ValueError(f"{path}: sample {i}: field '{name}' {why}")
-
-
-def _vstar_frames(raw, fps, path, i):
-    """The bboxes field in either published form -> [VStarFrame], checked."""
-    if not isinstance(raw, list) or not raw:
-        raise _bad(path, i, "bboxes", "must be a non-empty list")
-    frames = []
-    for j, entry in enumerate(raw):
-        where = f"bboxes[{j}]"
-        if not isinstance(entry, dict):
-            raise _bad(path, i, where, "must be an object")
-        if "xmin" in entry:  # {"timestamp": t, "frame_index": k, "xmin": ...}
-            t = parse_time_string(entry.get("timestamp"))
-            k = _finite_number(entry.get("frame_index"))
-            k = int(k) if k is not None else None
-            if t is None and k is not None:
-                t = k / fps
-            box = _as_box(entry)
-        elif len(entry) == 1:  # {"{t}_{k}": {"xmin": ...}}
-            (key, value), = entry.items()
-            t, box = _key_time(key), _as_box(value)
-            parts = str(key).split("_")
-            k = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-        else:
-            raise _bad(path, i, where, "has neither xmin/ymin/xmax/ymax nor one '{t}_{i}' key")
-        if t is None:
-            raise _bad(path, i, where, "has no readable timestamp (or frame_index with fps)")
-        if box is None:
-            raise _bad(path, i, where, "has no readable xmin/ymin/xmax/ymax box")
-        frames.append(VStarFrame(time=t, box=box, frame_index=k))
-    return frames
-
-
-def vstar_sample_from_dict(d, path="<records>", i=0):
-    """One annotation object -> VStarSample; ValueError naming path, index and field."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: sample {i}: must be a JSON object, got {type(d).__name__}")
-    for name in VSTAR_REQUIRED:
-        if name not in d or d[name] is None:
-            raise _bad(path, i, name, "is missing")
-    nums = {k: _finite_number(d[k]) for k in ("fps", "width", "height", "frame_count")}
-    for k, v in nums.items():
-        if v is None or v <= 0:
-            raise _bad(path, i, k, f"must be a positive number, got {d[k]!r}")
-    ts = d["timestamps"]
-    span = tuple(parse_time_string(x) for x in ts) if isinstance(ts, (list, tuple)) else ()
-    if len(span) != 2 or None in span or span[1] < span[0]:
-        raise _bad(path, i, "timestamps", f"must be [start, end] seconds, got {ts!r}")
-    for k in ("question", "answer", "temporal_question", "spatial_question", "spatial_question_2"):
-        if not isinstance(d[k], str):
-            raise _bad(path, i, k, f"must be a string, got {type(d[k]).__name__}")
-    known = set(VSTAR_REQUIRED) | {"domain", "object", "chain"}
-    return VStarSample(
-        vid=str(d["vid"]), fps=nums["fps"], width=int(nums["width"]), height=int(nums["height"]),
-        frame_count=int(nums["frame_count"]), question=d["question"], answer=d["answer"],
-        temporal_question=d["temporal_question"], timestamps=span,
-        spatial_question=d["spatial_question"], spatial_question_2=d["spatial_question_2"],
-        frames=_vstar_frames(d["bboxes"], nums["fps"], path, i),
-        domain=str(d.get("domain") or ""), object=str(d.get("object") or ""),
-        chain=str(d.get("chain") or ""), extra={k: v for k, v in d.items() if k not in known})
-
-
-def _read_json_list(path):
-    """A JSON list (or JSON lines) from path; ValueError naming the file otherwise."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: neither a JSON list nor JSON lines ({e})") from None
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(items).__name__}")
-    if not items:
-        raise ValueError(f"{path}: no samples")  # an empty test set would report zeros silently
-    return items
-
-
-def load_vstar(path):
-    """A V-STAR annotation file (public layout) -> [VStarSample]."""
-    return [vstar_sample_from_dict(d, path, i) for i, d in enumerate(_read_json_list(path))]
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s):
-    """Lower case, no punctuation, no articles, single spaces: for exact-match judging."""
-    s = re.sub(r"[^\w\s]", " ", str(s).lower())
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-_LEADING_LETTER = re.compile(r"\s*[\(\[]?([A-Z])(?:[\)\]\.:]|\s|$)")
-
-
-def read_letter(text):
-    """The option letter of a prediction: rewards.parse_letter's forms ('B', '(B)', 'Correct
-    Option: B'), or a capital letter opening the answer before its option text ('C. green',
-    '(C) green'), which is how VideoMME-style answers often come back."""
-    ans = answer_text(text)
-    letter = rewards.parse_letter(ans)
-    if letter is None:
-        m = _LEADING_LETTER.match(ans)
-        letter = m.group(1) if m else None
-    return letter
-
-
-def default_judge(question, reference, candidate, rouge_threshold=0.5):
-    """Is the candidate answer correct? Option letters compare as letters; otherwise normalized
-    exact match, or mean ROUGE-1/2/L F1 >= rouge_threshold. (V-STAR itself asks a 72B LLM for a
-    0-3 score and counts >= 2; no judge model runs here, so this is the offline stand-in. Any
-    callable (question, reference, candidate) -> bool plugs in instead.)"""
-    if not candidate or not str(candidate).strip():
-        return False
-    ref_letter = rewards.parse_letter(str(reference))
-    if ref_letter is not None:
-        return read_letter(candidate) == ref_letter
-    if normalize_answer(candidate) == normalize_answer(reference):
-        return True
-    return rewards.rouge_f1_mean(candidate, reference) >= rouge_threshold
-
-
-def visual_iou(frames, timed_boxes, time_tol=0.5):
-    """V-STAR vIoU: mean over ground-truth frames of the best IoU among the boxes predicted for
-    that frame (0 when none). A prediction belongs to a frame when its time is within time_tol
-    seconds: with whole-second annotations and whole-second keys that is the official exact-key
-    match, and it still lets '3.0' meet 3."""
-    if not frames:
-        return 0.0
-    scores = []
-    for fr in frames:
-        cands = [b for t, boxes in timed_boxes.items() if abs(t - fr.time) <= time_tol + 1e-9
-                 for b in boxes]
-        scores.append(max((rewards.box_iou(b, fr.box) for b in cands), default=0.0))
-    return _mean(scores)
-
-
-def _rescale(timed_boxes, pred_size, width, height):
-    """Boxes written on the frame the model saw (pred_size = (w, h)) -> the annotation's pixels."""
-    if not pred_size:
-        return timed_boxes
-    sx, sy = width / pred_size[0], height / pred_size[1]
-    return {t: [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
-            for t, boxes in timed_boxes.items()}
-
-
-def score_vstar_sample(sample, what_text, when1_text, where1_text, where2_text, when2_text,
-                       judge=default_judge, pred_size=None, time_tol=0.5):
-    """Scores of one V-STAR sample from the five model outputs (completions or bare answers).
-
-    Chain 1 asks When then Where (when1, where1); chain 2 asks Where then When (where2, when2).
-    pred_size = (w, h) of the frames the model saw when its boxes are in those pixels (boxes get
-    rescaled to the annotation's width x height), None when they already are. Never raises on
-    predictions. Returns the scores (what, tiou_1, tiou_2, viou_1, viou_2, each in [0, 1]) and
-    the parsed predictions under 'parsed' (for the per-sample predictions file)."""
-    what = answer_text(what_text)
-    span1, span2 = parse_time_span(when1_text), parse_time_span(when2_text)
-    boxes1, boxes2 = [_rescale(parse_timed_boxes(t, sample.fps), pred_size, sample.width,
-                               sample.height) for t in (where1_text, where2_text)]
-    correct = bool(judge(sample.question, sample.answer, what)) if what else False
-    return {
-        "what": float(correct),
-        "tiou_1": temporal_iou(span1, sample.timestamps),
-        "tiou_2": temporal_iou(span2, sample.timestamps),
-        "viou_1": visual_iou(sample.frames, boxes1, time_tol),
-        "viou_2": visual_iou(sample.frames, boxes2, time_tol),
-        "parsed": {"what": what, "span_1": span1, "span_2": span2,
-                   "boxes_1": {str(t): b for t, b in sorted(boxes1.items())},
-                   "boxes_2": {str(t): b for t, b in sorted(boxes2.items())}},
-    }
-
-
-LGM_EPS = 1e-6  # ln(1 - x) is -inf at x = 1 (a perfect score); clamp so the table stays finite
-
-
-def vstar_scores(acc, mtiou_1, mtiou_2, mviou_1, mviou_2):
-    """AM / LGM from the five means (fractions in [0, 1]); every value returned is x100."""
-    lg = lambda x: math.log(max(1.0 - x, LGM_EPS))  # noqa: E731
-    am = [(acc + t + v) / 3 for t, v in ((mtiou_1, mviou_1), (mtiou_2, mviou_2))]
-    lgm = [-(lg(acc) + lg(t) + lg(v)) / 3 for t, v in ((mtiou_1, mviou_1), (mtiou_2, mviou_2))]
-    out = {"Acc": acc, "mtIoU_1": mtiou_1, "mtIoU_2": mtiou_2, "mvIoU_1": mviou_1,
-           "mvIoU_2": mviou_2, "AM_1": am[0], "AM_2": am[1], "mAM": _mean(am),
-           "LGM_1": lgm[0], "LGM_2": lgm[1], "mLGM": _mean(lgm)}
-    return {k: 100.0 * v for k, v in out.items()}
-
-
-def vstar_summary(per_sample):
-    """Per-sample score dicts (score_vstar_sample) -> the V-STAR table row, x100, plus n."""
-    mean = lambda k: _mean(s[k] for s in per_sample)  # noqa: E731
-    out = vstar_scores(mean("what"), mean("tiou_1"), mean("tiou_2"), mean("viou_1"),
-                       mean("viou_2"))
-    out["n"] = len(per_sample)
-    return out
-
-
-def vstar_oracle_texts(sample):
-    """What a perfect model would write for the five questions (for checking the scorer)."""
-    s, e = sample.timestamps
-    when = (f"From {data.T_OPEN}{data.format_seconds(s)}{data.T_CLOSE}s to "
-            f"{data.T_OPEN}{data.format_seconds(e)}{data.T_CLOSE}s")
-    where = json.dumps({str(fr.time): fr.box for fr in sample.frames})
-    return {"what_text": sample.answer, "when1_text": when, "where1_text": where,
-            "where2_text": where, "when2_text": when}
-
-
-# =============================================================================================
-# Multiple-choice video QA (VideoMME-style: question, options, answer letter)
-# =============================================================================================
-# VideoMME rows: video_id, duration (short/medium/long), domain, sub_category, url, videoID,
-# question_id, task_type, question, options ["A. ...", ...], answer "A". Our STGR MCQ records carry
-# `task` and an answer "B" (or "B\n[s, e]" for temporal MCQ).
-MCQ_CATEGORY_KEYS = ("category", "task_type", "task", "duration", "domain")
-
-
-def load_mcq(path):
-    """A VideoMME-style JSON list -> records, checked for question / options / answer."""
-    records = _read_json_list(path)
-    for i, r in enumerate(records):
-        for name in ("question", "options", "answer"):
-            if not isinstance(r, dict) or name not in r or r[name] in (None, ""):
-                raise _bad(path, i, name, "is missing")
-        if rewards.parse_letter(str(r["answer"])) is None:
-            raise _bad(path, i, "answer", f"is not an option letter: {r['answer']!r}")
-    return records
-
-
-def mcq_accuracy(records, letters):
-    """Accuracy (x100) of predicted letters (or completions) against records' answer letters,
-    overall and per value of every category-like field present ('Acc[task_type=Counting]')."""
-    if len(records) != len(letters):
-        raise ValueError(f"{len(records)} records but {len(letters)} predictions")
-    hits, groups = [], defaultdict(list)
-    for i, (r, pred) in enumerate(zip(records, letters)):
-        gt = rewards.parse_letter(str(r.get("answer", "")))
-        if gt is None:
-            raise ValueError(f"record {i} ('{r.get('id', r.get('question_id', '?'))}'): field "
-                             f"'answer' is not an option letter: {r.get('answer')!r}")
-        hit = float(read_letter(pred) == gt)
-        hits.append(hit)
-        for key in MCQ_CATEGORY_KEYS:
-            if r.get(key) not in (None, ""):
-                groups[f"Acc[{key}={r[key]}]"].append(hit)
-    out = {"Acc": 100.0 * _mean(hits), "n": len(hits)}
-    out.update({k: 100.0 * _mean(v) for k, v in sorted(groups.items())})
-    return out
-
-
-# =============================================================================================
-# Temporal grounding (Charades-STA style)
-# =============================================================================================
-TG_THRESHOLDS = (0.3, 0.5, 0.7)
-
-
-def load_grounding(path):
-    """A Charades-STA-style JSON list: {video, query (or sentence), span (or timestamp) [s, e]}."""
-    rows = _read_json_list(path)
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: sample {i}: must be a JSON object")
-        for name, keys in (("video", ("video", "video_path")), ("query", ("query", "sentence")),
-                           ("span", ("span", "timestamp"))):
-            if not any(r.get(k) not in (None, "") for k in keys):
-                raise _bad(path, i, name, f"is missing (one of {keys})")
-        span = r.get("span", r.get("timestamp"))
-        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(_finite_number(x) is not None for x in span)
-                and span[0] < span[1]):
-            raise _bad(path, i, "span", f"must be [start, end] seconds with start < end, got {span!r}")
-    return rows
-
-
-def temporal_grounding_metrics(pred_spans, gt_spans):
-    """R@1 at tIoU >= 0.3 / 0.5 / 0.7 and mean tIoU, all x100. A None prediction counts 0."""
-    if len(pred_spans) != len(gt_spans):
-        raise ValueError(f"{len(pred_spans)} predictions but {len(gt_spans)} ground truths")
-    ious = [temporal_iou(p, g) for p, g in zip(pred_spans, gt_spans)]
-    out = {f"R@{th}": 100.0 * _mean(iou >= th for iou in ious) for th in TG_THRESHOLDS}
-    out["mIoU"] = 100.0 * _mean(ious)
-    return out
-
-
-# =============================================================================================
-# STGR synthetic split: accuracy + every rewards.py component that applies
-# =============================================================================================
-ACC_IOU = 0.5  # a span / box answer counts as correct at IoU >= 0.5 (the usual R@0.5)
-
-
-def stgr_correct(record, completion, judge=default_judge):
-    """Is the answer right? MCQ: letter; temporal QA: tIoU >= 0.5; visual QA: box IoU >= 0.5
-    (via rewards' answer score, which is that IoU); free-form: the What judge."""
-    task, answer = record.get("task", ""), answer_text(completion)
-    if not answer:
-        return False
-    if task in rewards.MCQ_TASKS:
-        return read_letter(answer) == rewards.parse_letter(str(record["answer"]))
-    if task == "temporal QA":
-        gt = rewards.parse_span(str(record["answer"]))
-        return temporal_iou(parse_time_span(answer), gt) >= ACC_IOU
-    if task == "visual QA":
-        return None  # decided from the reward's answer component in score_stgr
-    return bool(judge(record.get("question", ""), str(record["answer"]), answer))
-
-
-def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
-    """One STGR record: 'correct' (0/1), the rewards.py components that apply ('reward/<name>',
-    reward scale) and, on temporal tasks, the predicted and true spans."""
-    cfg = cfg if cfg is not None else rewards.RewardConfig()
-    text = completion if isinstance(completion, str) else ""
-    scores = rewards.score_completion(text, record, ctx, cfg)
-    hit = stgr_correct(record, text, judge)
-    if hit is None:  # visual QA: the answer reward is the box IoU
-        hit = float(scores.get("answer", 0.0)) >= ACC_IOU
-    out = {"task": record.get("task", ""), "correct": float(hit)}
-    out.update({f"reward/{k}": float(v) for k, v in scores.items()
-                if _finite_number(v) is not None})
-    if record.get("task") in data.TEMPORAL_TASKS:
-        out["pred_span"] = parse_time_span(text)
-        out["gt_span"] = rewards.parse_span(str(record.get("answer", "")))
-    return out
-
-
-def stgr_summary(per_sample):
-    """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall and per task), temporal
-    grounding on the temporal tasks ('TG/...', x100), and each reward's mean over the records
-    where it applies (reward scale, not x100)."""
-    by_task, comps = defaultdict(list), defaultdict(list)
-    for s in per_sample:
-        by_task[f"Acc[task={s['task']}]"].append(s["correct"])
-        for k, v in s.items():
-            if k.startswith("reward/"):
-                comps[k].append(v)
-    out = {"Acc": 100.0 * _mean(s["correct"] for s in per_sample), "n": len(per_sample)}
-    out.update({k: 100.0 * _mean(v) for k, v in sorted(by_task.items())})
-    spans = [(s["pred_span"], s["gt_span"]) for s in per_sample if "gt_span" in s]
-    if spans:
-        tg = temporal_grounding_metrics([p for p, _ in spans], [g for _, g in spans])
-        out.update({f"TG/{k}": v for k, v in tg.items()})
-    out.update({k: _mean(v) for k, v in sorted(comps.items())})
-    return out
-
-
-def score_stgr(records, completions, ctx, cfg=None, judge=default_judge):
-    """Summary of one checkpoint on an STGR split (see stgr_summary). ctx is one
-    rewards.RewardContext for every record, or a list with one per record."""
-    if len(records) != len(completions):
-        raise ValueError(f"{len(records)} records but {len(completions)} completions")
-    ctxs = ctx if isinstance(ctx, (list, tuple)) else [ctx] * len(records)
-    return stgr_summary([score_stgr_sample(r, t, c, cfg, judge)
-                         for r, t, c in zip(records, completions, ctxs)])
-
-
-# =============================================================================================
-# Tables
-# =============================================================================================
-
-
-def _cell(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return "-" if v is None else str(v)
-    return str(v) if isinstance(v, int) else f"{v:.2f}"
-
-
-def format_markdown_table(summaries):
-    """{checkpoint name: summary dict} -> a markdown table: one row per checkpoint, one column
-    per metric (union of keys in first-seen order; '-' where a checkpoint lacks one)."""
-    cols = []
-    for s in summaries.values():
-        cols += [k for k in s if k not in cols and not isinstance(s[k], (dict, list))]
-    lines = ["| checkpoint | " + " | ".join(cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for name, s in summaries.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(s.get(c)) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def compare_summaries(paths):
-    """Summary JSON files (as written by an eval run) -> one markdown table, rows named by path."""
-    summaries = {}
-    for p in paths:
-        with open(p) as f:
-            summaries[p] = json.load(f)
-    return format_markdown_table(summaries)
-
-
-# =============================================================================================
-# Inference
-# =============================================================================================
-# Raw video, no visual prompt, no hint; greedy by default. Each rank takes every world-th sample,
-# the results are gathered in the original order. One prompt at a time (prompts differ in length;
-# the tiny default runs at ~0.1 s a sample here, and a real model is generation-bound anyway).
-
-@dataclass
-class EvalConfig:
-    model: str = ""               # checkpoint directory
-    data: str = ""                # STGR, V-STAR, VideoMME-style or Charades-STA-style JSON
-    data_root: str = ""           # media root; empty -> the JSON's folder
-    kind: str = "auto"            # auto | stgr | vstar | mcq (VideoMME-style) | tg (Charades-STA-style)
-    out: str = ""                 # output folder; empty -> {model}/eval
-    limit: int = 0                # evaluate the first N samples (0: all)
-    max_new_tokens: int = 128
-    temperature: float = 0.0      # 0 is greedy
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 16
-
-
-def generate_text(model, tokenizer, prompt, cfg):
-    import model as M
-    ids, mask, _ = M.generate(model, prompt, 1, cfg.max_new_tokens, M.stop_token_ids(model, tokenizer),
-                              tokenizer.pad_token_id, cfg.temperature, 1.0, banned_ids=M.vision_token_ids(tokenizer))
+# eval.py's flag names -> the config's fields (kept from when eval.py had its own config)
+EVAL_FLAGS = {"data": "eval_data", "kind": "benchmark", "out": "eval_out", "limit": "eval_samples",
+              "max_new_tokens": "eval_max_new_tokens", "temperature": "eval_temperature",
+              "max_prompt_tokens": "eval_max_prompt_tokens"}
+
+
+def generate_text(vlm, tokenizer, inputs, cfg):
+    ids, mask, _ = model.generate(vlm, inputs, 1, cfg.eval_max_new_tokens, model.stop_token_ids(vlm, tokenizer),
+                                  tokenizer.pad_token_id, cfg.eval_temperature, 1.0,
+                                  banned_ids=model.vision_token_ids(tokenizer))
     return tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
 
 
-def _prompt_for(model_bundle, video, questions, answers, device, dtype):
-    """A multi-turn prompt: the video with questions[0], then earlier answers and later questions."""
-    import model as M
-    _, tokenizer, vision = model_bundle
-    parts = data.render_prompt(questions[0], video.times, video.duration)
-    for a, q in zip(answers, questions[1:]):
-        parts[-1] += f"{a}{data.IM_END}\n{data.IM_START}user\n{q}{data.IM_END}\n{data.IM_START}assistant\n"
-    return M.tokenize_prompt(tokenizer, parts, video.frames, vision).to(device, dtype)
+def one_process():
+    """The Runtime of a plain single CPU process (evaluate's default)."""
+    return config.Runtime(None, torch.device("cpu"), torch.float32, 0, 1)
 
 
-def infer_stgr(bundle, records, cfg, rank=0, world=1, device="cpu", dtype=None):
+def _input_for(bundle, video, questions, answers, cfg, where, rt):
+    """A multi-turn model input: the video with questions[0], then earlier answers and later
+    questions. A prompt over eval_max_prompt_tokens is an error naming the sample (`where`)."""
+    _, tokenizer, vision = bundle
+    inputs = model.model_input(tokenizer, vision, video, questions[0], turns=list(zip(answers, questions[1:])))
+    data.check_prompt_length(len(inputs), cfg.eval_max_prompt_tokens, where)
+    return inputs.to(rt.device, rt.dtype)
+
+
+def infer_stgr(bundle, records, cfg, rt):
     """Completions for this rank's share of STGR records: [(index, completion, frame_size)]."""
-    from tqdm import tqdm
-    model, tokenizer, _ = bundle
-    fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+    vlm, tokenizer, _ = bundle
     out = []
-    for i in tqdm(range(rank, len(records), world), desc="eval", disable=rank != 0):
-        video = data.load_video_sample(records[i], fc)
-        prompt = _prompt_for(bundle, video, [records[i]["question"]], [], device, dtype)
-        out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
+    for i in tqdm(range(rt.rank, len(records), rt.world), desc="eval", disable=not rt.main):
+        video = data.load_video_sample(records[i], config.frames(cfg))
+        inputs = _input_for(bundle, video, [records[i]["question"]], [], cfg, data.origin(records[i]), rt)
+        out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
     return out
 
 
-def infer_vstar(bundle, samples, video_root, cfg, rank=0, world=1, device="cpu", dtype=None):
+def infer_vstar(bundle, samples, video_root, cfg, rt):
     """Five answers per V-STAR sample: What; chain 1 When -> Where; chain 2 Where -> When."""
-    import os
-    from tqdm import tqdm
-    model, tokenizer, _ = bundle
-    fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
     out = []
-    for i in tqdm(range(rank, len(samples), world), desc="eval v-star", disable=rank != 0):
-        s = samples[i]
-        rec = {"id": s.vid, "video_path": os.path.join(video_root, "videos", f"{s.vid}.mp4"), "key_frames": []}
-        video = data.load_video_sample(rec, fc)
-        ask = lambda qs: _chain(bundle, video, qs, cfg, device, dtype)
+    for i in tqdm(range(rt.rank, len(samples), rt.world), desc="eval v-star", disable=not rt.main):
+        s, where = samples[i], f"{cfg.eval_data}: sample {i} (vid={samples[i].vid!r})"
+        rec = {"id": s.vid, "_origin": where, "key_frames": [],
+               "video_path": data.resolve_media(video_root, f"videos/{s.vid}.mp4", where, "vid")}
+        video = data.load_video_sample(rec, config.frames(cfg))
+        ask = lambda qs: _chain(bundle, video, qs, cfg, where, rt)  # noqa: E731
         what, when1, where1 = ask([s.question, s.temporal_question, s.spatial_question])
         _, where2, when2 = ask([s.question, s.spatial_question_2, s.temporal_question])
         out.append((i, {"what": what, "when1": when1, "where1": where1, "where2": where2, "when2": when2},
@@ -743,34 +85,32 @@ def infer_vstar(bundle, samples, video_root, cfg, rank=0, world=1, device="cpu",
     return out
 
 
-def _chain(bundle, video, questions, cfg, device, dtype):
-    model, tokenizer, _ = bundle
+def _chain(bundle, video, questions, cfg, where, rt):
+    vlm, tokenizer, _ = bundle
     answers = []
     for k in range(len(questions)):
-        prompt = _prompt_for(bundle, video, questions[:k + 1], answers, device, dtype)
-        answers.append(generate_text(model, tokenizer, prompt, cfg))
+        inputs = _input_for(bundle, video, questions[:k + 1], answers, cfg, where, rt)
+        answers.append(generate_text(vlm, tokenizer, inputs, cfg))
     return answers
 
 
 def _video_record(row, root, keys=("video_path", "video", "videoID", "video_id")):
     """A benchmark row -> the minimal record data.load_video_sample needs (video under root)."""
-    import os
     name = next(str(row[k]) for k in keys if row.get(k) not in (None, ""))
     path = name if os.path.splitext(name)[1] else name + ".mp4"
     return {"id": row.get("question_id", row.get("id", name)), "key_frames": [],
             "video_path": data.resolve_media(root, path, f"{root}: {name}", "video")}
 
 
-def infer_questions(bundle, rows, root, questions, cfg, rank=0, world=1, device="cpu", dtype=None):
+def infer_questions(bundle, rows, root, questions, cfg, rt):
     """One completion per row for the question text `questions(row)` on the row's raw video."""
-    from tqdm import tqdm
-    model, tokenizer, _ = bundle
-    fc = data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+    vlm, tokenizer, _ = bundle
     out = []
-    for i in tqdm(range(rank, len(rows), world), desc="eval", disable=rank != 0):
-        video = data.load_video_sample(_video_record(rows[i], root), fc)
-        prompt = _prompt_for(bundle, video, [questions(rows[i])], [], device, dtype)
-        out.append((i, generate_text(model, tokenizer, prompt, cfg), prompt.frame_size))
+    for i in tqdm(range(rt.rank, len(rows), rt.world), desc="eval", disable=not rt.main):
+        rec = _video_record(rows[i], root)
+        video = data.load_video_sample(rec, config.frames(cfg))
+        inputs = _input_for(bundle, video, [questions(rows[i])], [], cfg, data.origin(rec), rt)
+        out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
     return out
 
 
@@ -792,10 +132,10 @@ def gather_in_order(rows, world):
     return sorted(rows, key=lambda r: r[0])
 
 
-def detect_kind(path):
+def detect_benchmark(path):
     """vstar (temporal_question), mcq (options), tg (query / sentence), else stgr."""
-    with open(path) as f:
-        first = (json.load(f) or [{}])[0]
+    items = data.read_json(path)
+    first = items[0] if isinstance(items, list) and items else {}
     if not isinstance(first, dict):
         return "stgr"
     if "temporal_question" in first:
@@ -805,115 +145,81 @@ def detect_kind(path):
     return "tg" if ("query" in first or "sentence" in first) and "task" not in first else "stgr"
 
 
-def evaluate(cfg, bundle, rank=0, world=1, device="cpu", dtype=None):
-    """Run one checkpoint over one file; rank 0 writes predictions.jsonl, summary.json, summary.md."""
-    import os
-    kind = detect_kind(cfg.data) if cfg.kind == "auto" else cfg.kind
-    root = cfg.data_root or os.path.dirname(os.path.abspath(cfg.data))
-    if kind == "vstar":
-        items = load_vstar(cfg.data)[: cfg.limit or None]
-        rows = gather_in_order(infer_vstar(bundle, items, root, cfg, rank, world, device, dtype), world)
-        per = [score_vstar_sample(items[i], t["what"], t["when1"], t["where1"], t["where2"], t["when2"], pred_size=size)
-               for i, t, size in rows]
-        summary = vstar_summary(per)
+def evaluate(cfg, bundle, rt=None):
+    """Run one checkpoint over cfg.eval_data; rank 0 writes predictions.jsonl, summary.json, summary.md.
+    rt: the processes sharing the work (config.setup_runtime); one plain CPU process by default."""
+    rt = rt or one_process()
+    benchmark = detect_benchmark(cfg.eval_data) if cfg.benchmark == "auto" else cfg.benchmark
+    root = cfg.data_root or os.path.dirname(os.path.abspath(cfg.eval_data))
+    limit = cfg.eval_samples or None
+    if benchmark == "vstar":
+        items = metrics.load_vstar(cfg.eval_data)[:limit]
+        rows = gather_in_order(infer_vstar(bundle, items, root, cfg, rt), rt.world)
+        per = [metrics.score_vstar_sample(items[i], answers, pred_size=size) for i, answers, size in rows]
+        summary = metrics.vstar_summary(per)
         preds = [{"id": items[i].vid, **t, **{k: v for k, v in p.items() if k != "parsed"}}
                  for (i, t, _), p in zip(rows, per)]
-    elif kind == "mcq":
-        items = load_mcq(cfg.data)[: cfg.limit or None]
-        rows = gather_in_order(infer_questions(bundle, items, root, mcq_question, cfg, rank, world, device, dtype), world)
-        summary = mcq_accuracy(items, [answer_text(t) for _, t, _ in rows])
-        preds = [{"id": items[i].get("question_id", i), "completion": t, "letter": read_letter(answer_text(t)),
-                  "answer": items[i]["answer"]} for i, t, _ in rows]
-    elif kind == "tg":
-        items = load_grounding(cfg.data)[: cfg.limit or None]
-        rows = gather_in_order(infer_questions(bundle, items, root, grounding_question, cfg, rank, world, device,
-                                               dtype), world)
-        spans = [parse_time_span(answer_text(t)) for _, t, _ in rows]
+    elif benchmark == "mcq":
+        items = metrics.load_mcq(cfg.eval_data)[:limit]
+        rows = gather_in_order(infer_questions(bundle, items, root, mcq_question, cfg, rt), rt.world)
+        summary = metrics.mcq_accuracy(items, [metrics.answer_text(t) for _, t, _ in rows])
+        preds = [{"id": items[i].get("question_id", i), "completion": t,
+                  "letter": metrics.read_letter(metrics.answer_text(t)), "answer": items[i]["answer"]}
+                 for i, t, _ in rows]
+    elif benchmark == "tg":
+        items = metrics.load_grounding(cfg.eval_data)[:limit]
+        rows = gather_in_order(infer_questions(bundle, items, root, grounding_question, cfg, rt), rt.world)
+        spans = [metrics.parse_time_span(metrics.answer_text(t)) for _, t, _ in rows]
         gts = [tuple(items[i].get("span", items[i].get("timestamp"))) for i, _, _ in rows]
-        summary = temporal_grounding_metrics(spans, gts)
+        summary = metrics.temporal_grounding_metrics(spans, gts)
         summary["n"] = len(rows)
         preds = [{"id": i, "completion": t, "pred_span": p, "gt_span": g} for (i, t, _), p, g in zip(rows, spans, gts)]
     else:
-        items = data.load_records(cfg.data, cfg.data_root or None)[: cfg.limit or None]
-        rows = gather_in_order(infer_stgr(bundle, items, cfg, rank, world, device, dtype), world)
+        items = data.load_records(cfg.eval_data, cfg.data_root or None)[:limit]
+        rows = gather_in_order(infer_stgr(bundle, items, cfg, rt), rt.world)
         ctxs = [rewards.RewardContext(frame_width=w, frame_height=h, progress=1.0) for _, _, (w, h) in rows]
-        per = [score_stgr_sample(items[i], t, c) for (i, t, _), c in zip(rows, ctxs)]
-        summary = stgr_summary(per)
-        preds = [{"id": items[i]["id"], "completion": t, "answer": answer_text(t), **p} for (i, t, _), p in zip(rows, per)]
-    if rank == 0:
-        write_results(cfg.out or os.path.join(cfg.model, "eval"), kind, preds, summary, cfg.model)
+        per = [metrics.score_stgr_sample(items[i], t, c) for (i, t, _), c in zip(rows, ctxs)]
+        summary = metrics.stgr_summary(per)
+        preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), **p}
+                 for (i, t, _), p in zip(rows, per)]
+    if rt.main:
+        write_results(cfg.eval_out or os.path.join(cfg.model, "eval"), benchmark, preds, summary, cfg.model)
     return summary
 
 
-def write_results(out, kind, preds, summary, name):
-    import os
+def write_results(out, benchmark, preds, summary, name):
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{kind}_predictions.jsonl"), "w") as f:
+    with open(os.path.join(out, f"{benchmark}_predictions.jsonl"), "w") as f:
         for p in preds:
             f.write(json.dumps(p, default=str) + "\n")
-    with open(os.path.join(out, f"{kind}_summary.json"), "w") as f:
+    with open(os.path.join(out, f"{benchmark}_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(out, f"{kind}_summary.md"), "w") as f:
-        f.write(format_markdown_table({name: summary}) + "\n")
-
-
-def stage_eval(tcfg, rt, path):
-    """The main job's last stage: the checkpoint on the synthetic test split and its V-STAR set."""
-    import os
-    import model as M
-    bundle = M.load_policy(path, rt.device, rt.dtype)
-    bundle[0].eval()
-    tables = {}
-    for kind, name in (("stgr", "test.json"), ("vstar", "vstar_test.json")):
-        cfg = EvalConfig(model=path, data=os.path.join(tcfg.data_dir, name), kind=kind,
-                         out=os.path.join(tcfg.out_dir, "eval"), limit=tcfg.eval_samples,
-                         fps=tcfg.fps, min_frames=tcfg.min_frames, max_frames=tcfg.max_frames)
-        with __import__("torch").no_grad():
-            tables[kind] = evaluate(cfg, bundle, rt.rank, rt.world, rt.device, rt.dtype)
-    if rt.main:
-        for kind, summary in tables.items():
-            print(f"\n[eval] {kind} on {tcfg.data_dir} ({path}):\n" + format_markdown_table({path: summary}))
-    return tables
+    with open(os.path.join(out, f"{benchmark}_summary.md"), "w") as f:
+        f.write(metrics.format_markdown_table({name: summary}) + "\n")
 
 
 def parse_eval_args(argv):
-    """`--field=value` overrides of EvalConfig, each converted to the field's type."""
-    import dataclasses
-    cfg = EvalConfig()
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not eq or key not in fields:
-            raise SystemExit(f"bad argument {arg!r}: expected --field=value, field one of {sorted(fields)}")
-        try:
-            setattr(cfg, key, type(getattr(cfg, key))(value))
-        except ValueError:
-            raise SystemExit(f"--{key} expects {type(getattr(cfg, key)).__name__}, got {value!r}") from None
-    if not cfg.model or not cfg.data:
+    """The one config, read with eval.py's flag names; evaluates every sample unless --limit."""
+    cfg = config.parse_args(argv, config.Config(eval_samples=0), aliases=EVAL_FLAGS, prog="eval.py")
+    if not cfg.model or not cfg.eval_data:
         raise SystemExit("usage: python eval.py --model=CKPT --data=JSON [--kind=stgr|vstar|mcq|tg] [--limit=N] "
-                         "| python eval.py --compare A_summary.json B_summary.json ...")
+                         "| python eval.py --compare A_summary.json B_summary.json ... | python eval.py --help")
     return cfg
 
 
 def main(argv):
-    import torch
-    import model as M
     if argv and argv[0] == "--compare":
-        print(compare_summaries(argv[1:]))
+        print(metrics.compare_summaries(argv[1:]))
         return
     cfg = parse_eval_args(argv)
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16
-    bundle = M.load_policy(cfg.model, acc.device, dtype)
+    rt = config.setup_runtime(cfg)
+    bundle = model.load_policy(cfg.model, rt.device, rt.dtype)
     bundle[0].eval()
     with torch.no_grad():
-        summary = evaluate(cfg, bundle, acc.process_index, acc.num_processes, acc.device, dtype)
-    if acc.is_main_process:
-        print(format_markdown_table({cfg.model: summary}))
+        summary = evaluate(cfg, bundle, rt)
+    if rt.main:
+        print(metrics.format_markdown_table({cfg.model: summary}))
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

@@ -155,15 +155,15 @@ def coach_table(out_dirs):
     for arm, dirs in out_dirs.items():
         rows = [json.loads(l) for d in dirs for l in open(os.path.join(d, "rl", "metrics.jsonl"))]
         hard = statistics.mean(r.get("coach/hard_share", 0.0) for r in rows)
-        kinds = sorted({k.split("/")[-1] for r in rows for k in r if k.startswith("coach/chosen/")})
-        if not kinds:
+        vps = sorted({k.split("/")[-1] for r in rows for k in r if k.startswith("coach/chosen/")})
+        if not vps:
             lines.append(f"| {arm} | {hard:.2f} | - | - | - | - | - |")
-        for kind in kinds:
-            n = sum(r.get(f"coach/chosen/{kind}", 0) for r in rows)
-            raw = sum(r.get(f"coach/raw_sum/{kind}", 0.0) for r in rows)
-            prompted = sum(r.get(f"coach/prompted_sum/{kind}", 0.0) for r in rows)
+        for vp in vps:
+            n = sum(r.get(f"coach/chosen/{vp}", 0) for r in rows)
+            raw = sum(r.get(f"coach/raw_sum/{vp}", 0.0) for r in rows)
+            prompted = sum(r.get(f"coach/prompted_sum/{vp}", 0.0) for r in rows)
             lift = 100 * (prompted / raw - 1) if raw else float("nan")
-            lines.append(f"| {arm} | {hard:.2f} | {kind} | {n} | {raw / max(1, n):.3f} | "
+            lines.append(f"| {arm} | {hard:.2f} | {vp} | {n} | {raw / max(1, n):.3f} | "
                          f"{prompted / max(1, n):.3f} | {lift:+.1f}% |")
     return "\n".join(lines)
 

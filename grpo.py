@@ -1,11 +1,13 @@
 """GRPO / GSPO for a video VLM, hand-written: group rollouts, advantages, clipped surrogate, k3 KL.
 
-    torchrun --standalone --nproc_per_node=2 train.py --stage=rl --model=runs/default/sft/last
+A library (no loop over a dataset, no checkpoints, no argument parsing): one group's rollouts
+(G samples from one shared prefill, scored by rewards.py), group-normalized advantages, the
+per-group loss and the per-step metrics of a batch of groups. The RL loop that calls them, one
+screen next to the paper's Algorithm 1, is train.py's `rl_rollouts` / `rl_update`; VisionCoach's
+extra term comes from distill.py. With --coach=none this file alone is plain GRPO/GSPO.
 
-Owns the RL stage: per prompt, G rollouts from one shared prefill, rewards (rewards.py),
-group-normalized advantages, the loss, the update loop, and RL metrics. VisionCoach's extra term
-(hard samples, visual prompts, self-distillation) comes from distill.py and is added to the loss
-here; with --coach=none or --alpha=0 this file alone is plain GRPO/GSPO.
+    torchrun --standalone --nproc_per_node=2 train.py --stage=rl --model=runs/default/sft/last
+    python -m pytest tests/test_grpo.py tests/test_rl.py
 
 What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and where we depart:
 - Advantage: A_g = (r_g - mean_G r) / (std_G r + 1e-4), one scalar per completion, std with
@@ -28,29 +30,24 @@ What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and wher
 - Shared prefix: the prompt (thousands of visual tokens) is run once per group in generation and
   in the policy and reference forwards; the G completions attend to its expanded KV cache
   (model.shared_prefix_logprobs). --shared_prefix=false runs the plain repeated computation.
+
+Pure pieces (tested with hand-computed values): `group_advantages`, `k3_kl`, `policy_loss`.
 """
-import dataclasses
 import hashlib
-import json
-import math
-import os
-import random
-import time
-from collections import Counter
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-import data as D
-import model as M
-import rewards as R
+import model
+import rewards
 
 
 # ---------------------------------------------------------------------------------------------
 # Pure math: advantages, KL, the clipped surrogate
 # ---------------------------------------------------------------------------------------------
+
+RATIOS = ("sequence", "token")     # GSPO's sequence-level ratio | GRPO's per-token ratio
+
 
 def group_advantages(rewards, eps=1e-4):
     """rewards (..., G) -> (r - mean) / (std + eps) over the last axis; zero for equal rewards."""
@@ -98,10 +95,19 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.04, ra
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
+class Sampling:
+    """How completions are sampled (config.sampling builds it from the Config)."""
+    n: int                   # completions per prompt (G)
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass
 class Group:
     """One prompt and its G scored completions."""
     record: dict
-    prompt: M.Prompt
+    prompt: model.Prompt
     ids: torch.Tensor            # (G, C) completion tokens
     mask: torch.Tensor           # (G, C) bool
     truncated: torch.Tensor      # (G,) bool
@@ -119,214 +125,47 @@ def sample_generator(*keys, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(digest[:15], 16))
 
 
-def rollout(model, tokenizer, record, prompt, cfg, progress, num_samples=None, generator=None):
-    """Sample G completions of `prompt` and score them against `record`."""
-    stop = M.stop_token_ids(model, tokenizer)
-    ids, mask, truncated = M.generate(model, prompt, num_samples or cfg.group_size, cfg.max_new_tokens, stop,
-                                      tokenizer.pad_token_id, cfg.temperature, cfg.top_p, generator,
-                                      banned_ids=M.vision_token_ids(tokenizer))
+def rollout(vlm, tokenizer, prompt, record, sampling, reward_cfg, progress, generator=None):
+    """Sample sampling.n completions of `prompt` and score them against `record` -> Group.
+
+    progress (training progress in [0, 1]) drives the temporal-point reward's sigma.
+    """
+    stop = model.stop_token_ids(vlm, tokenizer)
+    ids, mask, truncated = model.generate(vlm, prompt, sampling.n, sampling.max_new_tokens, stop,
+                                          tokenizer.pad_token_id, sampling.temperature, sampling.top_p, generator,
+                                          banned_ids=model.vision_token_ids(tokenizer))
     texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
-    ctx = R.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1], progress=progress)
-    table = R.score_group(texts, record, ctx, R.RewardConfig(identity=cfg.reward_identity))
+    ctx = rewards.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1],
+                                progress=progress)
+    table = rewards.score_group(texts, record, ctx, reward_cfg)
     return Group(record, prompt, ids, mask, truncated, texts, table)
 
 
 def group_logprobs(policy, group, shared_prefix):
-    """(G, C) log-probs of the group's completions under `policy` (a LogProbModule)."""
+    """(G, C) log-probs of the group's completions under `policy` (a model.LogProbModule)."""
     if shared_prefix:
         return policy(group.prompt, group.ids, mode="shared")
     rows = policy([group.prompt] * len(group.ids), list(group.ids), mode="plain")
     return torch.stack(rows)
 
 
+def group_loss(policy, group, clip_eps, beta, ratio, shared_prefix):
+    """policy_loss of one group under `policy`; pi_old is the group's old_logp when kept (more than
+    one inner update), else the current log-probs detached (on-policy: the ratio is exactly 1)."""
+    logp = group_logprobs(policy, group, shared_prefix)
+    old = group.old_logp if group.old_logp is not None else logp.detach()
+    return policy_loss(logp, old, group.ref_logp, group.advantages, group.mask, clip_eps, beta, ratio)
+
+
 # ---------------------------------------------------------------------------------------------
-# The RL stage
+# Metrics of one step's groups (None marks a prompt that was skipped)
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class RLState:
-    step: int = 0
-    consecutive_bad: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-
-def stage_rl(cfg, rt, start_path):
-    import distill
-    import train as T
-    out = os.path.join(cfg.out_dir, "rl")
-    ckpt = os.path.join(out, "last")
-    state = T.load_trainer_state(ckpt) if cfg.resume else None
-    if state is not None and state.get("done"):
-        T.log(rt, f"[rl] finished checkpoint found at {ckpt}; skipping")
-        return ckpt
-    ref_path = state["reference_path"] if state else os.path.abspath(start_path)
-    model, tokenizer, vision = T.prepare_policy(cfg, rt, ckpt if state else start_path)
-    # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
-    ref = M.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
-    records = T.load_train_records(cfg)
-    coach = distill.Coach.from_config(cfg, records)
-    opt, sched = T.make_optimizer(model, cfg.rl_lr, cfg.weight_decay, cfg.rl_steps, warmup=max(1, cfg.rl_steps // 20))
-    policy, opt = rt.accelerator.prepare(M.LogProbModule(model), opt)
-    st = RLState()
-    if state:
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
-        T.set_rng_state(state["rng"])
-        st = RLState(state["step"], 0, Counter(state["skipped"]))
-        T.log(rt, f"[rl] resumed at step {st.step} from {ckpt}")
-    os.makedirs(out, exist_ok=True)
-    bar = tqdm(range(st.step, cfg.rl_steps), desc="rl", disable=not rt.main, initial=st.step, total=cfg.rl_steps)
-    for step in bar:
-        st.step = step
-        metrics = rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach, st)
-        if rt.main:
-            bar.set_postfix(reward=f"{metrics['reward/total']:.3f}", hard=f"{metrics.get('coach/hard_share', 0):.2f}")
-            T.append_jsonl(os.path.join(out, "metrics.jsonl"), metrics)
-        st.step = step + 1
-        if st.step % cfg.save_every == 0 or st.step == cfg.rl_steps:
-            if rt.main:
-                T.save_checkpoint(ckpt, T.unwrap(rt, policy).model, tokenizer, vision,
-                                  {"step": st.step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "rng": T.rng_state(), "skipped": dict(st.skipped), "done": st.step == cfg.rl_steps,
-                                   "reference_path": ref_path,
-                                   "config": dataclasses.asdict(cfg)})
-            rt.accelerator.wait_for_everyone()
-    T.log(rt, f"[rl] done: {cfg.rl_steps} steps -> {ckpt}")
-    return ckpt
-
-
-def step_prompt_ids(cfg, rt, n_records, step):
-    """The global batch of prompt indices for `step` (a function of seed and step), this rank's share."""
-    import train as T
-    per_epoch = n_records // cfg.batch_size
-    epoch, i = divmod(step, per_epoch)
-    order = T.epoch_order(n_records, epoch + 10_000, cfg.seed)
-    return order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
-
-
-def full_params(policy):
-    """Generation runs on the bare model: under FSDP / ZeRO-3 its shards are gathered first."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        if isinstance(policy, FSDP):
-            return FSDP.summon_full_params(policy, writeback=False, recurse=True)
-    except ImportError:
-        pass
-    if type(policy).__name__ == "DeepSpeedEngine":
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
-    return nullcontext()
-
-
-def rl_step(cfg, rt, policy, ref, tokenizer, vision, opt, sched, records, coach, st):
-    """Rollouts for this rank's prompts, VisionCoach extras for the hard ones, inner updates."""
-    import train as T
-    t0 = time.time()
-    model = T.unwrap(rt, policy).model
-    progress = st.step / max(1, cfg.rl_steps)
-    groups, sd_examples, coach_metrics, timing = [], [], Counter(), Counter()
-    model.eval()
-    with full_params(policy):
-        rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, groups, sd_examples,
-                 coach_metrics, timing)
-    model.train()
-    t = time.time()
-    fb = update(cfg, rt, policy, ref, opt, sched, groups, sd_examples, st)
-    timing["forward_backward"] += time.time() - t
-    return step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, time.time() - t0, sched)
-
-
-def rollouts(cfg, rt, model, tokenizer, vision, records, coach, st, progress, groups, sd_examples,
-             coach_metrics, timing):
-    """Raw rollouts for this rank's prompts, and VisionCoach's extras for the hard ones."""
-    import train as T
-    for idx in step_prompt_ids(cfg, rt, len(records), st.step):
-        rec = records[idx]
-        t = time.time()
-        video = D.load_video_sample(rec, T.frame_config(cfg))
-        prompt = T.build_prompt(rec, tokenizer, vision, cfg, video).to(rt.device, rt.dtype)
-        if len(prompt) > cfg.max_prompt_tokens:
-            st.skipped["prompt_too_long"] += 1
-            groups.append(None)
-            continue
-        g = rollout(model, tokenizer, rec, prompt, cfg, progress,
-                    generator=sample_generator(cfg.seed, st.step, idx, device=rt.device))
-        timing["generate"] += time.time() - t
-        if bool(g.truncated.all()):
-            st.skipped["all_truncated"] += 1
-        g.advantages = group_advantages(torch.tensor(g.rewards["total"], dtype=torch.float32)).to(rt.device)
-        groups.append(g)
-        t = time.time()
-        sd, cm = coach.coach_group(model, tokenizer, vision, cfg, rec, video, g, progress, rt, (cfg.seed, st.step, idx))
-        sd_examples += sd
-        coach_metrics.update(cm)
-        timing["coach"] += time.time() - t
-
-
-def update(cfg, rt, policy, ref, opt, sched, groups, sd_examples, st):
-    """inner_updates optimizer steps over the same rollouts. Returns loss metrics."""
-    import distill
-    n_global = cfg.batch_size
-    scale = rt.world / n_global            # DDP averages over ranks; every prompt weighs 1 / n_global
-    with torch.no_grad():
-        for g in groups:
-            if g is None:
-                continue
-            g.ref_logp = group_logprobs(M.LogProbModule(ref), g, cfg.shared_prefix) if ref is not None else None
-            g.old_logp = group_logprobs(policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None
-    sums = Counter()
-    for inner in range(cfg.inner_updates):
-        items = [("rl", g) for g in groups] + [("sd", e) for e in sd_examples]
-        for k, (kind, item) in enumerate(items):
-            sync = nullcontext() if k == len(items) - 1 else rt.accelerator.no_sync(policy)
-            with sync:
-                if item is None:
-                    loss = zero_loss(policy)       # keeps DDP's backward count equal on every rank
-                elif kind == "rl":
-                    logp = group_logprobs(policy, item, cfg.shared_prefix)
-                    old = item.old_logp if item.old_logp is not None else logp.detach()
-                    loss, m = policy_loss(logp, old, item.ref_logp, item.advantages, item.mask,
-                                          cfg.clip_eps, cfg.beta, cfg.ratio)
-                    sums.update({k2: v / len(groups) for k2, v in m.items()})
-                    loss = loss * scale
-                else:
-                    loss = cfg.alpha * distill.sd_loss(policy, item) * scale
-                    sums["sd_loss"] += loss.item() / scale / max(1, cfg.alpha)
-                rt.accelerator.backward(loss)
-        if not finite_grads(rt, policy):
-            opt.zero_grad(set_to_none=True)
-            st.consecutive_bad += 1
-            st.skipped["nonfinite_update"] += 1
-            if st.consecutive_bad >= 5:
-                raise RuntimeError(f"[rl] {st.consecutive_bad} updates in a row had NaN/inf loss or gradients "
-                                   f"(step {st.step}); lower --rl_lr or check the data")
-            continue
-        st.consecutive_bad = 0
-        sums["grad_norm"] += float(rt.accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)) / cfg.inner_updates
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sched.step()
-    return sums
-
-
-def zero_loss(policy):
-    return sum(p.reshape(-1)[0] for p in policy.parameters() if p.requires_grad) * 0.0
-
-
-def finite_grads(rt, policy):
-    """True when every rank's gradients are finite (all ranks agree, so they skip together)."""
-    ok = torch.tensor([1.0], device=rt.device)
-    for p in policy.parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            ok.zero_()
-            break
-    return bool(rt.accelerator.reduce(ok, reduction="sum").item() == rt.world) if rt.world > 1 else bool(ok.item())
-
-
-def step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, step_time, sched):
-    """One JSON-able row per step: reward means, advantage spread, KL, clip, lengths, timings."""
+def group_metrics(groups):
+    """Reward means, advantage spread, zero-variance share, completion length, truncated share."""
     real = [g for g in groups if g is not None]
     names = sorted({k for g in real for k in g.rewards})
-    row = {"step": st.step + 1, "lr": sched.get_last_lr()[0], "time/step": step_time}
+    row = {}
     for name in names:
         vals = [v for g in real for v in g.rewards.get(name, [])]
         row[f"reward/{name}"] = sum(vals) / max(1, len(vals))
@@ -336,46 +175,4 @@ def step_metrics(cfg, rt, st, groups, coach_metrics, fb, timing, step_time, sche
     row["zero_var_share"] = sum(flat) / max(1, len(real))
     row["completion_len"] = sum(g.mask.sum().item() for g in real) / max(1, sum(len(g.mask) for g in real))
     row["truncated_share"] = sum(g.truncated.float().mean().item() for g in real) / max(1, len(real))
-    row.update({k: v for k, v in fb.items()})
-    row.update({f"time/{k}": v for k, v in timing.items()})
-    row.update(coach_summary(coach_metrics, len(real)))
-    row.update({f"skipped/{k}": v for k, v in st.skipped.items()})
-    if rt.world > 1:
-        row = reduce_metrics(rt, row)
-    if rt.main and cfg.sample_every and (st.step % cfg.sample_every == 0) and real:
-        g = real[0]
-        with open(os.path.join(cfg.out_dir, "rl", "samples.jsonl"), "a") as f:
-            f.write(json.dumps({"step": st.step + 1, "id": g.record["id"], "question": g.record["question"],
-                                "answer": g.record["answer"], "completions": g.texts,
-                                "rewards": g.rewards}) + "\n")
     return row
-
-
-def coach_summary(cm, n_groups):
-    """Coach counters -> shares and mean lifts (distill.Coach counts, we divide)."""
-    out = {"coach/hard_share": cm.get("hard", 0) / max(1, n_groups)}
-    for k, v in cm.items():
-        if k.startswith("lift_sum/"):
-            kind = k.split("/", 1)[1]
-            out[f"coach/lift/{kind}"] = v / max(1, cm.get(f"lift_n/{kind}", 0))
-        elif not k.startswith("lift_n/") and k != "hard":
-            out[f"coach/{k}"] = v
-    return out
-
-
-def reduce_metrics(rt, row):
-    """Average each metric over the ranks that have it (ranks may log different coach keys)."""
-    from accelerate.utils import gather_object
-    rows = gather_object([row])
-    keys = {k for r in rows for k in r}
-    out = {}
-    for k in sorted(keys):
-        vals = [r[k] for r in rows if k in r]
-        out[k] = row["step"] if k == "step" else sum(vals) if is_count(k) else sum(vals) / len(vals)
-    return out
-
-
-def is_count(key):
-    """Metrics that are counts add up over ranks; everything else is a mean."""
-    return key.startswith(("skipped/", "coach/chosen/", "coach/fallback/", "coach/raw_sum/",
-                           "coach/prompted_sum/")) or key in ("coach/candidates", "coach/kept")

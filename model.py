@@ -2,13 +2,14 @@
 
 Owns: building the embedded tiny model (real Qwen2.5-VL classes from a config, a byte-level BPE
 tokenizer trained locally with Qwen's special tokens), loading any Qwen2.5-VL checkpoint directory
-with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, tokenizing a rendered
-prompt, sampling G completions per prompt from one shared prefill, and per-token log-probs of
-completions (shared-prefix fast path and the plain repeated path). Every visual-tensor detail
-(pixel values, grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
+with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, building what the
+model reads from a decoded video and a question (`model_input`, the one place), sampling G
+completions per prompt from one shared prefill, and per-token log-probs of completions
+(shared-prefix fast path and the plain repeated path). Every visual-tensor detail (pixel values,
+grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
 Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
 
-Frames go in as images (one image per frame, REFERENCE.md section 4), so only the image path of
+Frames go in as images (one image per frame, as the release shows them), so only the image path of
 Qwen2.5-VL is used: each frame becomes grid (1, h, w) of 14-pixel patches, merged 2x2 into
 h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few lines that turn
 frames into patches are written here with einops (tests check them against the PIL image
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from data import ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+import data
+from data import (ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
+                  Special)
 
 # Qwen2.5-VL's special tokens (the names are the checkpoint's; ids come from the tokenizer).
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
@@ -226,10 +229,9 @@ class VisionProcessor:
     def __call__(self, frames, max_pixels=None):
         """uint8 frames (N, 3, H, W) -> pixel_values (N*h*w, 3*2*14*14), grid_thw (N, 3), (W', H')."""
         height, width = self.target_size(frames.shape[-2], frames.shape[-1], max_pixels)
+        if (height, width) != tuple(frames.shape[-2:]):  # in uint8: a float copy of full-size frames is 4x larger
+            frames = F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
         x = frames.float()
-        if (height, width) != tuple(frames.shape[-2:]):
-            x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
         x = (x / 255.0 - mean) / std                                         # (N, 3, H', W')
@@ -280,11 +282,20 @@ class Prompt:
         return self.input_ids.shape[0]
 
 
-def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
-    """data.render_prompt's parts (str pieces and int frame indices) + uint8 frames -> Prompt.
+def encode_text(tokenizer, text):
+    """Token ids of text that came from data or from the model: a chat token's spelling inside it
+    (`<|im_end|>`, `<|image_pad|>`) stays plain text, so it can neither end a turn nor claim an
+    image slot. Grounding tags (added, not special) are still one token each."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    Text is tokenized piece by piece; each frame k becomes <|vision_start|>, as many <|image_pad|>
-    as it has merged patches, <|vision_end|>. Frames are used in the order the parts name them.
+
+def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
+    """data.render_prompt's parts (text, data.Special chat tokens, int frame indices) + uint8
+    frames -> Prompt.
+
+    A Special becomes its one id, any other text goes through encode_text; each frame k becomes
+    <|vision_start|>, as many <|image_pad|> as it has merged patches, <|vision_end|>. Frames are
+    used in the order the parts name them.
     """
     order = [p for p in parts if isinstance(p, int)]
     pixel_values, grid, frame_size = vision(frames[order], max_pixels)
@@ -293,7 +304,10 @@ def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
     ids, types, k = [], [], 0
     for part in parts:
         if isinstance(part, str):
-            piece = tokenizer.encode(part, add_special_tokens=False)
+            if isinstance(part, Special):
+                piece = [tokenizer.convert_tokens_to_ids(part)]
+            else:
+                piece = encode_text(tokenizer, part)
             ids += piece
             types += [MM_TEXT] * len(piece)
         else:
@@ -302,6 +316,19 @@ def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
             types += [MM_TEXT] + [MM_IMAGE] * n + [MM_TEXT]
             k += 1
     return Prompt(torch.tensor(ids), torch.tensor(types, dtype=torch.int32), pixel_values, grid, frame_size)
+
+
+def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
+    """What the model reads: a decoded video (data.VideoSample) and a question -> Prompt.
+
+    The text is data.render_prompt's chat layout (each frame after `Frame i at t s:`); `turns` are
+    earlier (answer, next question) pairs of a multi-turn conversation (eval.py's V-STAR chains).
+    Chat tokens are placed by the template alone: questions and earlier answers go through
+    encode_text, so text spelling `<|im_end|>` stays text. max_pixels overrides the checkpoint's
+    per-frame pixel budget.
+    """
+    parts = data.render_prompt(question, video.times, video.duration, history=turns)
+    return tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +428,7 @@ class LogProbModule(torch.nn.Module):
 
     mode="shared": prompts is one Prompt, completions (G, C) -> (G, C) log-probs.
     mode="plain": lists of prompts and 1-D completions -> list of per-token log-prob tensors.
+    mode="multi": lists of P prompts and P (G_i, C_i) completions -> list of P (G_i, C_i), one forward.
     """
 
     def __init__(self, model):
@@ -410,6 +438,8 @@ class LogProbModule(torch.nn.Module):
     def forward(self, prompts, completions, mode="shared"):
         if mode == "shared":
             return shared_prefix_logprobs(self.model, prompts, completions)
+        if mode == "multi":
+            return multi_prefix_logprobs(self.model, prompts, completions)
         return plain_logprobs(self.model, prompts, completions)
 
 
@@ -421,13 +451,18 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
     """logits (G, V) -> next ids (G,). temperature 0 is greedy; top_p keeps the smallest nucleus."""
     if temperature <= 0:
         return logits.argmax(-1)
+    return torch.multinomial(nucleus_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def nucleus_probs(logits, temperature, top_p):
+    """logits (R, V) -> sampling probabilities (R, V): tempered softmax, mass outside top_p zeroed."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p                       # keep tokens until mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 @torch.no_grad()
@@ -465,3 +500,182 @@ def generate(model, prompt, num_samples, max_new_tokens, stop_ids, pad_id, tempe
     ids = torch.stack(out, dim=1)
     mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
     return ids, mask, ~done
+
+
+# ---------------------------------------------------------------------------------------------
+# Many prompts at once: each prompt prefilled once, all groups' rows decoded (or scored) together
+# ---------------------------------------------------------------------------------------------
+# The one-prompt functions above stay the reference path (batch_prompts / logprob_batch = 1);
+# those below give the same tokens and log-probs up to float noise, tested in tests/test_batch.py.
+
+@dataclass
+class Sampling:
+    """How completions are drawn; the settings every generation call shares."""
+    max_new_tokens: int
+    stop_ids: list                 # ids that end a completion (kept in its mask)
+    pad_id: int                    # written after a completion's end (the mask never reads it)
+    temperature: float = 1.0       # 0: greedy
+    top_p: float = 1.0
+    banned_ids: tuple = ()         # never sampled (the vision tokens, see vision_token_ids)
+
+
+def chunks(items, n):
+    """Consecutive slices of at most n items (n >= 1)."""
+    return [items[i:i + n] for i in range(0, len(items), max(1, n))]
+
+
+def prefill_rows(model, prompts, repeats):
+    """Prefill each prompt once, alone (prompt_forward, as the one-prompt path does), and give its
+    cache repeats[i] rows of one cache, left-padded to the longest prompt.
+
+    Returns (cache, attention mask (R, L) 0 on the padding, hidden at the last prompt token (R, D),
+    next text position (R,)), R = sum(repeats). Gradients flow through the cache when enabled.
+    Prompts are not padded into one prefill forward: padding needs an (L, L) attention mask per
+    prompt, and on CPU that took more time (8 prompts of 1,350 tokens: 2.7 against 2.0 CPU seconds,
+    one thread) and more memory than one causal forward per prompt.
+    """
+    device = prompts[0].input_ids.device
+    L = max(len(p) for p in prompts)
+    runs = [_prefill(model, p, torch.is_grad_enabled()) for p in prompts]      # (cache, (1, D), start) each
+    layers = []
+    for kvs in zip(*(list(cache) for cache, _, _ in runs)):                     # one layer, every prompt
+        k, v = (torch.cat([F.pad(kv[j], (0, 0, L - len(p), 0)).expand(n, -1, -1, -1)
+                           for kv, p, n in zip(kvs, prompts, repeats)]) for j in (0, 1))  # (R, heads, L, d)
+        layers.append((k, v))
+    mask = torch.cat([(torch.arange(L, device=device) >= L - len(p)).long().expand(n, -1)
+                      for p, n in zip(prompts, repeats)])                         # (R, L)
+    last = torch.cat([h.expand(n, -1) for (_, h, _), n in zip(runs, repeats)])   # (R, D)
+    starts = torch.tensor([start for _, _, start in runs], device=device)
+    starts = starts.repeat_interleave(torch.tensor(repeats, device=device))      # (R,)
+    return DynamicCache(layers), mask, last, starts
+
+
+def _row_positions(starts, offset, length):
+    """3D rope positions of text continuing each row: starts (R,) -> (3, R, length)."""
+    pos = starts[:, None] + offset + torch.arange(length, device=starts.device)[None]    # (R, length)
+    return pos[None].expand(3, -1, -1)
+
+
+def multi_prefix_logprobs(model, prompts, completions):
+    """Per-token log-probs of several groups in one call: each prompt run once, its cache given
+    its group's rows, all completions in one forward on top.
+
+    prompts: list of P Prompt; completions: list of P (G_i, C_i) ids (G_i and C_i may differ).
+    Returns a list of P (G_i, C_i) float32, equal to shared_prefix_logprobs per group up to float
+    noise; gradients flow into every prompt and the vision tower.
+    """
+    sizes = [len(c) for c in completions]
+    cache, attn, last_hidden, starts = prefill_rows(model, prompts, sizes)  # R = sum of group sizes rows
+    C = max(c.shape[1] for c in completions)
+    comps = torch.cat([F.pad(c, (0, C - c.shape[1])) for c in completions])  # (R, C); right filler is causal-safe
+    hidden = last_hidden[:, None]                                          # (R, 1, D) predicts token 0
+    if C > 1:
+        attn = torch.cat([attn, attn.new_ones(len(attn), C - 1)], dim=1)   # (R, L + C - 1)
+        out = model.model.language_model(input_ids=comps[:, :-1], attention_mask=attn, cache=cache, use_cache=True,
+                                         position_ids=_row_positions(starts, 0, C - 1))
+        hidden = torch.cat([hidden, out.last_hidden_state], dim=1)       # (R, C, D)
+    logp = _token_logprobs(model, hidden, comps)                           # (R, C)
+    return [x[:, :c.shape[1]] for x, c in zip(logp.split(sizes), completions)]
+
+
+def groups_logprobs(model, prompts, completions, logprob_batch=1):
+    """Log-probs of many groups, logprob_batch groups per forward; 1 is shared_prefix_logprobs per
+    group (today's path). Returns a list of (G_i, C_i).
+
+    With gradients on, every chunk's activations live until backward: a training loop that wants
+    one chunk in memory calls this on one chunk at a time and runs backward in between.
+    """
+    if logprob_batch <= 1:
+        return [shared_prefix_logprobs(model, p, c) for p, c in zip(prompts, completions)]
+    return [lp for ps, cs in zip(chunks(prompts, logprob_batch), chunks(completions, logprob_batch))
+            for lp in multi_prefix_logprobs(model, ps, cs)]
+
+
+def sample_groups(logits, group_size, temperature, top_p, generators=None):
+    """logits (A*G, V), rows grouped by prompt -> next ids (A*G,). Each prompt's G rows are drawn
+    with its own generator on a (G, V) tensor, as generate does for that prompt alone, so the
+    draws do not depend on which prompts share the batch. generators None: the global RNG."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = nucleus_probs(logits, temperature, top_p)                      # (A*G, V)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(group_size), generators)]
+                     ).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, num_samples, sampling, generators=None):
+    """Sample num_samples completions of each prompt: each prompt prefilled once, all rows decoded together.
+
+    generators: one per prompt (or None). A prompt leaves the batch (its cache rows dropped) once
+    all its rows have stopped, exactly where generate would stop for it alone. Returns a list, one
+    (ids (G, C_i), mask (G, C_i), truncated (G,)) per prompt, as generate returns for that prompt.
+    """
+    P, G, S = len(prompts), num_samples, sampling
+    # 1. Prefill every prompt once, then give each prompt's cache its G rows.
+    cache, attn, last_hidden, starts = prefill_rows(model, prompts, [G] * P)  # attn (R, L), R = P * G
+    device = last_hidden.device
+    live = torch.arange(P * G, device=device)                              # (R,) global ids of rows still decoding
+    logits = model.lm_head(last_hidden)                                    # (R, V)
+    # 2. Decode: per-row stops; a prompt whose rows have all stopped leaves the batch.
+    out = torch.full((P * G, S.max_new_tokens), S.pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((P * G,), S.max_new_tokens, device=device)
+    done = torch.zeros(P * G, dtype=torch.bool, device=device)
+    steps = [S.max_new_tokens] * P                                         # tokens each prompt ran for
+    stop = torch.tensor(S.stop_ids, dtype=torch.long, device=device)
+    banned = torch.tensor(list(S.banned_ids), dtype=torch.long, device=device)
+    for step in range(S.max_new_tokens):
+        logits = logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
+        gens = [generators[p] for p in (live[::G] // G).tolist()] if generators is not None else None
+        nxt = sample_groups(logits, G, S.temperature, S.top_p, gens)       # (R,)
+        was_done = done[live]
+        nxt = torch.where(was_done, torch.full_like(nxt, S.pad_id), nxt)
+        out[live, step] = nxt
+        just_done = ~was_done & torch.isin(nxt, stop)
+        lengths[live[just_done]] = step + 1
+        done[live] = was_done | just_done
+        finished = done[live].view(-1, G).all(1)                           # (A,) prompts whose rows all stopped
+        for p in (live[::G] // G)[finished].tolist():
+            steps[p] = step + 1
+        if bool(finished.all()) or step == S.max_new_tokens - 1:
+            break
+        if bool(finished.any()):
+            keep = (~finished).repeat_interleave(G).nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            live, attn, nxt = live[keep], attn[keep], nxt[keep]
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)       # (R, L + step + 1)
+        h = model.model.language_model(input_ids=nxt[:, None], attention_mask=attn, cache=cache, use_cache=True,
+                                       position_ids=_row_positions(starts[live], step, 1)).last_hidden_state
+        logits = model.lm_head(h[:, -1])
+    # 3. Each prompt's rows, cut where it stopped; masks from lengths (the pad id may be a stop id).
+    return [_group_result(out[p * G:(p + 1) * G, :steps[p]], lengths[p * G:(p + 1) * G], done[p * G:(p + 1) * G])
+            for p in range(P)]
+
+
+def _group_result(ids, lengths, done):
+    """ids (G, C), lengths (G,), done (G,) -> (ids, mask (G, C) bool, truncated (G,)), as generate returns."""
+    mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+    return ids, mask, ~done
+
+
+def generate_groups(model, prompts, num_samples, sampling, generators=None, batch_prompts=1):
+    """G completions of every prompt; a list of (ids, mask, truncated) in the order of prompts.
+
+    batch_prompts = 1 runs generate prompt by prompt (today's path). n > 1 decodes up to n prompts
+    together (generate_batch), grouping prompts of similar length so little padding is run; with
+    per-prompt generators the tokens do not depend on the grouping (up to float noise).
+    """
+    gens = generators if generators is not None else [None] * len(prompts)
+    S = sampling
+    if batch_prompts <= 1:
+        return [generate(model, p, num_samples, S.max_new_tokens, S.stop_ids, S.pad_id, S.temperature, S.top_p,
+                         g, S.banned_ids) for p, g in zip(prompts, gens)]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    result = [None] * len(prompts)
+    for idx in chunks(order, batch_prompts):
+        outs = generate_batch(model, [prompts[i] for i in idx], num_samples, sampling,
+                              [gens[i] for i in idx] if generators is not None else None)
+        for i, o in zip(idx, outs):
+            result[i] = o
+    return result

@@ -16,7 +16,6 @@ Run:  python prompt.py --demo --out grid.png
 Test: python -m pytest tests/test_prompt.py -q
 """
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import norm_box_to_pixels
+from data import norm_box_to_pixels, read_image, read_json, resolve_media
 
 # ---------------------------------------------------------------------------------------------
 # Registry: the order is fixed, a prompt's index is its class id for the VP-Selector
@@ -55,16 +54,16 @@ class VisualPromptConfig:
     spotlight_falloff: float = 0.1   # Gaussian sigma of the spotlight's edge, normalized units
 
 
-def check_kind(kind):
-    """Raise a ValueError naming `kind` and the allowed prompt types unless it is one of them."""
-    if kind not in VISUAL_PROMPTS:
-        raise ValueError(f"unknown visual prompt {kind!r}; expected one of {', '.join(VISUAL_PROMPTS)}")
+def check_vp(vp):
+    """Raise a ValueError naming `vp` and the allowed visual prompts unless it is one of them."""
+    if vp not in VISUAL_PROMPTS:
+        raise ValueError(f"unknown visual prompt {vp!r}; expected one of {', '.join(VISUAL_PROMPTS)}")
 
 
-def add_hint(question, kind):
-    """The question the model sees under prompt `kind`: the hint sentence on a new line (raw: as is)."""
-    check_kind(kind)
-    return question if not HINTS[kind] else f"{question.rstrip()}\n{HINTS[kind]}"
+def add_hint(question, vp):
+    """The question the model sees under visual prompt `vp`: its hint on a new line (raw: as is)."""
+    check_vp(vp)
+    return question if not HINTS[vp] else f"{question.rstrip()}\n{HINTS[vp]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,28 +222,28 @@ def attention_spotlight(frame, boxes, dim=0.3, falloff=0.1):
     return scale_brightness(frame, dim + (1 - dim) * near)
 
 
-def apply_visual_prompt(kind, frames, boxes_per_frame, frame_numbers, cfg=None):
-    """Draw prompt `kind` on each key frame; returns a new list of uint8 (3, H, W) tensors.
+def apply_visual_prompt(vp, frames, boxes_per_frame, frame_numbers, cfg=None):
+    """Draw visual prompt `vp` on each key frame; returns a new list of uint8 (3, H, W) tensors.
 
     boxes_per_frame[i]: the normalized xyxy boxes of frame i's key objects.
     frame_numbers[i]: the 1-based index frame i has in the prompt the model sees (needed only for
     "frame_numbers"; may be None otherwise).
     """
-    check_kind(kind)
+    check_vp(vp)
     cfg = cfg or VisualPromptConfig()
     if len(boxes_per_frame) != len(frames):
         raise ValueError(f"{len(frames)} frames but {len(boxes_per_frame)} box lists")
-    if kind == "frame_numbers" and (frame_numbers is None or len(frame_numbers) != len(frames)):
+    if vp == "frame_numbers" and (frame_numbers is None or len(frame_numbers) != len(frames)):
         raise ValueError(f"'frame_numbers' needs one number per frame ({len(frames)}), got {frame_numbers!r}")
     out = []
     for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
-        if kind == "raw":
+        if vp == "raw":
             out.append(raw(frame))
-        elif kind == "darken":
+        elif vp == "darken":
             out.append(darken_outside_boxes(frame, boxes, cfg.darken_factor, cfg.darken_pad))
-        elif kind == "red_circle":
+        elif vp == "red_circle":
             out.append(draw_red_circles(frame, boxes, cfg.circle_thickness))
-        elif kind == "frame_numbers":
+        elif vp == "frame_numbers":
             out.append(stamp_frame_number(frame, frame_numbers[i], cfg.digit_scale))
         else:  # spotlight
             out.append(attention_spotlight(frame, boxes, cfg.spotlight_dim, cfg.spotlight_falloff))
@@ -257,15 +256,14 @@ def apply_visual_prompt(kind, frames, boxes_per_frame, frame_numbers, cfg=None):
 
 def load_key_frames(record, root):
     """A record's key frames as uint8 (3, H, W) tensors, their boxes, row labels, frame numbers."""
-    from PIL import Image
     key_frames = record.get("key_frames") or []
+    where = f"record {record.get('id')!r}"
     if not key_frames:
-        raise ValueError(f"record {record.get('id')!r} has no key_frames")
+        raise ValueError(f"{where} has no key_frames")
     frames, boxes, labels = [], [], []
-    for kf in key_frames:
-        img = Image.open(os.path.join(root, kf["path"])).convert("RGB")
-        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-        frames.append(hwc.permute(2, 0, 1).clone())  # (3, H, W)
+    for i, kf in enumerate(key_frames):  # through data.py's resolver: a path cannot leave the root
+        field = f"key_frames[{i}].path"
+        frames.append(read_image(resolve_media(root, kf.get("path"), where, field), where, field))  # (3, H, W)
         items = record.get("key_items", {}).get(str(kf["idx"]), {})
         boxes.append([box for obj_boxes in items.values() for box in obj_boxes])
         labels.append(f"idx {kf['idx']}\n{kf['time']:.1f}s")
@@ -294,14 +292,14 @@ def demo_key_frames(size=112):
 def make_grid(frames, boxes, labels, frame_numbers, cfg=None, cell=192):
     """PIL image: a header row of prompt names, then one row per key frame, one column per prompt."""
     from PIL import Image, ImageDraw
-    columns = [apply_visual_prompt(kind, frames, boxes, frame_numbers, cfg) for kind in VISUAL_PROMPTS]
+    columns = [apply_visual_prompt(vp, frames, boxes, frame_numbers, cfg) for vp in VISUAL_PROMPTS]
     H, W = frames[0].shape[1:]
     zoom = max(1, math.ceil(cell / max(H, W)))  # nearest-neighbour upscaling keeps small frames' pixels crisp
     ch, cw, head, side, gap = H * zoom, W * zoom, 20, 60, 4
     grid = Image.new("RGB", (side + len(columns) * (cw + gap), head + len(frames) * (ch + gap)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, kind in enumerate(VISUAL_PROMPTS):
-        draw.text((side + c * (cw + gap) + 2, 4), kind, fill="black")
+    for c, vp in enumerate(VISUAL_PROMPTS):
+        draw.text((side + c * (cw + gap) + 2, 4), vp, fill="black")
         for r, img in enumerate(columns[c]):
             pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()).resize((cw, ch), Image.NEAREST)
             grid.paste(pil, (side + c * (cw + gap), head + r * (ch + gap)))
@@ -322,8 +320,7 @@ def main():
     if args.demo:
         frames, boxes, labels, frame_numbers = demo_key_frames()
     elif args.data:
-        with open(args.data) as f:
-            records = json.load(f)
+        records = read_json(args.data)
         root = args.root or os.path.dirname(os.path.abspath(args.data))
         frames, boxes, labels, frame_numbers = load_key_frames(records[args.index], root)
     else:

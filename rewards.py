@@ -1,9 +1,11 @@
 """Rewards: the verifiable signal of grounded video RL (VisionCoach, after Open-o3-Video).
 
 Owns: the one parser of what the model writes (parse_completion; REFERENCE.md section 3), every
-reward, the per-completion dict and the per-group table, and ground_truth_completion (the perfect
-completion built from a record, for tests, eval's oracle check and scripts). Leaves tags, task
-names and the box conversion to data.py, advantages to grpo.py. Pure Python: no torch, no prints.
+reward, the per-completion dict and the per-group table, the two rule sets (RewardConfig() ours,
+RewardConfig.released() the release's; rules_config serves --reward_rules), and
+ground_truth_completion (the perfect completion built from a record, for tests, eval's oracle
+check and scripts). Leaves tags, task names and the box conversion to data.py, advantages to
+grpo.py. Pure Python: no torch, no prints.
 
 Test: python -m pytest tests/test_rewards.py -q
 
@@ -12,51 +14,77 @@ Rewards. Every value is a float in [0, 1]; "total" is their plain (unweighted) s
 (not 0), so totals compare per task; the release returned 0 instead, which gives the same sum.
   answer            every task. MCQ ("General video QA MCQ", "temporal QA (MCQ)"): 1 if the letter
                     matches (B, B., (B), [B], Correct Option: B) else 0. Free-form ("temporal-spatial
-                    free-form QA", "General video QA Free-form"): mean of ROUGE-1/2/L F1. "temporal
-                    QA": tIoU of the answered span. "visual QA": box IoU, one-to-one F1 over the
-                    answered boxes (so listing several boxes costs).
+                    free-form QA", "General video QA Free-form"): mean of ROUGE-1/2/L F1 over
+                    stemmed words. "temporal QA": tIoU of the answered span. "visual QA": box IoU,
+                    one-to-one F1 over the answered boxes (so listing several boxes costs).
   temporal_iou      "temporal QA (MCQ)": tIoU of the answered span (the letter is `answer`).
   format            every task: 1 well-formed and grounded, 0.5 well-formed only, 0 otherwise.
                     Grounded: spatio-temporal, one claim with name, box and time; temporal tasks,
-                    two or more think times; visual QA, one named box; other tasks, always.
+                    two or more think times; visual QA, one named box; other tasks, a non-empty think.
   temporal_point    spatio-temporal records ("temporal-spatial free-form QA", and "General video
-                    QA *" records that carry key frames and key items): mean over think times of
-                    exp(-d^2 / 2 sigma^2), d to the nearest key-frame time, sigma = 4 (1 - p) while
+                    QA *" records that carry key frames and key items): think times paired one to
+                    one with key-frame times, closest first, each pair paying exp(-d^2 / 2 sigma^2),
+                    summed and divided by (#times + #key frames) / 2; sigma = 4 (1 - p) while
                     progress p < 3/4, else 1.
   temporal_segment  "temporal QA", "temporal QA (MCQ)": fraction of think times inside the span.
   spatial           spatio-temporal records: claims gated to the nearest key frame within tau
                     (symmetric), objects matched by name, boxes scored (see below), claim score =
-                    mean (or max) over its objects, summed and divided by the number of claims.
-                    "visual QA": boxes in the think block scored against the answer's box.
+                    mean (or max) over its objects, summed and divided by (#claims + #true (key
+                    frame, object) pairs) / 2. "visual QA": think boxes against the answer's box.
+A perfect completion scores 1 on each; every true object left unclaimed, every key frame left
+without a time and every spare claim or time lowers its reward.
 
-Departures from the release (RewardConfig.released() turns every config-level one off):
+Departures from the release. Each [switch] is a RewardConfig field; released() sets every one to
+the release's behaviour, so released() reproduces the release's numbers except where listed under 11.
   1. Boxes: one-to-one greedy matching scored like an F1, 2 * sum(IoU) / (#claimed + #true), so a
      grid of boxes or honest-plus-random boxes costs (release: mean over true boxes of the best
      IoU among any claimed boxes; answer box: the first one). [box_matching]
-  2. Claims divided by ALL claims, so wrong names, off-key times, malformed claims and spare
-     guesses cost (release: by matched claims only, which makes them free). [claim_norm]
+  2. Recall: spatial divides by (claims + true objects) / 2 and temporal point pairs times with key
+     frames one to one, so leaving grounding out costs (release: spatial by matched claims only,
+     which makes wrong names, off-key times and spare guesses free and one confident claim tie the
+     whole trace; temporal point the mean over think times, so one right time ties them all).
+     [claim_norm, point_match]
   3. Each (key frame, object) is credited to one claim, its best; verbatim repeats collapse to
      one claim; repeated think times count once. Repetition cannot dilute errors. [credit_once,
      dedupe_times]
-  4. Names match on whole words minus stop words and never when empty ("man" is not "woman");
-     an exact name wins over a soft one (release: substring either way, so "" matches all).
+  4. Names match on stemmed whole words minus stop words and never when empty; a claim may leave
+     words of the object's name out ("car" for "red car") but not add any, so "dog cat man" or
+     "man or dog" is a hedge, not a name ("man" is not "woman"); an exact name wins over a
+     shorter one (release: substring either way or any shared word, so "" and hedges match).
      [whole_words]
   5. Structure: think and answer must each appear exactly once, in that order, with only
      whitespace around them; otherwise the answer (if out of order or repeated) and every
      grounding reward pay nothing, including a think with no answer (release: first match of
-     each, counts of tags). [strict_structure]
-  6. Malformed times, boxes and claims count in denominators with score 0 (release: dropped or
+     each, counts of tags). Format: an empty think is not grounded, on any task (release: 1.0 on
+     General video QA whatever the think). [strict_structure]
+  6. Grounding rewards and format pay only when the task's reader parses the answer (a letter, a
+     word, a span, a box): `<answer>.</answer>` after a grounded think earns nothing (release:
+     the think's rewards whatever the answer). [readable_answer]
+  7. Malformed times, boxes and claims count in denominators with score 0 (release: dropped or
      the whole list lost). [count_malformed]
-  7. ROUGE-2 is left out of the mean when the reference has one word (release: a perfect
+  8. ROUGE-2 is left out of the mean when the reference has one word (release: a perfect
      one-word answer scores 2/3). [rouge_skip_bigrams]
-  8. Not config: one tolerant parser for every reward (whitespace inside tags, `at <t>`, an
-     optional `s`); numbers are plain ASCII decimals of at most 32 characters; ground-truth boxes
-     go through data.norm_box_to_pixels (rounded to integer pixels, release: unrounded); ROUGE is
-     ours, without the Porter stemmer; `Correct Option: B` also counts for plain MCQ;
-     grounding rewards apply to any "General video QA" record with key items (release: only the
-     free-form spatio-temporal task); odd records score 0 with a reason counted in SKIP_REASONS
-     instead of raising or printing.
+  9. Number reading: ours rounds ground-truth boxes to whole pixels as the model writes them (so
+     the best writable box scores 1), reads only plain unquoted numbers in boxes, and treats a
+     negative claim time as malformed; the temporal gate allows 1e-6 s of float error (16.1 - 15.1
+     is 1.0000000000000018). The release: exact boxes, quoted numbers ("12") read, negative times
+     gated like any other, no tolerance. [round_gt, quoted_numbers, negative_times, tau_tolerance]
+ 10. Letters: `Correct Option: B` counts for plain MCQ too, a bare letter counts for temporal MCQ,
+     and two option lines are a hedge scored 0 (release: plain MCQ compares the whole answer,
+     temporal MCQ reads only the text after the first `Correct Option:`, so it grades the first
+     of two and a bare letter scores 0). Grounding rewards also apply to "General video QA"
+     records with key items (release: only the free-form spatio-temporal task). [mcq_reader,
+     general_grounding]
+ 11. Kept in released() too, on purpose: one tolerant parser reads think times and claims
+     (whitespace inside tags, `at <t>`, an optional `s`; numbers are plain ASCII decimals of at
+     most 32 characters; the release's regexes need `at<t>..</t>s` verbatim, drop a list whose one
+     time float() rejects, take unicode digits, and can match across tag boundaries); ROUGE is
+     ours, with the light `stem` below instead of the Porter stemmer (the same on regular
+     inflections, no dependency); odd records score Skip(reason), a 0.0 that says why
+     (skip_reasons reads them back per call), instead of raising or printing (the release
+     crashed or printed).
 """
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -67,7 +95,6 @@ import data
 REWARD_NAMES = ("answer", "temporal_iou", "format", "temporal_point", "temporal_segment", "spatial")
 FREE_FORM_TASKS = ("temporal-spatial free-form QA", "General video QA Free-form")
 MCQ_TASKS = ("General video QA MCQ", "temporal QA (MCQ)")
-SKIP_REASONS = Counter()  # why a reward scored 0 on a record it could not read (never raises)
 
 
 @dataclass
@@ -80,42 +107,70 @@ class RewardContext:
 @dataclass
 class RewardConfig:
     tau_seconds: float = 1.0          # a claim gates to a key frame within +-tau seconds
+    tau_tolerance: float = 1e-6       # added to tau: |16.1 - 15.1| is 1.0000000000000018 (release: 0)
     identity: str = "soft"            # soft | strict | none: how claim names meet object names
-    whole_words: bool = True          # names compare as words minus stop words; False: release substring
+    whole_words: bool = True          # names compare as stemmed words minus stop words, a name may
+                                      # leave words out but not add any; False: release substring
     object_agg: str = "mean"          # mean | max over the objects one claim matched
-    claim_norm: str = "all"           # all | matched: the spatial denominator
+    claim_norm: str = "f1"            # f1 | all | matched: the spatial denominator (claims + true
+                                      # objects) / 2, claims, or matched claims (release)
+    point_match: str = "one_to_one"   # one_to_one (times <-> key frames, F1-like) | nearest (release)
     box_matching: str = "one_to_one"  # one_to_one (greedy, F1-like) | best_iou (release)
     credit_once: bool = True          # one claim per (key frame, object); verbatim repeats collapse
     dedupe_times: bool = True         # a think time written twice counts once
     strict_structure: bool = True     # one think then one answer; grounding needs both
+    readable_answer: bool = True      # grounding and format pay only for an answer the task's reader parses
     count_malformed: bool = True      # bad times / boxes / claims count in denominators as 0
     rouge_skip_bigrams: bool = True   # one-word reference: ROUGE-2 left out, not scored 0
+    round_gt: bool = True             # ground-truth boxes rounded to whole pixels, like the model's (release: no)
+    mcq_reader: str = "ours"          # ours (parse_letter) | release (see _read_letter)
+    quoted_numbers: bool = False      # release: a box may write its numbers in quotes ("12")
+    negative_times: bool = False      # release: a claim at a negative time is gated like any other
+    general_grounding: bool = True    # grounding rewards on "General video QA" records with key items
     sigma_start: float = 4.0          # temporal-point sigma = sigma_start * (1 - p) ...
     sigma_final: float = 1.0          # ... then sigma_final once p >= sigma_switch
     sigma_switch: float = 0.75
 
     def __post_init__(self):  # a typo in a mode must fail here, loudly, not fall back in the RL step
         for name, allowed in (("identity", ("soft", "strict", "none")), ("object_agg", ("mean", "max")),
-                              ("claim_norm", ("all", "matched")), ("box_matching", ("one_to_one", "best_iou"))):
+                              ("claim_norm", ("f1", "all", "matched")),
+                              ("point_match", ("one_to_one", "nearest")),
+                              ("box_matching", ("one_to_one", "best_iou")), ("mcq_reader", ("ours", "release"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RewardConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
-        if not (self.tau_seconds >= 0 and self.sigma_final > 0 and self.sigma_start > 0):
-            raise ValueError("RewardConfig: tau_seconds must be >= 0 and sigmas > 0")
+        if not (min(self.tau_seconds, self.tau_tolerance) >= 0 and self.sigma_final > 0 and self.sigma_start > 0):
+            raise ValueError("RewardConfig: tau_seconds and tau_tolerance must be >= 0 and sigmas > 0")
 
     @classmethod
     def released(cls):
         """The rules the VisionCoach release trained with (avg, soft, matched, symmetric gate)."""
-        return cls(identity="soft", whole_words=False, object_agg="mean", claim_norm="matched",
-                   box_matching="best_iou", credit_once=False, dedupe_times=False,
-                   strict_structure=False, count_malformed=False, rouge_skip_bigrams=False)
+        return cls(tau_tolerance=0.0, identity="soft", whole_words=False, object_agg="mean",
+                   claim_norm="matched", point_match="nearest", box_matching="best_iou", credit_once=False,
+                   dedupe_times=False, strict_structure=False, readable_answer=False, count_malformed=False,
+                   rouge_skip_bigrams=False, round_gt=False, mcq_reader="release", quoted_numbers=True,
+                   negative_times=True, general_grounding=False)
+
+
+REWARD_RULES = ("ours", "released")
+
+
+def rules_config(rules="ours", identity=None) -> RewardConfig:
+    """The RewardConfig of --reward_rules (ours | released); identity (soft | strict | none), when
+    given, overrides the name rule of either set (the release ran with soft)."""
+    if rules not in REWARD_RULES:
+        raise ValueError(f"reward rules {rules!r}; expected one of {REWARD_RULES}")
+    cfg = RewardConfig.released() if rules == "released" else RewardConfig()
+    return dataclasses.replace(cfg, identity=identity) if identity else cfg
 
 
 @dataclass
 class Claim:
     name: str                     # whitespace-collapsed, as written ('' when empty)
     boxes: list                   # valid pixel xyxy boxes as written (4 finite numbers each)
-    time: float | None            # seconds, None when absent or malformed
+    time: float | None            # seconds, None when absent, malformed or negative
     n_boxes: int = 0              # boxes written, malformed ones included
+    box_texts: list = field(default_factory=list)  # each box's text as written (other readers)
+    raw_time: float | None = None  # the time as written, any sign (the release gates negatives)
 
 
 @dataclass
@@ -128,6 +183,7 @@ class Parsed:
     n_bad_times: int = 0          # malformed <t> contents in the think block
     think_boxes: list = field(default_factory=list)  # every valid box in the think block
     n_think_boxes: int = 0        # every box written in the think block
+    think_box_texts: list = field(default_factory=list)  # each think box's text as written
     first_think: str | None = None   # release view: first <think> to the next </think>
     first_answer: str | None = None  # release view: first <answer> to the next </answer>, stripped
     counts: dict = field(default_factory=dict)        # tag -> count in the whole text
@@ -160,12 +216,16 @@ def _number(s):
     return v if math.isfinite(v) else None
 
 
-def _box(s):
-    """'[x1, y1, x2, y2]' -> [4 floats] or None (wrong arity, nesting, junk)."""
+def _box(s, quoted=False):
+    """'[x1, y1, x2, y2]' -> [4 floats] or None (wrong arity, nesting, junk). quoted: a number
+    may also be written as a JSON string, '"12"' (the release read boxes with json and float)."""
     s = s.strip()
-    if len(s) > 4 * (_MAX_NUM_CHARS + 4) or not (s.startswith("[") and s.endswith("]")):
+    if len(s) > 4 * (_MAX_NUM_CHARS + 6) or not (s.startswith("[") and s.endswith("]")):
         return None
-    vals = [_number(v) for v in s[1:-1].split(",")]
+    vals = [v.strip() for v in s[1:-1].split(",")]
+    if quoted:
+        vals = [v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v for v in vals]
+    vals = [_number(v) for v in vals]
     return vals if len(vals) == 4 and None not in vals else None
 
 
@@ -186,18 +246,20 @@ def _claims(text, toks):
     optionally `at <t>x</t>`. An <obj> without a box is a mention, not a claim."""
     claims = []
     for name, i in _pairs_of(text, toks, data.OBJ_OPEN):
-        j, boxes, n = i + 2, [], 0
+        j, texts = i + 2, []
         while (j + 1 < len(toks) and toks[j][0] == data.BOX_OPEN and toks[j + 1][0] == data.BOX_CLOSE
                and not text[toks[j - 1][2]:toks[j][1]].strip()):
-            b, n, j = _box(text[toks[j][2]:toks[j + 1][1]]), n + 1, j + 2
-            boxes += [b] if b is not None else []
-        if n == 0:
+            texts.append(text[toks[j][2]:toks[j + 1][1]])
+            j += 2
+        if not texts:
             continue
         t = None
         if (j + 1 < len(toks) and toks[j][0] == data.T_OPEN and toks[j + 1][0] == data.T_CLOSE
                 and text[toks[j - 1][2]:toks[j][1]].strip() == "at"):
-            t = _time(text[toks[j][2]:toks[j + 1][1]])
-        claims.append(Claim(name=" ".join(name.split()), boxes=boxes, time=t, n_boxes=n))
+            t = _number(text[toks[j][2]:toks[j + 1][1]])
+        boxes = [b for b in map(_box, texts) if b is not None]
+        claims.append(Claim(name=" ".join(name.split()), boxes=boxes, time=t if t is None or t >= 0 else None,
+                            n_boxes=len(texts), box_texts=texts, raw_time=t))
     return claims
 
 
@@ -237,13 +299,15 @@ def parse_completion(text: str) -> Parsed:
     # 3. items inside the (first) think block
     tt = [t for t in toks if ft and ft[0] < t[1] < ft[1]]
     times = [_time(c) for c, _ in _pairs_of(text, tt, data.T_OPEN)]
-    boxes = [_box(c) for c, _ in _pairs_of(text, tt, data.BOX_OPEN)]
+    box_texts = [c for c, _ in _pairs_of(text, tt, data.BOX_OPEN)]
+    boxes = [_box(c) for c in box_texts]
     well = think is not None and answer is not None and _well_formed(text, toks, ft, fa)
     return Parsed(think=think, answer=answer, claims=_claims(text, tt),
                   think_times=[t for t in times if t is not None], well_formed=well,
                   n_bad_times=times.count(None), think_boxes=[b for b in boxes if b is not None],
-                  n_think_boxes=len(boxes), first_think=first_think, first_answer=first_answer,
-                  counts=dict(counts), think_counts=dict(Counter(t for t, _, _ in tt)), text=text)
+                  n_think_boxes=len(boxes), think_box_texts=box_texts, first_think=first_think,
+                  first_answer=first_answer, counts=dict(counts),
+                  think_counts=dict(Counter(t for t, _, _ in tt)), text=text)
 
 
 def _well_formed(text, toks, ft, fa):
@@ -281,6 +345,21 @@ def parse_letter(answer_text) -> str | None:
     if rest and parse_span(rest) is not None:  # the temporal-MCQ record form 'B\n[s, e]'
         s = head.strip()
     m = _LETTER_RE.fullmatch(s)
+    return next(g for g in m.groups() if g) if m else None
+
+
+def _read_letter(ans, task, cfg):
+    """The answered letter under cfg.mcq_reader. ours: parse_letter. release: the whole answer
+    (temporal MCQ: the text after the first 'Correct Option:', to the next one) must be B, B.,
+    (B) or [B]; a bare letter gives nothing on temporal MCQ, a second option line is ignored."""
+    if cfg.mcq_reader == "ours":
+        return parse_letter(ans)
+    if task == "temporal QA (MCQ)":
+        parts = ans.split(_OPTION, 2)
+        if len(parts) < 2:
+            return None
+        ans = parts[1]
+    m = _LETTER_RE.fullmatch(ans.strip())
     return next(g for g in m.groups() if g) if m else None
 
 
@@ -341,8 +420,31 @@ def segment_iou(a, b) -> float:
     return max(0.0, min(e1, e2) - max(s1, s2)) / union if union > 0 else 0.0
 
 
-def _rouge_tokens(s):
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).split()  # rouge_score's tokenizer, no stemmer
+# A light stemmer: a few English suffix rules, enough to equate the inflections an answer uses
+# (cups / cup, picked / picks / picking / pick, stopped / stops, boxes / box, carried / carry).
+# The first rule whose suffix matches and leaves a stem of 3+ letters with a vowel wins.
+_SUFFIXES = (("ies", "y"), ("ied", "y"), ("sses", "ss"), ("ing", ""), ("ed", ""), ("s", ""))
+_KEEP = {"s": ("ss", "us", "is"), "ed": ("eed",)}  # glass, bus, this, speed: not inflections
+
+
+def stem(word) -> str:
+    """Light suffix-stripping stemmer (ours, not Porter): 'picked' -> 'pick', 'boxes' -> 'box'."""
+    w = word
+    for suffix, repl in _SUFFIXES:
+        base = w[:len(w) - len(suffix)] + repl
+        if not w.endswith(suffix) or w.endswith(_KEEP.get(suffix, ())) or len(base) < 3 \
+                or not any(ch in "aeiouy" for ch in base):
+            continue
+        w = base
+        if suffix in ("ing", "ed") and len(w) >= 4 and w[-1] == w[-2] and w[-1] not in "aeiouylsz":
+            w = w[:-1]  # stopped -> stopp -> stop; fall, kiss and buzz keep theirs
+        break
+    return w[:-1] if w.endswith("e") and len(w) >= 4 else w  # move / moved / moves -> mov
+
+
+def _rouge_tokens(s, stemmed=True):
+    toks = re.sub(r"[^a-z0-9]+", " ", s.lower()).split()  # rouge_score's tokenizer
+    return [stem(t) for t in toks] if stemmed else toks
 
 
 def _f1(overlap, n_pred, n_ref):
@@ -361,10 +463,11 @@ def _lcs(a, b):
     return row[-1]
 
 
-def rouge_f1_mean(pred, ref, skip_empty_bigrams=True) -> float:
-    """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F1 (written here; no stemmer). With
+def rouge_f1_mean(pred, ref, skip_empty_bigrams=True, stemmed=True) -> float:
+    """Mean of ROUGE-1, ROUGE-2 and ROUGE-L F1 (written here; words through `stem`). With
     skip_empty_bigrams, a one-word reference is scored on ROUGE-1 and ROUGE-L only."""
-    p, r = _rouge_tokens(pred if isinstance(pred, str) else ""), _rouge_tokens(ref if isinstance(ref, str) else "")
+    p = _rouge_tokens(pred if isinstance(pred, str) else "", stemmed)
+    r = _rouge_tokens(ref if isinstance(ref, str) else "", stemmed)
     scores = [_f1(sum((Counter(p) & Counter(r)).values()), len(p), len(r)),
               _f1(_lcs(p, r), len(p), len(r))]
     if len(r) >= 2 or not skip_empty_bigrams:
@@ -373,15 +476,20 @@ def rouge_f1_mean(pred, ref, skip_empty_bigrams=True) -> float:
     return sum(scores) / len(scores)
 
 
+def _greedy_total(pairs):
+    """[(score, i, j)] -> summed score of a greedy one-to-one matching, best pairs first
+    (first listed on ties), positive scores only."""
+    used_i, used_j, total = set(), set(), 0.0
+    for s, i, j in sorted(pairs, key=lambda x: -x[0]):
+        if s > 0 and i not in used_i and j not in used_j:
+            used_i.add(i), used_j.add(j)
+            total += s
+    return total
+
+
 def _matched_f1(pred, gt, n_pred):
     """Greedy one-to-one matching by IoU; 2 * sum(IoU) / (n_pred + len(gt)): spares cost."""
-    pairs = sorted(((box_iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)),
-                   key=lambda x: -x[0])
-    used_p, used_g, total = set(), set(), 0.0
-    for iou, i, j in pairs:
-        if iou > 0 and i not in used_p and j not in used_g:
-            used_p.add(i), used_g.add(j)
-            total += iou
+    total = _greedy_total([(box_iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)])
     return 2 * total / (n_pred + len(gt)) if n_pred + len(gt) else 0.0
 
 
@@ -403,8 +511,15 @@ def _words(name):
     return re.sub(r"[^\w]+", " ", name.lower()).split()
 
 
+def _content(words):
+    """Stemmed words minus stop words (all of them when only stop words are left)."""
+    return {stem(w) for w in words if w not in _STOP} or {stem(w) for w in words}
+
+
 def names_match(pred, gt, cfg):
-    """Does a claimed name denote a true object? identity none | strict | soft (see cfg)."""
+    """Does a claimed name denote a true object? identity none | strict | soft (see cfg).
+    Soft, whole words: the claim's words are among the object's ('car' or 'red car' for 'red
+    car'), never more: 'dog man' for 'man' is two guesses, not one name."""
     if cfg.identity == "none":
         return True
     if not cfg.whole_words:  # the release's rule, substring either way
@@ -417,35 +532,49 @@ def names_match(pred, gt, cfg):
         return False
     if cfg.identity == "strict":
         return p == g
-    content = lambda ws: {w for w in ws if w not in _STOP} or set(ws)  # noqa: E731
-    return bool(content(p) & content(g))
+    return _content(p) <= _content(g)
 
 
 # ---------------------------------------------------------------------------------------------
 # Records: what applies, and the ground truth read defensively (odd -> None + counted reason)
 # ---------------------------------------------------------------------------------------------
 
+class Skip(float):
+    """0.0 from a reward that could not read its record, carrying why (never raises)."""
+
+    def __new__(cls, reason):
+        value = super().__new__(cls, 0.0)
+        value.reason = reason
+        return value
+
+
 def _skip(reason):
-    SKIP_REASONS[reason] += 1
-    return 0.0
+    return Skip(reason)
+
+
+def skip_reasons(scores):
+    """Counter of the Skip reasons in a score dict or a group table ({name: [floats]})."""
+    values = [v for x in scores.values() for v in (x if isinstance(x, list) else [x])]
+    return Counter(v.reason for v in values if isinstance(v, Skip))
 
 
 def _num(x):
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
-def is_spatiotemporal(record):
+def is_spatiotemporal(record, general=True):
+    """Free-form spatio-temporal QA, or (general) a General video QA record with key items."""
     task = record.get("task")
     if task == "temporal-spatial free-form QA":
         return True
-    return isinstance(task, str) and task.startswith("General video QA") \
+    return general and isinstance(task, str) and task.startswith("General video QA") \
         and bool(record.get("key_frames")) and bool(record.get("key_items"))
 
 
-def applicable_rewards(record):
+def applicable_rewards(record, cfg=RewardConfig()):
     """Names of the rewards that apply to this record, in REWARD_NAMES order."""
     task = record.get("task") if isinstance(record, dict) else None
-    st = isinstance(record, dict) and is_spatiotemporal(record)
+    st = isinstance(record, dict) and is_spatiotemporal(record, cfg.general_grounding)
     on = {"answer": True, "format": True, "temporal_iou": task == "temporal QA (MCQ)",
           "temporal_point": st, "temporal_segment": task in data.TEMPORAL_TASKS,
           "spatial": st or task == "visual QA"}
@@ -472,7 +601,12 @@ def _key_frames(record):
     return out
 
 
-def _grounding_truth(record, ctx):
+def _to_pixels(box, w, h, rounded):
+    """Normalized box -> pixels of the model's frame, whole (data.norm_box_to_pixels) or exact."""
+    return data.norm_box_to_pixels(box, w, h) if rounded else [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
+
+
+def _grounding_truth(record, ctx, rounded=True):
     """[(time, {name: [pixel boxes]})] per key frame, or a reason string."""
     kfs, items = _key_frames(record), record.get("key_items")
     if kfs is None:
@@ -491,7 +625,7 @@ def _grounding_truth(record, ctx):
             if not isinstance(name, str) or not isinstance(boxes, list) or not all(
                     isinstance(b, list) and len(b) == 4 and all(_num(v) is not None for v in b) for b in boxes):
                 return "odd key_items boxes"
-            pix[name] = [data.norm_box_to_pixels(b, ctx.frame_width, ctx.frame_height) for b in boxes]
+            pix[name] = [_to_pixels(b, ctx.frame_width, ctx.frame_height, rounded) for b in boxes]
         frames.append((t, pix))
     return frames
 
@@ -501,7 +635,7 @@ def _gt_span(record):
     return span if span is not None and span[1] > span[0] else None
 
 
-def _gt_answer_box(record, ctx):
+def _gt_answer_box(record, ctx, rounded=True):
     """The visual-QA answer box (pixels of image_size) in the model's frame pixels, or None."""
     ans, size = record.get("answer"), record.get("image_size")
     if not isinstance(ans, str) or not _ctx_ok(ctx) or not isinstance(size, (list, tuple)) \
@@ -512,7 +646,7 @@ def _gt_answer_box(record, ctx):
     if not boxes or boxes[0] is None:
         return None
     norm = data.pixel_box_to_norm(boxes[0], size[0], size[1])
-    return data.norm_box_to_pixels(norm, ctx.frame_width, ctx.frame_height)
+    return _to_pixels(norm, ctx.frame_width, ctx.frame_height, rounded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,12 +661,38 @@ def _answer_of(p, cfg):
     return p.answer if cfg.strict_structure else p.first_answer
 
 
-def _grounding_may_pay(p, cfg, need_answer):
-    """The completion's think block if grounding may pay: ours needs think AND answer;
-    the release needs a think (and an answer for the spatial reward)."""
+def _readable(ans, record, cfg):
+    """Does the task's reader get an answer out of this text? A letter (MCQ), a word (free-form),
+    a span (temporal QA), a box (visual QA), anything non-blank (other tasks)."""
+    task = record.get("task")
+    if task in MCQ_TASKS:
+        return _read_letter(ans, task, cfg) is not None
+    if task in FREE_FORM_TASKS:
+        return bool(_rouge_tokens(ans))
+    if task == "temporal QA":
+        return (parse_span(ans) if cfg.strict_structure else _released_span(ans)) is not None
+    if task == "visual QA":
+        return any(b is not None for b in _answer_boxes(ans, cfg))
+    return bool(ans.strip())
+
+
+def _grounding_may_pay(p, record, cfg, need_answer):
+    """May the think block's grounding pay? Ours: one think AND one answer that the task's reader
+    parses (a dummy answer after a grounded think earns nothing); the release: a think (and an
+    answer for the spatial reward)."""
     if cfg.strict_structure:
-        return p.think is not None and p.answer is not None
-    return p.first_think is not None and (p.first_answer is not None or not need_answer)
+        ok = p.think is not None and p.answer is not None
+    else:
+        ok = p.first_think is not None and (p.first_answer is not None or not need_answer)
+    if ok and cfg.readable_answer:
+        ans = _answer_of(p, cfg)
+        ok = ans is not None and _readable(ans, record, cfg)
+    return ok
+
+
+def _answer_boxes(ans, cfg):
+    """Every box in the answer text, None where malformed."""
+    return [_box(c, cfg.quoted_numbers) for c, _ in _pairs_of(ans, _tokens(ans), data.BOX_OPEN)]
 
 
 def answer_reward(text, record, ctx, cfg=RewardConfig()) -> float:
@@ -545,7 +705,7 @@ def answer_reward(text, record, ctx, cfg=RewardConfig()) -> float:
         gt = parse_letter(record.get("answer"))
         if gt is None:
             return _skip("gt answer is not a letter")
-        return float(parse_letter(ans) == gt)
+        return float(_read_letter(ans, task, cfg) == gt)
     if task in FREE_FORM_TASKS:
         ref = record.get("answer")
         if not isinstance(ref, str) or not _rouge_tokens(ref):
@@ -554,11 +714,10 @@ def answer_reward(text, record, ctx, cfg=RewardConfig()) -> float:
     if task == "temporal QA":
         return _tiou(ans, record, cfg)
     if task == "visual QA":
-        gt = _gt_answer_box(record, ctx)
+        gt = _gt_answer_box(record, ctx, cfg.round_gt)
         if gt is None:
             return _skip("odd visual QA answer box or image_size")
-        toks = _tokens(ans)
-        boxes = [_box(c) for c, _ in _pairs_of(ans, toks, data.BOX_OPEN)]
+        boxes = _answer_boxes(ans, cfg)
         if cfg.box_matching == "best_iou":  # release: the first answered box
             return box_iou(boxes[0], gt) if boxes and boxes[0] is not None else 0.0
         return _box_score([b for b in boxes if b is not None], len(boxes), [gt], cfg)
@@ -580,14 +739,20 @@ def temporal_iou_reward(text, record, ctx, cfg=RewardConfig()) -> float:
 
 
 def format_reward(text, record, ctx, cfg=RewardConfig()) -> float:
-    """1 well-formed and grounded, 0.5 well-formed only, 0 otherwise."""
+    """1 well-formed and grounded, 0.5 well-formed only, 0 otherwise (ours: also 0 when the
+    task's reader cannot parse the answer, and an empty think is not grounded)."""
     p = _parsed(text)
+    ans = _answer_of(p, cfg)
+    if cfg.readable_answer and (ans is None or not _readable(ans, record, cfg)):
+        return 0.0
     if not cfg.strict_structure:
         return _released_format(p, record)
     if not p.well_formed:
         return 0.0
     task = record.get("task")
-    if is_spatiotemporal(record):
+    if not p.think.strip():
+        grounded = False  # <think></think> is no reasoning, whatever the task
+    elif is_spatiotemporal(record, cfg.general_grounding):
         grounded = any(c.name and c.boxes and c.time is not None for c in p.claims)
     elif task in data.TEMPORAL_TASKS:
         grounded = len(p.think_times) >= 2
@@ -597,6 +762,9 @@ def format_reward(text, record, ctx, cfg=RewardConfig()) -> float:
     else:
         grounded = True
     return 1.0 if grounded else 0.5
+
+
+_RELEASE_BOX_RE = re.compile(r"\[.*\]")  # fullmatch: [ ... ] on one line (the release's `\[.*?\]`)
 
 
 def _released_format(p, record):
@@ -612,11 +780,12 @@ def _released_format(p, record):
     grounded = all(tc.get(o, 0) > 0 for o, _ in _PAIRS)
     if task in data.TEMPORAL_TASKS:
         grounded = tc.get(data.T_OPEN, 0) >= 2
-    if task == "visual QA":
-        toks = _tokens(p.text)
+    if task == "visual QA":  # anywhere in the text: <obj>word</obj><box>[...]</box>
+        toks, text = _tokens(p.text), p.text
         grounded = grounded or any(
             [t for t, _, _ in toks[k:k + 4]] == [data.OBJ_OPEN, data.OBJ_CLOSE, data.BOX_OPEN, data.BOX_CLOSE]
-            and toks[k + 1][2] == toks[k + 2][1] and re.fullmatch(r"\w+", p.text[toks[k][2]:toks[k + 1][1]])
+            and toks[k + 1][2] == toks[k + 2][1] and re.fullmatch(r"\w+", text[toks[k][2]:toks[k + 1][1]])
+            and _RELEASE_BOX_RE.fullmatch(text[toks[k + 2][2]:toks[k + 3][1]])
             for k in range(len(toks) - 3))
     return 1.0 if grounded or "General video QA" in task else 0.5
 
@@ -634,52 +803,72 @@ def _think_times(p, cfg):
 
 
 def temporal_point_reward(text, record, ctx, cfg=RewardConfig()) -> float:
-    """Mean over think times of exp(-d^2 / 2 sigma^2), d = distance to the nearest key frame."""
+    """Think times against key-frame times, g(d) = exp(-d^2 / 2 sigma^2). one_to_one: each key
+    frame pairs with at most one time (closest pairs first), 2 * sum g / (#times + #key frames),
+    so a key frame left without a time costs like a stray time; nearest: mean over think times
+    of g(distance to the nearest key frame)."""
     p = _parsed(text)
-    if not _grounding_may_pay(p, cfg, need_answer=False):
+    if not _grounding_may_pay(p, record, cfg, need_answer=False):
         return 0.0
     kfs = _key_frames(record)
     if kfs is None:
         return _skip("no or odd key_frames")
     times, n = _think_times(p, cfg)
-    if n == 0:
-        return 0.0
     s = _sigma(getattr(ctx, "progress", 0.0), cfg)
-    return sum(math.exp(-min(abs(t - k) for k, _ in kfs) ** 2 / (2 * s * s)) for t in times) / n
+    g = lambda d: math.exp(-d * d / (2 * s * s))  # noqa: E731
+    if cfg.point_match == "nearest":
+        return sum(g(min(abs(t - k) for k, _ in kfs)) for t in times) / n if n else 0.0
+    keys = sorted({k for k, _ in kfs})
+    pairs = [(g(abs(t - k)), i, j) for i, t in enumerate(times) for j, k in enumerate(keys)]
+    return 2 * _greedy_total(pairs) / (n + len(keys))
 
 
 def temporal_segment_reward(text, record, ctx, cfg=RewardConfig()) -> float:
     """Fraction of think times inside the ground-truth span (ends included)."""
-    p = _parsed(text)
-    if not _grounding_may_pay(p, cfg, need_answer=False):
-        return 0.0
     gt = _gt_span(record)
-    if gt is None:
+    if gt is None:  # read first: an odd record is reported whatever the completion
         return _skip("odd or empty gt span")
+    p = _parsed(text)
+    if not _grounding_may_pay(p, record, cfg, need_answer=False):
+        return 0.0
     times, n = _think_times(p, cfg)
     return sum(gt[0] <= t <= gt[1] for t in times) / n if n else 0.0
 
 
 def spatial_reward(text, record, ctx, cfg=RewardConfig()) -> float:
-    """Spatio-temporal: gated, name-matched, box-scored claims over all (or matched) claims.
+    """Spatio-temporal: gated, name-matched, box-scored claims (denominator: cfg.claim_norm).
     Visual QA: the think block's boxes against the answer's box."""
     p = _parsed(text)
-    if not _grounding_may_pay(p, cfg, need_answer=True):
+    if not _grounding_may_pay(p, record, cfg, need_answer=True):
         return 0.0
     if record.get("task") == "visual QA":
-        gt = _gt_answer_box(record, ctx)
+        gt = _gt_answer_box(record, ctx, cfg.round_gt)
         if gt is None:
             return _skip("odd visual QA answer box or image_size")
+        boxes = p.think_boxes
+        if cfg.quoted_numbers:
+            boxes = [b for b in (_box(s, True) for s in p.think_box_texts) if b is not None]
         if cfg.box_matching == "best_iou":  # release: the best think box
-            return max((box_iou(b, gt) for b in p.think_boxes), default=0.0)
-        return _box_score(p.think_boxes, p.n_think_boxes, [gt], cfg)
-    frames = _grounding_truth(record, ctx)
+            return max((box_iou(b, gt) for b in boxes), default=0.0)
+        return _box_score(boxes, p.n_think_boxes, [gt], cfg)
+    frames = _grounding_truth(record, ctx, cfg.round_gt)
     if isinstance(frames, str):
         return _skip(frames)
     return _spatial_claims(p.claims, frames, cfg)
 
 
+def _read_claim(c, cfg):
+    """The claim with its numbers read by cfg's rules (the release: quoted numbers, negative times)."""
+    if not (cfg.quoted_numbers or cfg.negative_times):
+        return c
+    boxes = [b for b in (_box(s, cfg.quoted_numbers) for s in c.box_texts) if b is not None]
+    return dataclasses.replace(c, boxes=boxes, time=c.raw_time if cfg.negative_times else c.time)
+
+
 def _spatial_claims(claims, frames, cfg):
+    """Sum of claim scores over the claim_norm denominator. f1: (claims + true objects) / 2, so a
+    true (key frame, object) left unclaimed costs like a spare claim."""
+    claims = [_read_claim(c, cfg) for c in claims]
     if not cfg.count_malformed:  # release: a claim with a bad time or box never parsed
         claims = [c for c in claims if c.time is not None and c.boxes and c.n_boxes == len(c.boxes)]
     if cfg.credit_once:  # verbatim repeats are one claim
@@ -699,15 +888,17 @@ def _spatial_claims(claims, frames, cfg):
         per_claim = [{k: (s if best[k] == i else 0.0) for k, s in sc.items()} for i, sc in enumerate(per_claim)]
     agg = max if cfg.object_agg == "max" else (lambda v: sum(v) / len(v))
     matched = [agg(list(sc.values())) for sc in per_claim if sc]
-    denom = len(claims) if cfg.claim_norm == "all" else max(1, len(matched))
-    return sum(matched) / denom
+    n_true = sum(1 for _, objects in frames for boxes in objects.values() if boxes)
+    denom = {"f1": (len(claims) + n_true) / 2, "all": len(claims), "matched": max(1, len(matched))}
+    return sum(matched) / denom[cfg.claim_norm]
 
 
 def _object_scores(claim, frames, cfg):
     """{(frame index, object name): box score} for the objects this claim matches."""
     if claim.time is None or not claim.boxes:
         return {}
-    near = [(abs(t - claim.time), k) for k, (t, _) in enumerate(frames) if abs(t - claim.time) <= cfg.tau_seconds]
+    tau = cfg.tau_seconds + cfg.tau_tolerance  # times are decimals: 16.1 - 15.1 > 1.0 in floats
+    near = [(abs(t - claim.time), k) for k, (t, _) in enumerate(frames) if abs(t - claim.time) <= tau]
     if not near:
         return {}
     k = min(near)[1]  # nearest key frame; the earlier listed one on ties
@@ -730,18 +921,21 @@ _REWARD_FNS = {"answer": answer_reward, "temporal_iou": temporal_iou_reward, "fo
 def score_completion(text, record, ctx, cfg=RewardConfig()) -> dict:
     """{reward name: value} for every applicable reward, plus "total" (their sum)."""
     if not isinstance(record, dict):
-        _skip("record is not a dict")
-        return {"total": 0.0}
+        return {"total": _skip("record is not a dict")}
     p = parse_completion(text)
-    out = {name: float(_REWARD_FNS[name](p, record, ctx, cfg)) for name in applicable_rewards(record)}
+    out = {name: _as_float(_REWARD_FNS[name](p, record, ctx, cfg)) for name in applicable_rewards(record, cfg)}
     out["total"] = sum(out.values())
     return out
+
+
+def _as_float(value):
+    return value if isinstance(value, Skip) else float(value)
 
 
 def score_group(texts, record, ctx, cfg=RewardConfig()) -> dict:
     """Per-reward table for the G completions of one prompt: {name: [G floats]} (+ "total")."""
     rows = [score_completion(t, record, ctx, cfg) for t in texts]
-    names = list(rows[0]) if rows else applicable_rewards(record) + ["total"]
+    names = list(rows[0]) if rows else applicable_rewards(record, cfg) + ["total"]
     return {n: [r[n] for r in rows] for n in names}
 
 

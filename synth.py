@@ -2,18 +2,18 @@
 
 Owns: a deterministic generator of short clips (grey background, moving coloured shapes,
 distractors, one event in time per clip: stop, turn, colour change, appear, meet), rendered with
-tensor masks, encoded with torchcodec, plus STGR records (REFERENCE.md section 2) whose
+tensor masks, encoded with torchcodec, plus STGR records (data.py's layout) whose
 reasoning_process is a grounded trace built from ground truth, and a V-STAR-style test set.
 Leaves loading / validation to data.py and scoring to rewards.py and eval.py.
 Difficulty: each sample is hard with probability --difficulty (meta.hard says which). Hard: 3-5
 distractors, 3 in 4 sharing the target's colour or kind, radius 6-9 px, 6-8 s clips. Easy: 1-2
 distractors of another colour and kind, radius 10-13 px, 4-6 s.
 
-Run:  python synth.py --out data/synth --n-train 2000 --n-val 200 --n-test 200 --seed 0 \
-          --difficulty 0.5
+Run:  python synth.py --data_dir=data/synth --n_train=2000 --n_val=200 --n_test=200 --seed=0 \
+          --difficulty=0.5         (the config's fields, config.py; `python train.py` runs it too)
 Test: python -m pytest tests/test_synth.py -q
 
-Output under --out (all media paths in the JSON are relative to it):
+Output under --data_dir (all media paths in the JSON are relative to it):
   train.json / val.json / test.json   STGR records + "meta" (event, span, hard, options, ...)
   videos/{id}.mp4                     112x112 (the model's default size), 4 fps, 4-8 s, h264 yuv420p
   frames/{id}_{idx}.png               the exact rendered key frame; idx = frame index at 4 fps
@@ -28,8 +28,6 @@ V-STAR layout written (V-STaR-Bench/V-STaR, V_STaR_test.json, a JSON list, one o
   official scorer use (the scorer matches str(timestamp) against whole-second keys, hence int
   seconds); the V-STaR README shows a nested variant [{"{timestamp}_{frame_index}": {xmin, ...}}].
 """
-import argparse
-import dataclasses
 import json
 import math
 import random
@@ -44,6 +42,7 @@ import torch
 from PIL import Image
 from torchcodec.encoders import VideoEncoder
 
+import config
 from data import (ANSWER_CLOSE, ANSWER_OPEN, BOX_CLOSE, BOX_OPEN, OBJ_CLOSE, OBJ_OPEN, T_CLOSE,
                   T_OPEN, THINK_CLOSE, THINK_OPEN, format_seconds, norm_box_to_pixels, sample_times)
 
@@ -68,17 +67,6 @@ LETTERS = "ABCD"
 # without it (and on one thread, one process per core) the same seed gives the same file.
 ENCODE = dict(codec="libx264", pixel_format="yuv420p", crf=10, preset="veryfast",
               extra_options={"threads": 1, "rc-lookahead": 0})
-
-
-@dataclass
-class SynthConfig:
-    out: str = "data/synth"     # output folder (JSON, videos/, frames/)
-    n_train: int = 2000         # training records (one clip each)
-    n_val: int = 200            # validation records
-    n_test: int = 200           # test records (+ one V-STAR annotation per test clip)
-    seed: int = 0               # train seed; val uses seed + 20_000, test seed + 10_000
-    difficulty: float = 0.5     # 0..1: probability that a sample is generated hard
-    workers: int = 2            # processes (1 = inline)
 
 
 def split_seeds(seed):
@@ -518,15 +506,19 @@ def write_json(path, items):
 
 
 def generate(cfg):
-    """Write every split under cfg.out; returns {split: [records]} (plus 'vstar')."""
-    out = Path(cfg.out)
+    """Write every split under cfg.data_dir; returns {split: [records]} (plus 'vstar').
+
+    cfg is the one config (config.Config): data_dir, n_train, n_val, n_test, seed (train; val uses
+    seed + 20_000, test seed + 10_000), difficulty and synth_workers (1: inline) are read.
+    """
+    out = Path(cfg.data_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     seeds, sizes = split_seeds(cfg.seed), {"train": cfg.n_train, "val": cfg.n_val,
                                            "test": cfg.n_test}
     jobs = [(sp, i, seeds[sp], cfg.difficulty, str(out)) for sp in sizes for i in range(sizes[sp])]
-    if cfg.workers > 1:
-        with Pool(cfg.workers, initializer=_init_worker) as pool:
+    if cfg.synth_workers > 1:
+        with Pool(cfg.synth_workers, initializer=_init_worker) as pool:
             results = pool.map(make_sample, jobs, chunksize=16)
     else:
         results = [make_sample(j) for j in jobs]
@@ -543,20 +535,8 @@ def generate(cfg):
     return result
 
 
-def parse_config(argv):
-    """--field value / --field=value, with '-' or '_' in names, typed from the dataclass."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(SynthConfig):
-        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
-        p.add_argument(*names, dest=f.name, type=type(f.default), default=f.default)
-    cfg = SynthConfig(**vars(p.parse_args(argv)))
-    if not 0.0 <= cfg.difficulty <= 1.0:
-        p.error(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
-    return cfg
-
-
 def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = config.parse_args(sys.argv[1:] if argv is None else argv, prog="synth.py")
     t0 = time.time()
     result = generate(cfg)
     dt = time.time() - t0
@@ -567,7 +547,7 @@ def main(argv=None):
         print(f"{sp}: {len(recs)} records, hard share {hard:.3f}, tasks {dict(tasks)}")
     print(f"vstar_test: {len(result['vstar'])} clips")
     print(f"generated {sum(len(result[s]) for s in ('train', 'val', 'test'))} samples into "
-          f"{cfg.out} in {dt:.1f} s ({cfg.workers} workers)")
+          f"{cfg.data_dir} in {dt:.1f} s ({cfg.synth_workers} workers)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
-"""Training entry point: synthetic data, SFT cold start, VP-Selector, RL (GRPO/GSPO + VisionCoach).
+"""Training entry point: synthetic data, SFT cold start, VP-Selector, RL (GRPO/GSPO + VisionCoach), eval.
 
     python train.py                                   # the main job: every stage on the embedded default
+    python train.py --help                            # every knob, with its comment and default
     torchrun --standalone --nproc_per_node=2 train.py --stage=sft
-    torchrun --nproc_per_node=8 train.py --stage=rl --model=/ckpt/sft --data=/stgr/train.json --data_root=/stgr
+    torchrun --nproc_per_node=8 train.py --stage=rl --model=/ckpt/sft --train_json=/stgr/train.json --data_root=/stgr
     accelerate launch --config_file configs/fsdp.yaml train.py --stage=rl ...   # FSDP / ZeRO-3 for 7B
 
-Owns: the config (one dataclass, `--field=value` overrides checked against the field's type),
-process setup (torchrun / accelerate; a plain `python train.py` is one process), the SFT loop,
-checkpoints (atomic, with optimizer, schedule and RNG state; exact resume) and the stage order.
-The RL step lives in grpo.py, VisionCoach in distill.py, the VP-Selector in selector.py,
-metrics in eval.py. Rank 0 alone prints, logs and saves; each rank owns whole samples (whole
-groups in RL).
+Owns every loop, top to bottom: checkpoints (atomic, with optimizer, schedule and RNG state; exact
+resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
+and prediction loops, the RL step (`rl_rollouts` reads as the paper's Algorithm 1, `rl_update` is
+the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
+(advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
+selector.py (scores, labels, head), model.py (what the model reads, generation, log-probs); the
+config in config.py (re-exported here as train.Config). Rank 0 alone prints, logs and saves; each
+rank owns whole samples (whole groups in RL).
 """
 import dataclasses
 import json
@@ -20,138 +23,25 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-import data as D
-import model as M
-
-
-@dataclass
-class Config:
-    stage: str = "all"            # all | data | sft | selector | rl | eval
-    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, eval tables
-    data_dir: str = "data/synth"  # synthetic data is generated here when missing
-    train_json: str = ""          # STGR JSON; empty -> {data_dir}/train.json
-    data_root: str = ""           # media root; empty -> the JSON's folder
-    model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
-    seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
-    dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    # frames
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 16
-    max_pixels: int = 0           # per-frame pixel budget; 0 -> the checkpoint's preprocessor_config
-    # synthetic data (stage data)
-    n_train: int = 2000
-    n_val: int = 200
-    n_test: int = 200
-    difficulty: float = 0.5
-    # SFT
-    sft_epochs: float = 1.0
-    batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
-    grad_accum: int = 1           # SFT micro-batches per step (RL already runs one backward per group)
-    lr: float = 2e-3
-    sft_warmup: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    train_vision: bool = True     # False freezes the vision tower (the usual choice at 7B)
-    # RL (grpo.py)
-    rl_steps: int = 50
-    rl_lr: float = 5e-5
-    group_size: int = 4           # G rollouts per prompt
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 0.95
-    beta: float = 0.04            # k3 KL weight to the frozen reference
-    clip_eps: float = 0.2
-    ratio: str = "sequence"       # sequence (GSPO) | token (GRPO)
-    inner_updates: int = 1        # optimizer updates per batch of rollouts
-    shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)
-    max_prompt_tokens: int = 4096
-    # VisionCoach (distill.py)
-    coach: str = "selector"       # selector | random | fixed:<prompt> | none
-    hard_k: float = 2.21          # hard when the group's mean total reward < hard_k
-    alpha: float = 0.1            # self-distillation weight (0 turns it off)
-    top_n: int = 2
-    sd_condition: str = "prompted"  # prompted (paper) | raw
-    reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
-    # selector (selector.py)
-    selector_dir: str = ""        # where predictions.json lives; empty -> {out_dir}/selector
-    selector_samples: int = 64    # samples labelled by the proxy (5 prompt types x selector_group answers)
-    selector_group: int = 2
-    # logging / checkpoints
-    sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
-    save_every: int = 100
-    resume: bool = True
-    eval_samples: int = 100       # test samples evaluated at the end of the main job (0: all)
-
-
-def parse_args(argv, cfg=None):
-    """`--field=value` overrides, each checked against the field's type."""
-    cfg = cfg or Config()
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise SystemExit(f"bad argument {arg!r}: expected --field=value with field one of {sorted(fields)}")
-        kind = type(getattr(cfg, key))
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key} expects true/false, got {value!r}")
-            parsed = value.lower() in ("true", "1")
-        else:
-            try:
-                parsed = kind(value)
-            except ValueError:
-                raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
-    return cfg
-
-
-CHOICES = {"stage": ("all", "data", "sft", "selector", "rl", "eval"), "ratio": ("sequence", "token"),
-           "sd_condition": ("prompted", "raw"), "reward_identity": ("soft", "strict", "none")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Process setup
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Runtime:
-    accelerator: object
-    device: torch.device
-    dtype: torch.dtype
-    rank: int
-    world: int
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_runtime(cfg):
-    from accelerate import Accelerator
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-    if dtype is None:
-        dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16
-    torch.manual_seed(cfg.seed + acc.process_index)
-    return Runtime(acc, acc.device, dtype, acc.process_index, acc.num_processes)
-
-
-def log(rt, *args):
-    if rt.main:
-        print(*args, flush=True)
+import config
+import data
+import distill
+import eval
+import grpo
+import metrics
+import model
+import prompt
+import rewards
+import selector
+import synth
+from config import Config, Runtime, log, parse_args, setup_runtime  # noqa: F401  (train.Config is the one config)
 
 
 def append_jsonl(path, row):
@@ -204,44 +94,93 @@ def warmup_cosine(step, total, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr, weight_decay, total_steps, warmup):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(cfg, vlm, lr, total_steps, warmup):
+    """AdamW (weight decay on matrices only) with a warmup-cosine schedule."""
+    params = [p for p in vlm.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
     return opt, sched
 
 
 # ---------------------------------------------------------------------------------------------
-# Samples -> model inputs
+# The skeleton SFT and RL share: resume point, policy + optimizer, per-step log and atomic save
 # ---------------------------------------------------------------------------------------------
 
-def frame_config(cfg):
-    return D.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames)
+@dataclass
+class Run:
+    """A training stage in progress."""
+    name: str                 # "sft" | "rl": its folder under out_dir
+    ckpt: str                 # {out_dir}/{name}/last
+    policy: object            # model.LogProbModule, wrapped by accelerate (DDP / FSDP / ZeRO-3)
+    tokenizer: object
+    vision: object            # model.VisionProcessor
+    opt: object
+    sched: object
+    start: int                # first step to run (> 0 when resumed)
+    state: dict               # the trainer state resumed from ({} on a fresh start)
+    skipped: Counter          # samples skipped so far, by reason (saved with every checkpoint)
 
 
-def build_prompt(rec, tokenizer, vision, cfg, video=None, question=None):
-    """Record (and optionally an already decoded / visually prompted VideoSample) -> model.Prompt."""
-    video = video or D.load_video_sample(rec, frame_config(cfg))
-    parts = D.render_prompt(question or rec["question"], video.times, video.duration)
-    return M.tokenize_prompt(tokenizer, parts, video.frames, vision, cfg.max_pixels or None)
+def resume_point(cfg, name):
+    """(checkpoint path, its trainer state or None). A state with done=True means nothing to run."""
+    ckpt = os.path.join(stage_dir(cfg, name), "last")
+    return ckpt, (load_trainer_state(ckpt) if cfg.resume else None)
 
 
-def sft_target_ids(rec, tokenizer, prompt, source_size):
-    """The record's reasoning_process, boxes rescaled to the frame the model sees, ending in <|im_end|>."""
-    if not rec.get("reasoning_process"):
-        raise D.DataError(f"record id={rec['id']}: field 'reasoning_process': missing (needed for SFT)")
-    text = D.rescale_boxes_in_text(rec["reasoning_process"], source_size, prompt.frame_size)
-    return torch.tensor(tokenizer.encode(text + D.IM_END, add_special_tokens=False))
+def stage_dir(cfg, name):
+    return os.path.join(cfg.out_dir, name)
 
 
-def sft_example(rec, tokenizer, vision, cfg):
-    video = D.load_video_sample(rec, frame_config(cfg))
-    prompt = build_prompt(rec, tokenizer, vision, cfg, video)
-    source_size = (video.frames.shape[-1], video.frames.shape[-2])
-    return prompt, sft_target_ids(rec, tokenizer, prompt, source_size)
+def load_policy(cfg, rt, path):
+    """A checkpoint as the trainable policy: (model, tokenizer, vision) with cfg's pixel budget."""
+    vlm, tokenizer, vision = model.load_policy(path, rt.device, rt.dtype)
+    if cfg.max_pixels:
+        vision.max_pixels = cfg.max_pixels
+    vlm.model.visual.requires_grad_(cfg.train_vision)
+    return vlm, tokenizer, vision
+
+
+def start_run(cfg, rt, name, loaded, state, lr, total, warmup):
+    """Optimizer and schedule for the loaded policy, wrapped for the processes; resumed from `state`."""
+    vlm, tokenizer, vision = loaded
+    opt, sched = make_optimizer(cfg, vlm, lr, total, warmup)
+    policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), opt)
+    ckpt, start = os.path.join(stage_dir(cfg, name), "last"), 0
+    if state:
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        log(rt, f"[{name}] resumed at step {start} from {ckpt}")
+    os.makedirs(stage_dir(cfg, name), exist_ok=True)
+    return Run(name, ckpt, policy, tokenizer, vision, opt, sched, start, state or {},
+               Counter((state or {}).get("skipped", {})))
+
+
+def progress_bar(rt, run, total):
+    return tqdm(range(run.start, total), desc=run.name, disable=not rt.main, initial=run.start, total=total)
+
+
+def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
+    """After optimizer step `step` (1-based): rank 0 logs the metrics row; every save_every steps
+    and at the end the checkpoint is written (atomically), with what a resume needs (the skip
+    counts included)."""
+    if rt.main:
+        append_jsonl(os.path.join(stage_dir(cfg, run.name), "metrics.jsonl"), metrics)
+    if step % cfg.save_every == 0 or step == total:
+        if rt.main:
+            save_checkpoint(run.ckpt, unwrap(rt, run.policy).model, run.tokenizer, run.vision,
+                            {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                             "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
+                             "config": dataclasses.asdict(cfg), **(extra_state or {})})
+        rt.accelerator.wait_for_everyone()
+
+
+def unwrap(rt, policy):
+    return rt.accelerator.unwrap_model(policy)
 
 
 def epoch_order(n, epoch, seed):
@@ -250,31 +189,46 @@ def epoch_order(n, epoch, seed):
     return torch.randperm(n, generator=g).tolist()
 
 
-def sft_loss(policy, batch):
-    """Mean NLL per completion token over a batch of (prompt, target) pairs."""
-    logps = policy([p for p, _ in batch], [t for _, t in batch], mode="plain")
-    total = sum(lp.sum() for lp in logps)
-    return -total / sum(len(t) for _, t in batch)
+# ---------------------------------------------------------------------------------------------
+# What the model reads
+# ---------------------------------------------------------------------------------------------
+
+def load_train_records(cfg):
+    """The training records, validated, with every media file's header checked (fail early)."""
+    path = cfg.train_json or os.path.join(cfg.data_dir, "train.json")
+    records = data.load_records(path, cfg.data_root or None)
+    data.check_enough_records(records, cfg.batch_size, path)
+    data.check_media(records)
+    return records
+
+
+def model_input(cfg, rt, tokenizer, vision, video, question):
+    """model.model_input on this process's device and dtype, with cfg's pixel budget."""
+    return model.model_input(tokenizer, vision, video, question, cfg.max_pixels or None).to(rt.device, rt.dtype)
+
+
+def vp_input(cfg, rt, tokenizer, vision, record, video, vp):
+    """The model input under visual prompt `vp`: drawn on the key frames, its hint after the question."""
+    video = distill.draw_vp(video, record, vp, config.vp_config(cfg))
+    return model_input(cfg, rt, tokenizer, vision, video, prompt.add_hint(record["question"], vp))
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages
+# Stage data: the synthetic set and the tiny model
 # ---------------------------------------------------------------------------------------------
 
 def stage_data(cfg, rt):
     """Generate the synthetic set (once; skipped when it exists) and build the tiny model."""
-    import synth
     if rt.main and not os.path.isfile(os.path.join(cfg.data_dir, "test.json")):
         t0 = time.time()
-        synth.generate(synth.SynthConfig(out=cfg.data_dir, n_train=cfg.n_train, n_val=cfg.n_val,
-                                             n_test=cfg.n_test, seed=cfg.seed, difficulty=cfg.difficulty))
+        synth.generate(cfg)
         log(rt, f"[data] generated {cfg.n_train}/{cfg.n_val}/{cfg.n_test} samples in {time.time() - t0:.1f}s "
                 f"-> {cfg.data_dir}")
     base = os.path.join(cfg.out_dir, "base")
     if rt.main and not os.path.isfile(os.path.join(base, "config.json")):
         records = json.load(open(os.path.join(cfg.data_dir, "train.json")))
-        model, _ = M.build_tiny_model(base, tokenizer_corpus(records), seed=cfg.seed)
-        log(rt, f"[data] tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {base}")
+        vlm, _ = model.build_tiny_model(base, tokenizer_corpus(records), seed=cfg.seed)
+        log(rt, f"[data] tiny Qwen2.5-VL: {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters -> {base}")
     rt.accelerator.wait_for_everyone()
     return base
 
@@ -282,111 +236,456 @@ def stage_data(cfg, rt):
 def tokenizer_corpus(records):
     """What the tiny tokenizer learns from: what it will read (the prompt's fixed text), questions
     and reasoning traces."""
-    frame_text = "".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))
+    frame_text = "".join(p for p in data.render_prompt("", data.sample_times(8.0), 8.0) if isinstance(p, str))
     return [frame_text] * 50 + [r["question"] + " " + r.get("reasoning_process", r["answer"]) for r in records]
 
 
-def load_train_records(cfg):
-    path = cfg.train_json or os.path.join(cfg.data_dir, "train.json")
-    return D.load_records(path, cfg.data_root or None)
+# ---------------------------------------------------------------------------------------------
+# Stage sft: supervised cold start on the reasoning traces
+# ---------------------------------------------------------------------------------------------
+
+def sft_target_ids(rec, tokenizer, inputs, source_size):
+    """The record's reasoning_process, boxes in pixels of the frame the model sees, ending in <|im_end|>."""
+    if not rec.get("reasoning_process"):
+        raise data.DataError(f"{data.origin(rec)}: field 'reasoning_process': missing (needed for SFT)")
+    text = data.trace_to_frame_pixels(rec["reasoning_process"], source_size, inputs.frame_size, data.origin(rec))
+    return torch.tensor(model.encode_text(tokenizer, text) + [tokenizer.convert_tokens_to_ids(data.IM_END)])
 
 
-def prepare_policy(cfg, rt, path):
-    model, tokenizer, vision = M.load_policy(path, rt.device, rt.dtype)
-    if cfg.max_pixels:
-        vision.max_pixels = cfg.max_pixels
-    model.model.visual.requires_grad_(cfg.train_vision)
-    return model, tokenizer, vision
+def sft_example(rec, tokenizer, vision, cfg):
+    """(model input, target ids) of one record, on the CPU."""
+    video = data.load_video_sample(rec, config.frames(cfg))
+    inputs = model.model_input(tokenizer, vision, video, rec["question"], cfg.max_pixels or None)
+    data.check_prompt_length(len(inputs), cfg.max_prompt_tokens, data.origin(rec))
+    return inputs, sft_target_ids(rec, tokenizer, inputs, video.source_size)
+
+
+def sft_examples(records, ids, tokenizer, vision, cfg, skipped):
+    """(model input, target) pairs for records[ids]; a sample whose media fails is skipped and
+    counted in `skipped` (data.skip_bad_sample stops the run past max_bad_samples)."""
+    out = []
+    for j in ids:
+        try:
+            out.append(sft_example(records[j], tokenizer, vision, cfg))
+        except data.DataError as e:
+            data.skip_bad_sample(skipped, cfg.max_bad_samples, e)
+    return out
+
+
+def sft_loss(policy, batch):
+    """Mean NLL per completion token over a batch of (model input, target) pairs."""
+    logps = policy([p for p, _ in batch], [t for _, t in batch], mode="plain")
+    total = sum(lp.sum() for lp in logps)
+    return -total / sum(len(t) for _, t in batch)
 
 
 def stage_sft(cfg, rt, start_path):
     """Supervised cold start on reasoning_process: NLL on the assistant completion only."""
-    out = os.path.join(cfg.out_dir, "sft")
-    ckpt = os.path.join(out, "last")
-    state = load_trainer_state(ckpt) if cfg.resume else None
+    ckpt, state = resume_point(cfg, "sft")
     if state is not None and state.get("done"):
         log(rt, f"[sft] finished checkpoint found at {ckpt}; skipping")
         return ckpt
-    model, tokenizer, vision = prepare_policy(cfg, rt, ckpt if state else start_path)
+    loaded = load_policy(cfg, rt, ckpt if state else start_path)
     records = load_train_records(cfg)
     per_rank = cfg.batch_size // rt.world
     if per_rank * rt.world != cfg.batch_size or per_rank % cfg.grad_accum:
-        raise SystemExit(f"batch_size={cfg.batch_size} must split evenly over {rt.world} ranks x grad_accum={cfg.grad_accum}")
-    steps_per_epoch = len(records) // cfg.batch_size
-    total = max(1, int(cfg.sft_epochs * steps_per_epoch))
-    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, total, cfg.sft_warmup)
-    policy = M.LogProbModule(model)
-    policy, opt = rt.accelerator.prepare(policy, opt)
-    step = 0
-    if state:
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        log(rt, f"[sft] resumed at step {step} from {ckpt}")
-    os.makedirs(out, exist_ok=True)
-    bar = tqdm(range(step, total), desc="sft", disable=not rt.main, initial=step, total=total)
+        raise SystemExit(f"batch_size={cfg.batch_size} must split evenly over {rt.world} ranks "
+                         f"x grad_accum={cfg.grad_accum}")
+    total = max(1, int(cfg.sft_epochs * (len(records) // cfg.batch_size)))
+    run = start_run(cfg, rt, "sft", loaded, state, cfg.lr, total, cfg.sft_warmup)
+    bar = progress_bar(rt, run, total)
     for step in bar:
-        loss = sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch)
-        if rt.main:
-            bar.set_postfix(loss=f"{loss:.3f}")
-            append_jsonl(os.path.join(out, "metrics.jsonl"), {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0]})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            if rt.main:
-                save_checkpoint(ckpt, unwrap(rt, policy).model, tokenizer, vision,
-                                {"step": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "rng": rng_state(), "done": step + 1 == total, "config": dataclasses.asdict(cfg)})
-            rt.accelerator.wait_for_everyone()
+        loss = sft_step(cfg, rt, run, records, step)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        end_step(cfg, rt, run, step + 1, total, {"step": step + 1, "loss": loss, "lr": run.sched.get_last_lr()[0],
+                                                 "skipped/bad_sample": run.skipped["bad_sample"]})
     log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {ckpt}")
     return ckpt
 
 
-def unwrap(rt, policy):
-    return rt.accelerator.unwrap_model(policy)
-
-
-def sft_step(cfg, rt, policy, opt, sched, records, tokenizer, vision, step, steps_per_epoch):
-    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches."""
-    epoch, i = divmod(step, steps_per_epoch)
+def sft_step(cfg, rt, run, records, step):
+    """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches.
+    A sample whose media fails is skipped and counted in run.skipped (data.skip_bad_sample)."""
+    epoch, i = divmod(step, len(records) // cfg.batch_size)
     order = epoch_order(len(records), epoch, cfg.seed)
     batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
     micro = len(batch_ids) // cfg.grad_accum
     total_loss = 0.0
     for k in range(cfg.grad_accum):
-        batch = [sft_example(records[j], tokenizer, vision, cfg) for j in batch_ids[k * micro:(k + 1) * micro]]
+        batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
+                             run.skipped)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
-        with rt.accelerator.no_sync(policy) if k < cfg.grad_accum - 1 else nullcontext():
-            loss = sft_loss(policy, batch)
+        with rt.accelerator.no_sync(run.policy) if k < cfg.grad_accum - 1 else nullcontext():
+            # a micro-batch left empty still runs a backward, so every rank reduces the same number
+            loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
             rt.accelerator.backward(loss / cfg.grad_accum)
         total_loss += loss.item() / cfg.grad_accum
-    rt.accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+    rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
     return total_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage selector: label samples with a frozen proxy, train the head, predict a vp for every id
+# ---------------------------------------------------------------------------------------------
+
+def selector_dir(cfg):
+    return cfg.selector_dir or os.path.join(cfg.out_dir, "selector")
+
+
+def stage_selector(cfg, rt, proxy_path):
+    """Make labels with the frozen proxy, train the head, cache a prediction for every training id."""
+    out = selector_dir(cfg)
+    if os.path.isfile(os.path.join(out, "predictions.json")) and cfg.resume:
+        log(rt, f"[selector] cached predictions found in {out}; skipping")
+        return
+    if rt.main:
+        proxy = load_policy(cfg, rt, proxy_path)
+        proxy[0].eval().requires_grad_(False)
+        records = load_train_records(cfg)
+        os.makedirs(out, exist_ok=True)
+        features, labels, tables = selector_labels(cfg, rt, proxy, records, out)
+        n_train = max(1, int(cfg.selector_train_share * len(labels)))
+        head = selector.train_head(features[:n_train], labels[:n_train], cfg.selector_steps, cfg.selector_lr,
+                                   cfg.seed, cfg.selector_hidden)
+        report = {"label_counts": {vp: int((labels == i).sum()) for i, vp in enumerate(prompt.VISUAL_PROMPTS)},
+                  "train": selector.evaluate_head(head, features[:n_train], labels[:n_train], tables[:n_train]),
+                  "heldout": selector.evaluate_head(head, features[n_train:], labels[n_train:], tables[n_train:])
+                  if len(labels) > n_train else None}
+        torch.save(head.state_dict(), os.path.join(out, "head.pt"))
+        predictions = selector_predictions(cfg, rt, proxy, head, records)
+        with open(os.path.join(out, "predictions.json"), "w") as f:
+            json.dump(predictions, f)
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        log(rt, f"[selector] {json.dumps(report)}")
+    rt.accelerator.wait_for_everyone()
+
+
+def selector_labels(cfg, rt, proxy, records, out):
+    """Score every vp on selector_samples promptable records (labels.jsonl). -> features (N, D),
+    labels (N,), score tables."""
+    pool = [r for r in records if distill.can_prompt(r)]
+    chosen = random.Random(cfg.seed).sample(pool, min(cfg.selector_samples, len(pool)))
+    features, labels, tables = [], [], []
+    with open(os.path.join(out, "labels.jsonl"), "w") as f:
+        for record in tqdm(chosen, desc="selector labels", disable=not rt.main):
+            scores, raw_inputs = vp_scores(cfg, rt, proxy, record)
+            label = selector.label_of(scores)
+            f.write(json.dumps({"id": record["id"], "scores": scores, "label": label}) + "\n")
+            features.append(selector.pooled_features(proxy[0], raw_inputs))
+            labels.append(prompt.VISUAL_PROMPTS.index(label))
+            tables.append(scores)
+    return torch.stack(features).cpu(), torch.tensor(labels), tables
+
+
+def vp_scores(cfg, rt, proxy, record):
+    """selector.vp_score of every vp on one record (one decode of the video), and the raw model
+    input (the selector's own input)."""
+    vlm, tokenizer, vision = proxy
+    video = data.load_video_sample(record, config.frames(cfg))
+    scores, raw_inputs = {}, None
+    for vp in prompt.VISUAL_PROMPTS:
+        inputs = vp_input(cfg, rt, tokenizer, vision, record, video, vp)
+        if raw_inputs is None:                               # raw is first in VISUAL_PROMPTS
+            raw_inputs = inputs
+        group = grpo.rollout(vlm, tokenizer, inputs, record, config.sampling(cfg, cfg.selector_group),
+                             config.reward_config(cfg), 0.0)
+        scores[vp] = selector.vp_score(group.rewards)
+    return scores, raw_inputs
+
+
+def selector_predictions(cfg, rt, proxy, head, records):
+    """id -> the head's vp for every record that can be prompted."""
+    vlm, tokenizer, vision = proxy
+    predictions = {}
+    for record in tqdm(records, desc="selector predict", disable=not rt.main):
+        if distill.can_prompt(record):
+            video = data.load_video_sample(record, config.frames(cfg))
+            features = selector.pooled_features(vlm, model_input(cfg, rt, tokenizer, vision, video, record["question"]))
+            predictions[str(record["id"])] = selector.predict(head, features)
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage rl: GRPO/GSPO with VisionCoach (the paper's Algorithm 1)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RL:
+    """What the RL step reads besides the Run."""
+    ref: object               # the frozen reference model (the starting checkpoint), None when beta == 0
+    records: list
+    coach: object             # distill.Coach, None for --coach=none
+    reward_cfg: object        # rewards.RewardConfig
+
+
+def make_coach(cfg, records):
+    """distill.Coach for --coach (None for none); --coach=selector reads the selector's predictions."""
+    if cfg.coach == "none":
+        return None
+    predictions = None
+    if cfg.coach == "selector":
+        path = os.path.join(selector_dir(cfg), "predictions.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--coach=selector needs {path}: run --stage=selector first "
+                             f"(or use --coach=random / fixed:darken / none)")
+        with open(path) as f:
+            predictions = json.load(f)
+        promptable = [r for r in records if distill.can_prompt(r)]
+        missing = sum(str(r["id"]) not in predictions for r in promptable)
+        if missing:
+            print(f"[coach] selector cache {path} misses {missing} of {len(promptable)} promptable "
+                  f"training ids; those fall back to raw (counted as coach/fallback/selector_miss)")
+    return distill.Coach(cfg.coach, predictions)
+
+
+def stage_rl(cfg, rt, start_path):
+    ckpt, state = resume_point(cfg, "rl")
+    if state is not None and state.get("done"):
+        log(rt, f"[rl] finished checkpoint found at {ckpt}; skipping")
+        return ckpt
+    # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
+    ref_path = state["reference_path"] if state else os.path.abspath(start_path)
+    loaded = load_policy(cfg, rt, ckpt if state else start_path)
+    ref = model.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
+    records = load_train_records(cfg)
+    rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
+    run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
+    bad_in_a_row = 0
+    bar = progress_bar(rt, run, cfg.rl_steps)
+    for step in bar:
+        t0 = time.time()
+        vlm = unwrap(rt, run.policy).model
+        vlm.eval()
+        with full_params(run.policy):
+            groups, sd_examples, coached, counts = rl_rollouts(cfg, rt, run, rl, step)
+        vlm.train()
+        t = time.time()
+        losses, bad_in_a_row = rl_update(cfg, rt, run, rl.ref, groups, sd_examples, bad_in_a_row, step)
+        counts.update({"time/forward_backward": time.time() - t, **losses.pop("skipped")})
+        run.skipped.update({k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")})
+        scalars = {**losses, "time/step": time.time() - t0, **{f"skipped/{k}": v for k, v in run.skipped.items()},
+                   **{k: v for k, v in counts.items() if k.startswith(("time/", "reward_skipped/"))}}
+        row = rl_metrics(cfg, rt, run, step, groups, coached, scalars)
+        reward = row.get("reward/total", float("nan"))   # absent when every sample was skipped
+        bar.set_postfix(reward=f"{reward:.3f}", hard=f"{row.get('coach/hard_share', 0):.2f}")
+        end_step(cfg, rt, run, step + 1, cfg.rl_steps, row, {"reference_path": ref_path})
+    log(rt, f"[rl] done: {cfg.rl_steps} steps -> {ckpt}")
+    return ckpt
+
+
+def step_prompt_ids(cfg, rt, n_records, step):
+    """The global batch of prompt indices for `step` (a function of seed and step), this rank's share."""
+    per_epoch = n_records // cfg.batch_size
+    epoch, i = divmod(step, per_epoch)
+    order = epoch_order(n_records, epoch + 10_000, cfg.seed)
+    return order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
+
+
+def rl_rollouts(cfg, rt, run, rl, step):
+    """Steps 1-3 of Algorithm 1 on this rank's prompts. -> (groups, SD examples, coach counters,
+    other counters: skipped/..., reward_skipped/..., time/...); a prompt too long, or one whose media
+    fails to decode (counted in run.skipped by data.skip_bad_sample), is a None group."""
+    vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
+    progress = step / max(1, cfg.rl_steps)
+    groups, sd_examples, coached, counts = [], [], Counter(), Counter()
+    for idx in step_prompt_ids(cfg, rt, len(rl.records), step):
+        t = time.time()
+        record = rl.records[idx]
+        try:
+            video = data.load_video_sample(record, config.frames(cfg))
+            inputs = model_input(cfg, rt, tokenizer, vision, video, record["question"])
+        except data.DataError as e:  # a file that passed the header check but fails to decode
+            data.skip_bad_sample(run.skipped, cfg.max_bad_samples, e)
+            groups.append(None)
+            continue
+        if len(inputs) > cfg.max_prompt_tokens:
+            counts["skipped/prompt_too_long"] += 1
+            groups.append(None)
+            continue
+        # 1. G rollouts on the raw video and question, their rewards R, group-normalized advantages
+        group = grpo.rollout(vlm, tokenizer, inputs, record, config.sampling(cfg), rl.reward_cfg, progress,
+                             grpo.sample_generator(cfg.seed, step, idx, device=rt.device))
+        counts["time/generate"] += time.time() - t
+        if bool(group.truncated.all()):
+            counts["skipped/all_truncated"] += 1
+        counts.update(reward_skips(group))
+        totals = torch.tensor(group.rewards["total"], dtype=torch.float32)
+        group.advantages = grpo.group_advantages(totals).to(rt.device)                      # (G,)
+        groups.append(group)
+        # 2. hard indicator I = [mean R < k]
+        t = time.time()
+        if rl.coach and distill.is_hard(group.rewards["total"], cfg.hard_k):
+            # 3. a visual prompt on the key frames + its hint; G prompted rollouts, rewards R'
+            vp, fallback = rl.coach.choose(record, (cfg.seed, step, idx))
+            prompted_inputs = vp_input(cfg, rt, tokenizer, vision, record, video, vp)
+            prompted = grpo.rollout(vlm, tokenizer, prompted_inputs, record, config.sampling(cfg), rl.reward_cfg,
+                                    progress, grpo.sample_generator(cfg.seed, step, idx, "coach", device=rt.device))
+            counts.update(reward_skips(prompted))
+            # candidates C = {R' > mean R}; S = top N of C by answer reward
+            raw_mean, totals = distill.mean_reward(group.rewards["total"]), prompted.rewards["total"]
+            keep = distill.select_candidates(raw_mean, totals, prompted.rewards.get("answer", [0.0] * len(totals)),
+                                             cfg.top_n)
+            coached.update(distill.coach_counts(vp, fallback, raw_mean, totals, len(keep)))
+            if keep and cfg.alpha > 0:
+                condition = prompted_inputs if cfg.sd_condition == "prompted" else group.prompt
+                sd_examples.append(distill.SDExample(condition, prompted.ids[keep], prompted.mask[keep]))
+        counts["time/coach"] += time.time() - t
+    return groups, sd_examples, coached, counts
+
+
+def reward_skips(group):
+    """Rewards that could not read their record, by reason (rewards.skip_reasons), as metric keys."""
+    return Counter({f"reward_skipped/{k}": v for k, v in rewards.skip_reasons(group.rewards).items()})
+
+
+def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
+    """The loss of Algorithm 1 (steps 3-4), inner_updates times on the same rollouts:
+        L = mean over the global batch of grpo.policy_loss(group) + alpha * mean of distill.sd_nll(S).
+    Each group is its own backward (one group's graph in memory at a time). -> (loss metrics with
+    the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
+    scale = rt.world / cfg.batch_size      # DDP averages over ranks; every prompt weighs 1 / batch_size
+    reference = model.LogProbModule(ref) if ref is not None else None
+    with torch.no_grad():                  # pi_ref, and pi_old when it must outlive the first update
+        groups = [None if g is None else dataclasses.replace(
+            g, ref_logp=grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None,
+            old_logp=grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None)
+            for g in groups]
+    sums, skipped = Counter(), Counter()
+    items = groups + sd_examples
+    for _ in range(cfg.inner_updates):
+        for k, item in enumerate(items):
+            with nullcontext() if k == len(items) - 1 else rt.accelerator.no_sync(run.policy):
+                if item is None:
+                    loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
+                elif isinstance(item, grpo.Group):
+                    loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio, cfg.shared_prefix)
+                    sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
+                    loss = loss * scale
+                else:
+                    nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
+                    sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
+                    loss = cfg.alpha * nll * scale
+                rt.accelerator.backward(loss)
+        if not finite_grads(rt, run.policy):
+            run.opt.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            skipped["skipped/nonfinite_update"] += 1
+            if bad_in_a_row >= cfg.max_bad_updates:
+                raise RuntimeError(f"[rl] {bad_in_a_row} updates in a row had NaN/inf loss or gradients "
+                                   f"(step {step}); lower --rl_lr or check the data")
+            continue
+        bad_in_a_row = 0
+        grad_norm = rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
+        sums["grad_norm"] += float(grad_norm) / cfg.inner_updates
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    return {**sums, "skipped": skipped}, bad_in_a_row
+
+
+def zero_loss(policy):
+    return sum(p.reshape(-1)[0] for p in policy.parameters() if p.requires_grad) * 0.0
+
+
+def finite_grads(rt, policy):
+    """True when every rank's gradients are finite (all ranks agree, so they skip together)."""
+    ok = torch.tensor([1.0], device=rt.device)
+    for p in policy.parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            ok.zero_()
+            break
+    return bool(rt.accelerator.reduce(ok, reduction="sum").item() == rt.world) if rt.world > 1 else bool(ok.item())
+
+
+def full_params(policy):
+    """Generation runs on the bare model: under FSDP / ZeRO-3 its shards are gathered first."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if isinstance(policy, FSDP):
+            return FSDP.summon_full_params(policy, writeback=False, recurse=True)
+    except ImportError:
+        pass
+    if type(policy).__name__ == "DeepSpeedEngine":
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def rl_metrics(cfg, rt, run, step, groups, coached, scalars):
+    """One JSON-able row per step: the groups' rewards and spreads, the coach's counters, and the
+    step's other scalars (losses, timings; skipped/ counts are for the whole run), averaged or
+    summed over ranks. Every sample_every steps rank 0 also writes one group's rollouts with their
+    reward breakdown to samples.jsonl."""
+    real = [g for g in groups if g is not None]
+    row = {"step": step + 1, "lr": run.sched.get_last_lr()[0], **grpo.group_metrics(groups),
+           **distill.coach_summary(coached, len(real)), **scalars}
+    if rt.world > 1:
+        row = reduce_metrics(rt, row)
+    if rt.main and cfg.sample_every and (step % cfg.sample_every == 0) and real:
+        g = real[0]
+        append_jsonl(os.path.join(cfg.out_dir, "rl", "samples.jsonl"),
+                     {"step": step + 1, "id": g.record["id"], "question": g.record["question"],
+                      "answer": g.record["answer"], "completions": g.texts, "rewards": g.rewards})
+    return row
+
+
+def reduce_metrics(rt, row):
+    """Average each metric over the ranks that have it (ranks may log different coach keys)."""
+    from accelerate.utils import gather_object
+    rows = gather_object([row])
+    keys = {k for r in rows for k in r}
+    out = {}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if k in r]
+        out[k] = row["step"] if k == "step" else sum(vals) if is_count(k) else sum(vals) / len(vals)
+    return out
+
+
+def is_count(key):
+    """Metrics that are counts add up over ranks; everything else is a mean."""
+    return key.startswith(("skipped/", "reward_skipped/", "coach/chosen/", "coach/fallback/", "coach/raw_sum/",
+                           "coach/prompted_sum/")) or key in ("coach/candidates", "coach/kept")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage eval and the stage order
+# ---------------------------------------------------------------------------------------------
+
+def stage_eval(cfg, rt, path):
+    """The main job's last stage: the checkpoint on the synthetic test split and its V-STAR set."""
+    bundle = model.load_policy(path, rt.device, rt.dtype)
+    bundle[0].eval()
+    tables = {}
+    for benchmark, name in (("stgr", "test.json"), ("vstar", "vstar_test.json")):
+        ecfg = dataclasses.replace(cfg, model=path, eval_data=os.path.join(cfg.data_dir, name), benchmark=benchmark,
+                                   eval_out=os.path.join(cfg.out_dir, "eval"))
+        with torch.no_grad():
+            tables[benchmark] = eval.evaluate(ecfg, bundle, rt)
+    for benchmark, summary in tables.items():
+        log(rt, f"\n[eval] {benchmark} on {cfg.data_dir} ({path}):\n" + metrics.format_markdown_table({path: summary}))
+    return tables
 
 
 def main(argv):
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    stages = ["data", "sft", "selector", "rl", "eval"] if cfg.stage == "all" else [cfg.stage]
     path = cfg.model
-    for stage in stages:
+    for stage in config.STAGES if cfg.stage == "all" else [cfg.stage]:
         if stage == "data":
             path = stage_data(cfg, rt)
         elif stage == "sft":
             path = stage_sft(cfg, rt, path or os.path.join(cfg.out_dir, "base"))
         elif stage == "selector":
-            import selector
-            selector.stage_selector(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
+            stage_selector(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
         elif stage == "rl":
-            import grpo
-            path = grpo.stage_rl(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
-        elif stage == "eval":
-            import eval as E
-            E.stage_eval(cfg, rt, path or os.path.join(cfg.out_dir, "rl", "last"))
+            path = stage_rl(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
         else:
-            raise SystemExit(f"unknown --stage={stage}; expected all|data|sft|selector|rl|eval")
+            stage_eval(cfg, rt, path or os.path.join(cfg.out_dir, "rl", "last"))
 
 
 if __name__ == "__main__":

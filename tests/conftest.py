@@ -12,23 +12,24 @@ torch.set_num_threads(2)
 def tiny_data(tmp_path_factory):
     """A few synthetic records of every task, videos and key frames on disk. -> data folder path."""
     import synth
+    import train
     out = tmp_path_factory.mktemp("synth")
-    synth.generate(synth.SynthConfig(out=str(out), n_train=12, n_val=2, n_test=6, seed=3, workers=1))
+    synth.generate(train.Config(data_dir=str(out), n_train=12, n_val=2, n_test=6, seed=3, synth_workers=1))
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_data, tmp_path_factory):
     """A tiny random Qwen2.5-VL checkpoint (save_pretrained layout) whose tokenizer knows the data."""
-    import model as M
-    import train as T
+    import model
+    import train
     out = str(tmp_path_factory.mktemp("tiny_model"))
     records = json.load(open(os.path.join(tiny_data, "train.json")))
-    M.build_tiny_model(out, T.tokenizer_corpus(records), seed=0)
+    model.build_tiny_model(out, train.tokenizer_corpus(records), seed=0)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_model_dir):
-    import model as M
-    return M.load_policy(tiny_model_dir)
+    import model
+    return model.load_policy(tiny_model_dir)

@@ -11,9 +11,9 @@ import data as D
 
 def test_sample_times_at_fps_and_clamped():
     assert D.sample_times(3.0, fps=2.0) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-    assert len(D.sample_times(60.0, fps=2.0, max_frames=16)) == 16                 # spread, not cut
-    assert D.sample_times(60.0, fps=2.0, max_frames=16)[-1] < 60.0
-    assert D.sample_times(1.0, fps=2.0, min_frames=4) == [0.0, 0.2, 0.5, 0.8]    # rounded to 0.1 s
+    assert D.sample_times(8.0, fps=2.0) == [i / 2 for i in range(16)]             # synthetic clips: the 2 fps grid
+    assert D.sample_times(600.0, fps=2.0, max_frames=16) == [i * 37.5 for i in range(16)]  # spread, not cut
+    assert D.sample_times(1.0, fps=2.0, min_frames=4) == [0.0, 0.25, 0.5, 0.75]
     with pytest.raises(ValueError):
         D.sample_times(0.0)
 
@@ -25,17 +25,20 @@ def test_box_conversions_round_trip():
 
 def test_render_prompt_interleaves_frames_and_duration():
     parts = D.render_prompt("What moves?", [0.0, 0.5, 1.0], 1.4)
-    assert parts[1:7] == ["Frame 1 at 0.0s:", 0, "Frame 2 at 0.5s:", 1, "Frame 3 at 1.0s:", 2]
-    assert parts[0].startswith(D.IM_START + "system\n") and parts[0].endswith(D.IM_START + "user\n")
-    assert "The video is in total 1.4 seconds.\nWhat moves?" + D.IM_END in parts[-1]
-    assert parts[-1].endswith(D.IM_START + "assistant\n")
+    assert parts[6:12] == ["Frame 1 at 0.0s:", 0, "Frame 2 at 0.5s:", 1, "Frame 3 at 1.0s:", 2]
+    assert "".join(p for p in parts if isinstance(p, str)).startswith(D.IM_START + "system\n")
+    assert parts[4:6] == [D.IM_START, "user\n"] and isinstance(parts[4], D.Special)
+    assert parts[12] == "\nThe video is in total 1.4 seconds.\nWhat moves?"
+    assert parts[-4:] == [D.IM_END, "\n", D.IM_START, "assistant\n"]
+    assert [p for p in parts if isinstance(p, D.Special)] == [D.IM_START, D.IM_END, D.IM_START, D.IM_END, D.IM_START]
 
 
-def test_rescale_boxes_in_text():
-    text = "<obj>a</obj><box>[10,20,30,40]</box>at<t>1.0</t>s <box>[1,2,3]</box>"
-    assert D.rescale_boxes_in_text(text, (100, 100), (200, 50)) == \
-        "<obj>a</obj><box>[20,10,60,20]</box>at<t>1.0</t>s <box>[1,2,3]</box>"
-    assert D.rescale_boxes_in_text(text, (112, 112), (112, 112)) == text
+def test_trace_boxes_pixels_rescaled():
+    text = "<obj>a</obj><box>[10,20,30,40]</box>at<t>1.0</t>s <box> [0, 0, 100, 100] </box>"
+    assert D.trace_to_frame_pixels(text, (100, 100), (200, 50), "r") == \
+        "<obj>a</obj><box>[20,10,60,20]</box>at<t>1.0</t>s <box>[0,0,200,50]</box>"
+    assert D.trace_to_frame_pixels(text, (112, 112), (112, 112), "r") == \
+        "<obj>a</obj><box>[10,20,30,40]</box>at<t>1.0</t>s <box>[0,0,100,100]</box>"
 
 
 def test_loads_synthetic_records_and_key_frames_land_at_their_times(tiny_data):
@@ -142,5 +145,5 @@ def test_missing_key_frame_image(tiny_data, tmp_path, good):
     _copy_media(tiny_data, tmp_path, good)
     rec = D.load_records(_write(tmp_path, [good]))[0]
     os.remove(rec["key_frames"][0]["path"])
-    with pytest.raises(D.DataError, match="key_frames.path.*file not found"):
+    with pytest.raises(D.DataError, match=r"key_frames\[0\].path.*file not found"):
         D.load_video_sample(rec)

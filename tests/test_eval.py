@@ -1,19 +1,21 @@
-"""eval.py inference: an STGR run writes predictions and a summary; 2 processes equal 1."""
+"""eval.py inference: an STGR run writes predictions and a summary; 2 processes equal 1; its flags."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
-import eval as E
-import model as M
+import eval
+import metrics
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
-    cfg = E.EvalConfig(model="tiny", data=os.path.join(tiny_data, "test.json"), out=str(tmp_path), max_new_tokens=8,
-                       max_frames=6)
-    summary = E.evaluate(cfg, tiny_policy)
+    cfg = train.Config(model="tiny", eval_data=os.path.join(tiny_data, "test.json"), eval_out=str(tmp_path),
+                       eval_samples=0, eval_max_new_tokens=8, max_frames=6)
+    summary = eval.evaluate(cfg, tiny_policy)
     preds = [json.loads(l) for l in open(tmp_path / "stgr_predictions.jsonl")]
     assert len(preds) == summary["n"] == 6
     assert {"id", "completion", "answer", "correct"} <= set(preds[0])
@@ -22,9 +24,9 @@ def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
 
 
 def test_vstar_eval_runs_end_to_end(tiny_data, tiny_policy, tmp_path):
-    cfg = E.EvalConfig(model="tiny", data=os.path.join(tiny_data, "vstar_test.json"), out=str(tmp_path),
-                       max_new_tokens=6, max_frames=6, limit=2)
-    summary = E.evaluate(cfg, tiny_policy)
+    cfg = train.Config(model="tiny", eval_data=os.path.join(tiny_data, "vstar_test.json"), eval_out=str(tmp_path),
+                       eval_max_new_tokens=6, max_frames=6, eval_samples=2)
+    summary = eval.evaluate(cfg, tiny_policy)
     assert summary["n"] == 2 and {"mAM", "mLGM", "Acc"} <= set(summary)
     rows = [json.loads(l) for l in open(tmp_path / "vstar_predictions.jsonl")]
     assert {"what", "when1", "where1", "where2", "when2"} <= set(rows[0])
@@ -63,19 +65,39 @@ def _benchmark_files(tiny_data, tmp_path):
 def test_multiple_choice_and_temporal_grounding_files(tiny_data, tiny_policy, tmp_path):
     n_mcq, n_tg = _benchmark_files(tiny_data, tmp_path)
     assert n_mcq and n_tg, "the tiny synthetic test split has both kinds"
-    for kind, n in (("mcq", n_mcq), ("tg", n_tg)):
-        path = str(tmp_path / f"{kind}.json")
-        assert E.detect_kind(path) == kind
-        cfg = E.EvalConfig(model="tiny", data=path, data_root=tiny_data, out=str(tmp_path / kind),
-                           max_new_tokens=8, max_frames=6)
-        summary = E.evaluate(cfg, tiny_policy)
+    for benchmark, n in (("mcq", n_mcq), ("tg", n_tg)):
+        path = str(tmp_path / f"{benchmark}.json")
+        assert eval.detect_benchmark(path) == benchmark
+        cfg = eval.parse_eval_args(["--model=tiny", f"--data={path}", f"--data_root={tiny_data}",
+                                    f"--out={tmp_path / benchmark}", "--max_new_tokens=8", "--max_frames=6"])
+        summary = eval.evaluate(cfg, tiny_policy)
         assert summary["n"] == n
-        assert ("Acc[task_type=synthetic]" in summary) if kind == "mcq" else ("R@0.5" in summary and "mIoU" in summary)
-        assert len(open(tmp_path / kind / f"{kind}_predictions.jsonl").readlines()) == n
+        assert ("Acc[task_type=synthetic]" in summary) if benchmark == "mcq" else ("R@0.5" in summary and "mIoU" in summary)
+        assert len(open(tmp_path / benchmark / f"{benchmark}_predictions.jsonl").readlines()) == n
 
 
 def test_grounding_file_with_a_bad_span_names_the_field(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"video": "a.mp4", "query": "x", "span": [3, 1]}]))
     import pytest
     with pytest.raises(ValueError, match=r"bad.json: sample 0: field 'span'"):
-        E.load_grounding(str(tmp_path / "bad.json"))
+        metrics.load_grounding(str(tmp_path / "bad.json"))
+
+
+def test_eval_flags_keep_their_names_and_help_lists_every_field(capsys):
+    cfg = eval.parse_eval_args(["--model=m", "--data=d.json", "--kind=vstar", "--out=o", "--limit=3",
+                                "--max_new_tokens=7", "--temperature=0.5", "--fps=1.0"])
+    assert (cfg.eval_data, cfg.benchmark, cfg.eval_out, cfg.eval_samples) == ("d.json", "vstar", "o", 3)
+    assert (cfg.eval_max_new_tokens, cfg.eval_temperature, cfg.fps) == (7, 0.5, 1.0)
+    assert cfg.max_new_tokens == train.Config().max_new_tokens      # the RL field is untouched
+    assert eval.parse_eval_args(["--model=m", "--data=d.json"]).eval_samples == 0   # eval.py: every sample
+    import pytest
+    for bad in (["--model=m", "--data=d.json", "--kind=videomme"], ["--model=m"]):
+        with pytest.raises(SystemExit):
+            eval.parse_eval_args(bad)
+    with pytest.raises(SystemExit) as done:
+        eval.parse_eval_args(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--eval_samples=0 " in text and "--kind (= --benchmark)" in text
+    for f in dataclasses.fields(train.Config):
+        assert f"--{f.name}=" in text, f.name

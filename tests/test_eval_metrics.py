@@ -1,4 +1,4 @@
-"""Metric half of eval.py against hand-computed values (no model, milliseconds).
+"""metrics.py against hand-computed values (no model, milliseconds).
 
 Run: python -m pytest tests/test_eval_metrics.py -q
 """
@@ -10,7 +10,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import eval as ev  # noqa: E402
+import config  # noqa: E402
+import metrics  # noqa: E402
 import rewards  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def write_json(tmp_path, name, obj):
 
 
 def test_published_check_from_means():
-    s = ev.vstar_scores(0.61, 0.245, 0.240, 0.254, 0.060)
+    s = metrics.vstar_scores(0.61, 0.245, 0.240, 0.254, 0.060)
     assert round(s["mAM"], 2) == 33.65
     assert round(s["mLGM"], 2) == 46.56
     assert s["Acc"] == pytest.approx(61.0)
@@ -62,7 +63,7 @@ def test_published_check_through_per_sample_summary():
     # 100 samples whose means are exactly the published ones
     per = [{"what": float(i < 61), "tiou_1": 0.245, "tiou_2": 0.240, "viou_1": 0.254,
             "viou_2": 0.060} for i in range(100)]
-    s = ev.vstar_summary(per)
+    s = metrics.vstar_summary(per)
     assert s["n"] == 100
     for k, v in {"Acc": 61.0, "mtIoU_1": 24.5, "mtIoU_2": 24.0, "mvIoU_1": 25.4,
                  "mvIoU_2": 6.0, "mAM": 33.65, "mLGM": 46.56}.items():
@@ -84,26 +85,26 @@ def test_published_check_through_per_sample_summary():
     ((3, 3), (3, 3), 0.0),       # zero-length hull
 ])
 def test_temporal_iou(pred, gt, want):
-    assert ev.temporal_iou(pred, gt) == pytest.approx(want)
+    assert metrics.temporal_iou(pred, gt) == pytest.approx(want)
 
 
 def test_visual_iou_small_cases():
-    frames = [ev.VStarFrame(time=1.0, box=[0, 0, 10, 10]), ev.VStarFrame(time=2.0, box=[0, 0, 10, 10])]
+    frames = [metrics.VStarFrame(time=1.0, box=[0, 0, 10, 10]), metrics.VStarFrame(time=2.0, box=[0, 0, 10, 10])]
     # frame 1 exact; frame 2 best of two boxes is half the gt (IoU 0.5)
     pred = {1.0: [[0, 0, 10, 10]], 2.0: [[50, 50, 60, 60], [0, 0, 5, 10]]}
-    assert ev.visual_iou(frames, pred) == pytest.approx(0.75)
+    assert metrics.visual_iou(frames, pred) == pytest.approx(0.75)
     # a frame with no predicted box counts 0
-    assert ev.visual_iou(frames, {1.0: [[0, 0, 10, 10]]}) == pytest.approx(0.5)
+    assert metrics.visual_iou(frames, {1.0: [[0, 0, 10, 10]]}) == pytest.approx(0.5)
     # a time 0.3 s off still meets its frame; 0.8 s off does not
-    assert ev.visual_iou(frames, {1.3: [[0, 0, 10, 10]]}) == pytest.approx(0.5)
-    assert ev.visual_iou(frames, {0.2: [[0, 0, 10, 10]], 2.8: [[0, 0, 10, 10]]}) == 0.0
-    assert ev.visual_iou(frames, {}) == 0.0
+    assert metrics.visual_iou(frames, {1.3: [[0, 0, 10, 10]]}) == pytest.approx(0.5)
+    assert metrics.visual_iou(frames, {0.2: [[0, 0, 10, 10]], 2.8: [[0, 0, 10, 10]]}) == 0.0
+    assert metrics.visual_iou(frames, {}) == 0.0
 
 
 def test_temporal_grounding_by_hand():
     gts = [(0, 10)] * 4
     preds = [(0, 10), (0, 5), (2, 6), None]   # tIoU 1.0, 0.5, 0.4, 0
-    m = ev.temporal_grounding_metrics(preds, gts)
+    m = metrics.temporal_grounding_metrics(preds, gts)
     assert m["R@0.3"] == pytest.approx(75.0)
     assert m["R@0.5"] == pytest.approx(50.0)  # >= threshold counts
     assert m["R@0.7"] == pytest.approx(25.0)
@@ -122,7 +123,7 @@ def test_temporal_grounding_by_hand():
     (True, None), ([1], None),
 ])
 def test_parse_time_string(s, want):
-    assert ev.parse_time_string(s) == want
+    assert metrics.parse_time_string(s) == want
 
 
 @pytest.mark.parametrize("text,want", [
@@ -135,7 +136,7 @@ def test_parse_time_string(s, want):
     ("no idea", None), ("", None), (None, None), ("1, 2, 3", None),
 ])
 def test_parse_time_span(text, want):
-    assert ev.parse_time_span(text) == want
+    assert metrics.parse_time_span(text) == want
 
 
 @pytest.mark.parametrize("pred,want", [
@@ -158,13 +159,13 @@ def test_parse_time_span(text, want):
     (None, {}), (42, {}),
 ])
 def test_parse_timed_boxes(pred, want):
-    assert ev.parse_timed_boxes(pred, fps=30) == want
+    assert metrics.parse_timed_boxes(pred, fps=30) == want
 
 
 def test_parse_timed_boxes_reads_our_claim_grammar():
     text = ("<answer><obj>man</obj><box>[1,2,3,4]</box>at<t>2.0</t>s and "
             "<obj>man</obj><box>[5,6,7,8]</box><box>[0,0,9,9]</box>at<t>3.0</t>s</answer>")
-    assert ev.parse_timed_boxes(text) == {2.0: [[1, 2, 3, 4]], 3.0: [[5, 6, 7, 8], [0, 0, 9, 9]]}
+    assert metrics.parse_timed_boxes(text) == {2.0: [[1, 2, 3, 4]], 3.0: [[5, 6, 7, 8], [0, 0, 9, 9]]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_load_vstar_both_bbox_forms(tmp_path):
                                      {"3_90": {"xmin": 1, "ymin": 1, "xmax": 2, "ymax": 2}}])
     no_ts = vstar_dict(bboxes=[{"frame_index": 45, "xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1}])
     path = write_json(tmp_path, "v.json", [vstar_dict(), readme_form, no_ts])
-    a, b, c = ev.load_vstar(path)
+    a, b, c = metrics.load_vstar(path)
     assert a.timestamps == (2.0, 5.0) and a.duration == 10.0
     assert [(f.time, f.frame_index, f.box) for f in a.frames] == \
         [(2.0, 60, [0, 0, 100, 100]), (3.0, 90, [100, 100, 200, 200])]
@@ -201,47 +202,48 @@ def test_missing_field_names_file_index_and_field(tmp_path, mutate, field):
     mutate(bad)
     path = write_json(tmp_path, "broken.json", [vstar_dict(), bad])
     with pytest.raises(ValueError) as e:
-        ev.load_vstar(path)
+        metrics.load_vstar(path)
     msg = str(e.value)
     assert path in msg and "sample 1" in msg and f"'{field}'" in msg
 
 
 def test_load_vstar_not_a_list_or_empty(tmp_path):
     with pytest.raises(ValueError, match="bad.json"):
-        ev.load_vstar(write_json(tmp_path, "bad.json", {"vid": "x"}))
+        metrics.load_vstar(write_json(tmp_path, "bad.json", {"vid": "x"}))
     with pytest.raises(ValueError, match="empty.json: no samples"):
-        ev.load_vstar(write_json(tmp_path, "empty.json", []))
+        metrics.load_vstar(write_json(tmp_path, "empty.json", []))
     (tmp_path / "cut.json").write_text('[{"vid": ')
     with pytest.raises(ValueError, match="cut.json"):
-        ev.load_vstar(str(tmp_path / "cut.json"))
+        metrics.load_vstar(str(tmp_path / "cut.json"))
 
 
 def test_oracle_scores_the_maximum(tmp_path):
     path = write_json(tmp_path, "v.json", [vstar_dict(), vstar_dict(vid="clip1", timestamps=[0.5, 9.5])])
-    per = [ev.score_vstar_sample(s, **ev.vstar_oracle_texts(s)) for s in ev.load_vstar(path)]
-    summary = ev.vstar_summary(per)
+    per = [metrics.score_vstar_sample(s, metrics.vstar_oracle_answers(s)) for s in metrics.load_vstar(path)]
+    summary = metrics.vstar_summary(per)
     for k in ("Acc", "mtIoU_1", "mtIoU_2", "mvIoU_1", "mvIoU_2", "AM_1", "AM_2", "mAM"):
         assert summary[k] == pytest.approx(100.0), k
     assert math.isfinite(summary["mLGM"]) and summary["mLGM"] > 1000  # clamped, not inf
 
 
 def test_oracle_boxes_in_model_pixels_are_rescaled():
-    s = ev.vstar_sample_from_dict(vstar_dict())
+    s = metrics.vstar_sample_from_dict(vstar_dict())
     # the model saw a 320 x 180 frame: half the annotation's size
     where = json.dumps({str(f.time): [v / 2 for v in f.box] for f in s.frames})
-    out = ev.score_vstar_sample(s, "a red cup", "[2, 5]", where, where, "[2, 5]", pred_size=(320, 180))
+    answers = {"what": "a red cup", "when1": "[2, 5]", "where1": where, "where2": where, "when2": "[2, 5]"}
+    out = metrics.score_vstar_sample(s, answers, pred_size=(320, 180))
     assert out["viou_1"] == pytest.approx(1.0) and out["viou_2"] == pytest.approx(1.0)
-    unscaled = ev.score_vstar_sample(s, "a red cup", "[2, 5]", where, where, "[2, 5]")
+    unscaled = metrics.score_vstar_sample(s, answers)
     assert unscaled["viou_1"] < 1.0
 
 
 def test_partial_prediction_by_hand():
-    s = ev.vstar_sample_from_dict(vstar_dict())   # gt span [2, 5]; boxes at 2 s and 3 s
-    out = ev.score_vstar_sample(
-        s, what_text="<answer>A red cup.</answer>",
-        when1_text="From <t>3.0</t>s to <t>6.0</t>s",           # overlap 2 / hull 4
-        where1_text='{"2": [0, 0, 100, 50]}',                      # 0.5 at 2 s, nothing at 3 s
-        where2_text="garbage", when2_text="From 0:01 to 0:03")     # overlap 1 / hull 4
+    s = metrics.vstar_sample_from_dict(vstar_dict())   # gt span [2, 5]; boxes at 2 s and 3 s
+    out = metrics.score_vstar_sample(s, {
+        "what": "<answer>A red cup.</answer>",
+        "when1": "From <t>3.0</t>s to <t>6.0</t>s",           # overlap 2 / hull 4
+        "where1": '{"2": [0, 0, 100, 50]}',                      # 0.5 at 2 s, nothing at 3 s
+        "where2": "garbage", "when2": "From 0:01 to 0:03"})     # overlap 1 / hull 4
     assert out["what"] == 1.0
     assert out["tiou_1"] == pytest.approx(0.5) and out["tiou_2"] == pytest.approx(0.25)
     assert out["viou_1"] == pytest.approx(0.25) and out["viou_2"] == 0.0
@@ -255,16 +257,17 @@ GARBAGE = ["", None, "<think>", "<answer></answer>", "{{{[[", "From soon to late
 
 @pytest.mark.parametrize("g", GARBAGE)
 def test_garbage_predictions_score_zero_without_raising(g):
-    s = ev.vstar_sample_from_dict(vstar_dict())
-    out = ev.score_vstar_sample(s, g, g, g, g, g)
+    s = metrics.vstar_sample_from_dict(vstar_dict())
+    out = metrics.score_vstar_sample(s, dict.fromkeys(metrics.VSTAR_ANSWERS, g))
     assert (out["what"], out["tiou_1"], out["tiou_2"], out["viou_1"], out["viou_2"]) == (0, 0, 0, 0, 0)
 
 
 def test_pluggable_judge():
-    s = ev.vstar_sample_from_dict(vstar_dict())
+    s = metrics.vstar_sample_from_dict(vstar_dict())
     seen = []
     judge = lambda q, ref, cand: seen.append((q, ref, cand)) or cand == "mug"  # noqa: E731
-    assert ev.score_vstar_sample(s, "<answer>mug</answer>", "", "", "", "", judge=judge)["what"] == 1.0
+    answers = {**dict.fromkeys(metrics.VSTAR_ANSWERS, ""), "what": "<answer>mug</answer>"}
+    assert metrics.score_vstar_sample(s, answers, judge=judge)["what"] == 1.0
     assert seen == [(s.question, "a red cup", "mug")]
 
 
@@ -275,7 +278,7 @@ def test_pluggable_judge():
     ("a red cup", "a green bottle", False), ("a red cup", "", False),
 ])
 def test_default_judge(ref, cand, want):
-    assert ev.default_judge("q", ref, cand) is want
+    assert metrics.default_judge("q", ref, cand) is want
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +297,7 @@ def mcq_records():
 
 def test_mcq_accuracy_per_category():
     letters = ["A", "(C)", "<think>hm</think><answer>C. green</answer>", "", "A) red"]
-    m = ev.mcq_accuracy(mcq_records(), letters)   # hits: 1, 0, 1, 0, 1
+    m = metrics.mcq_accuracy(mcq_records(), letters)   # hits: 1, 0, 1, 0, 1
     assert m["Acc"] == pytest.approx(60.0) and m["n"] == 5
     assert m["Acc[task_type=Counting Problem]"] == pytest.approx(50.0)
     assert m["Acc[task_type=OCR Problems]"] == pytest.approx(200 / 3)
@@ -303,16 +306,16 @@ def test_mcq_accuracy_per_category():
 
 
 def test_mcq_garbage_and_errors(tmp_path):
-    assert ev.mcq_accuracy(mcq_records(), [None, 3, "", "<answer>", "zzz"])["Acc"] == 0.0
+    assert metrics.mcq_accuracy(mcq_records(), [None, 3, "", "<answer>", "zzz"])["Acc"] == 0.0
     with pytest.raises(ValueError, match="4 predictions"):
-        ev.mcq_accuracy(mcq_records(), ["A"] * 4)
+        metrics.mcq_accuracy(mcq_records(), ["A"] * 4)
     recs = mcq_records()
     del recs[2]["options"]
     path = write_json(tmp_path, "mme.json", recs)
     with pytest.raises(ValueError) as e:
-        ev.load_mcq(path)
+        metrics.load_mcq(path)
     assert path in str(e.value) and "sample 2" in str(e.value) and "'options'" in str(e.value)
-    assert len(ev.load_mcq(write_json(tmp_path, "ok.json", mcq_records()))) == 5
+    assert len(metrics.load_mcq(write_json(tmp_path, "ok.json", mcq_records()))) == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +324,14 @@ def test_mcq_garbage_and_errors(tmp_path):
 
 
 def test_format_markdown_table(tmp_path):
-    t = ev.format_markdown_table({"sft": {"Acc": 61.0, "mAM": 33.654, "n": 10},
+    t = metrics.format_markdown_table({"sft": {"Acc": 61.0, "mAM": 33.654, "n": 10},
                                   "rl": {"Acc": 62.5, "mLGM": 46.56, "n": 10}})
     lines = t.splitlines()
     assert lines[0] == "| checkpoint | Acc | mAM | n | mLGM |"
     assert lines[2] == "| sft | 61.00 | 33.65 | 10 | - |"
     assert lines[3] == "| rl | 62.50 | - | 10 | 46.56 |"
     a = write_json(tmp_path, "a.json", {"Acc": 1.0})
-    assert ev.compare_summaries([a]).splitlines()[-1] == f"| {a} | 1.00 |"
+    assert metrics.compare_summaries([a]).splitlines()[-1] == f"| {a} | 1.00 |"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def test_score_stgr_ground_truth_and_garbage():
     recs = stgr_records()
     ctx = rewards.RewardContext(frame_width=W, frame_height=H, progress=1.0)
     gt = [rewards.ground_truth_completion(r, ctx) for r in recs]
-    best = ev.score_stgr(recs, gt, ctx)
+    best = metrics.score_stgr(recs, gt, ctx)
     assert best["Acc"] == pytest.approx(100.0) and best["n"] == 4
     assert best["Acc[task=temporal QA]"] == pytest.approx(100.0)
     assert best["TG/mIoU"] == pytest.approx(100.0) and best["TG/R@0.7"] == pytest.approx(100.0)
@@ -365,7 +368,7 @@ def test_score_stgr_ground_truth_and_garbage():
                                    "reward/temporal_iou", "reward/temporal_point",
                                    "reward/temporal_segment"]
     assert all(best[k] == pytest.approx(1.0) for k in reward_keys)
-    worst = ev.score_stgr(recs, ["", None, "<answer>zzz</answer>", "garbage"], ctx)
+    worst = metrics.score_stgr(recs, ["", None, "<answer>zzz</answer>", "garbage"], ctx)
     assert worst["Acc"] == 0.0 and worst["TG/mIoU"] == 0.0
     assert all(worst[k] == 0.0 for k in reward_keys + ["reward/total"])
 
@@ -380,15 +383,14 @@ def test_synth_vstar_file_loads_and_oracle_is_perfect(tmp_path):
         import synth
     except ImportError as e:  # synth.py is written concurrently; absent means nothing to check
         pytest.skip(f"synth.py not importable: {e!r}")
-    cfg = synth.SynthConfig(out=str(tmp_path), n_train=0, n_val=0, n_test=4, workers=1)
-    synth.generate(cfg)
-    samples = ev.load_vstar(str(tmp_path / "vstar_test.json"))
+    synth.generate(config.Config(data_dir=str(tmp_path), n_train=0, n_val=0, n_test=4, synth_workers=1))
+    samples = metrics.load_vstar(str(tmp_path / "vstar_test.json"))
     assert len(samples) == 4
-    summary = ev.vstar_summary([ev.score_vstar_sample(s, **ev.vstar_oracle_texts(s)) for s in samples])
+    summary = metrics.vstar_summary([metrics.score_vstar_sample(s, metrics.vstar_oracle_answers(s)) for s in samples])
     for k in ("Acc", "mtIoU_1", "mtIoU_2", "mvIoU_1", "mvIoU_2", "mAM"):
         assert summary[k] == pytest.approx(100.0), k
     # and the STGR test split written beside it: its own reasoning traces score 100
     recs = json.loads((tmp_path / "test.json").read_text())
     ctx = rewards.RewardContext(frame_width=synth.SIZE, frame_height=synth.SIZE, progress=1.0)
-    stgr = ev.score_stgr(recs, [r["reasoning_process"] for r in recs], ctx)
+    stgr = metrics.score_stgr(recs, [r["reasoning_process"] for r in recs], ctx)
     assert stgr["Acc"] == pytest.approx(100.0)

@@ -4,12 +4,13 @@ import math
 import pytest
 import torch
 
-import grpo as G
-import model as M
+import data
+import grpo
+import model
 
 
 def test_group_advantages_normalize_and_zero_std_gives_zero():
-    adv = G.group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]]))
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]]))
     torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (0.5 + 1e-4))  # population std 0.5
     assert torch.equal(adv[1], torch.zeros(4))
 
@@ -17,9 +18,9 @@ def test_group_advantages_normalize_and_zero_std_gives_zero():
 def test_k3_is_nonnegative_and_zero_when_equal():
     p = torch.log_softmax(torch.randn(50), 0)
     q = torch.log_softmax(torch.randn(50), 0)
-    assert (G.k3_kl(p, q) >= 0).all()
-    assert torch.equal(G.k3_kl(p, p), torch.zeros(50))
-    assert math.isclose(G.k3_kl(torch.tensor(0.0), torch.tensor(math.log(2))).item(), 2 - math.log(2) - 1, rel_tol=1e-6)
+    assert (grpo.k3_kl(p, q) >= 0).all()
+    assert torch.equal(grpo.k3_kl(p, p), torch.zeros(50))
+    assert math.isclose(grpo.k3_kl(torch.tensor(0.0), torch.tensor(math.log(2))).item(), 2 - math.log(2) - 1, rel_tol=1e-6)
 
 
 def _pg(logp, adv, mask):
@@ -32,7 +33,7 @@ def test_ratio_one_and_beta_zero_is_the_policy_gradient(ratio):
     logp = torch.randn(4, 6, requires_grad=True)
     adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 6], dtype=torch.float32)
-    loss, m = G.policy_loss(logp, logp.detach(), None, adv, mask, 0.2, 0.0, ratio)
+    loss, m = grpo.policy_loss(logp, logp.detach(), None, adv, mask, 0.2, 0.0, ratio)
     (grad,) = torch.autograd.grad(loss, logp)
     (expected,) = torch.autograd.grad(_pg(logp, adv, mask), logp)
     torch.testing.assert_close(grad, expected)
@@ -44,7 +45,7 @@ def test_clipping_stops_the_gradient_outside_the_trust_region():
     old = torch.full((2, 3), -0.5)                 # ratio e^0.5 = 1.65 > 1.2 on every token
     adv = torch.tensor([1.0, -1.0])
     mask = torch.ones(2, 3)
-    loss, m = G.policy_loss(logp, old, None, adv, mask, clip_eps=0.2, beta=0.0, ratio="sequence")
+    loss, m = grpo.policy_loss(logp, old, None, adv, mask, clip_eps=0.2, beta=0.0, ratio="sequence")
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.equal(grad[0], torch.zeros(3))    # A > 0 and ratio above 1 + eps: clipped, no gradient
     assert (grad[1] != 0).all()                     # A < 0: min picks the unclipped term, gradient flows
@@ -56,8 +57,8 @@ def test_sequence_and_token_ratios_agree_when_token_ratios_are_equal():
     logp = (old + 0.1).requires_grad_()             # every token ratio is e^0.1
     adv = torch.tensor([0.3, -1.2, 0.9])
     mask = torch.ones(3, 5)
-    ls, _ = G.policy_loss(logp, old, None, adv, mask, 0.2, 0.0, "sequence")
-    lt, _ = G.policy_loss(logp, old, None, adv, mask, 0.2, 0.0, "token")
+    ls, _ = grpo.policy_loss(logp, old, None, adv, mask, 0.2, 0.0, "sequence")
+    lt, _ = grpo.policy_loss(logp, old, None, adv, mask, 0.2, 0.0, "token")
     torch.testing.assert_close(ls, lt)
     torch.testing.assert_close(torch.autograd.grad(ls, logp)[0], torch.autograd.grad(lt, logp)[0])
 
@@ -66,34 +67,45 @@ def test_kl_term_adds_beta_times_masked_k3():
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
     ref = torch.log(torch.tensor([[0.25, 0.25, 0.1]]))
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, m = G.policy_loss(logp, logp, ref, torch.zeros(1), mask, 0.2, 0.5, "sequence")
+    loss, m = grpo.policy_loss(logp, logp, ref, torch.zeros(1), mask, 0.2, 0.5, "sequence")
     k3 = (0.5 - math.log(0.5) - 1 + 0.0) / 2        # token 1: q/p = 0.5; token 2: equal; token 3 masked
     assert math.isclose(loss.item(), 0.5 * k3, rel_tol=1e-5) and math.isclose(m["kl"], k3, rel_tol=1e-5)
 
 
 def test_group_loss_shared_prefix_equals_plain(tiny_data, tiny_policy):
-    import train as T
-    import data as D
-    model, tok, vision = tiny_policy
-    rec = D.load_records(f"{tiny_data}/train.json")[0]
-    prompt = T.build_prompt(rec, tok, vision, T.Config())
-    ids, mask, _ = M.generate(model, prompt, 4, 10, M.stop_token_ids(model, tok), tok.pad_token_id,
-                              generator=torch.Generator().manual_seed(0), banned_ids=M.vision_token_ids(tok))
-    group = G.Group(rec, prompt, ids, mask, None, [], {"total": [1.0, 0.0, 0.5, 0.2]})
-    group.advantages = G.group_advantages(torch.tensor(group.rewards["total"]))
-    ref = M.LogProbModule(model)
+    vlm, tok, vision = tiny_policy
+    rec = data.load_records(f"{tiny_data}/train.json")[0]
+    inputs = model.model_input(tok, vision, data.load_video_sample(rec), rec["question"])
+    ids, mask, _ = model.generate(vlm, inputs, 4, 10, model.stop_token_ids(vlm, tok), tok.pad_token_id,
+                                  generator=torch.Generator().manual_seed(0), banned_ids=model.vision_token_ids(tok))
+    group = grpo.Group(rec, inputs, ids, mask, None, [], {"total": [1.0, 0.0, 0.5, 0.2]})
+    group.advantages = grpo.group_advantages(torch.tensor(group.rewards["total"]))
+    ref = model.LogProbModule(vlm)
     with torch.no_grad():
-        group.ref_logp = G.group_logprobs(ref, group, True) - 0.05   # a reference that differs
-    policy = M.LogProbModule(model)
+        group.ref_logp = grpo.group_logprobs(ref, group, True) - 0.05   # a reference that differs
+        group.old_logp = grpo.group_logprobs(ref, group, True) + 0.01   # kept pi_old (inner updates > 1)
+    policy = model.LogProbModule(vlm)
     out = {}
     for shared in (True, False):
-        model.zero_grad()
-        logp = G.group_logprobs(policy, group, shared)
-        old = logp.detach() + 0.01
-        loss, _ = G.policy_loss(logp, old, group.ref_logp, group.advantages, mask, 0.2, 0.04, "sequence")
+        vlm.zero_grad()
+        loss, _ = grpo.group_loss(policy, group, 0.2, 0.04, "sequence", shared)
         loss.backward()
-        out[shared] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        out[shared] = (loss.item(), {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None})
     assert abs(out[True][0] - out[False][0]) < 1e-6
     for n, g in out[True][1].items():
         torch.testing.assert_close(g, out[False][1][n], atol=1e-5, rtol=1e-3)
-    model.zero_grad()
+    vlm.zero_grad()
+
+
+def test_group_metrics_by_hand():
+    def group(totals, lengths, truncated):
+        mask = torch.tensor([[1] * n + [0] * (4 - n) for n in lengths], dtype=torch.bool)
+        return grpo.Group({}, None, None, mask, torch.tensor(truncated), [], {"total": totals, "answer": [1.0] * 2},
+                          advantages=grpo.group_advantages(torch.tensor(totals)))
+    row = grpo.group_metrics([group([1.0, 3.0], [4, 2], [True, False]), None, group([2.0, 2.0], [1, 1], [False, False])])
+    assert row["reward/total"] == 2.0 and row["reward/answer"] == 1.0
+    assert row["zero_var_share"] == 0.5                          # the second group's rewards are equal
+    assert row["completion_len"] == 2.0                          # (4 + 2 + 1 + 1) tokens / 4 completions
+    assert row["truncated_share"] == 0.25                        # mean over groups of each group's share
+    torch.testing.assert_close(torch.tensor(row["adv_std"]), torch.tensor([1.0, -1.0, 0.0, 0.0]).std(unbiased=False),
+                               atol=1e-3, rtol=0)

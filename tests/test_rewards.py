@@ -1,12 +1,17 @@
 """Tests for rewards.py: hand-computed tables for every reward and mode, the published gaming
 cases, symmetric gating, odd records, property tests over random junk and random well-formed
-completions, parse timing, and the ground-truth completion earning the maximum.
+completions, parse timing, and the ground-truth completion earning the maximum. Issue 12: a test
+per attack (claims left out, hedged names, dummy answers, empty think, float gate, inflections),
+one per release behaviour that released() reproduces, and a property over the synthetic set:
+removing any claim or key-frame time from a perfect completion lowers the reward.
 
 Run: python -m pytest tests/test_rewards.py -q
 """
+import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -213,7 +218,9 @@ def test_temporal_iou_reward(ans, want):
     (ST, c("<obj>man</obj> <box>[1,2,3,4]</box> <t>1.0</t>"), OURS, 0.5),   # tags but no claim
     (ST, c("<obj>man</obj> <box>[1,2,3,4]</box> <t>1.0</t>"), REL, 1.0),    # release counts tags
     (TQA, c("from <t>2</t>s to <t>3</t>s", "[2, 3]"), OURS, 1.0), (TQA, c("at <t>2</t>s", "[2, 3]"), OURS, 0.5),
-    (VQA, c("look", "<obj>cup</obj><box>[1, 2, 3, 4]</box>"), OURS, 1.0), (VQA, c("look", "cup"), OURS, 0.5),
+    (VQA, c("look", "<obj>cup</obj><box>[1, 2, 3, 4]</box>"), OURS, 1.0),
+    (VQA, c("look", "<box>[1, 2, 3, 4]</box>"), OURS, 0.5),
+    (VQA, c("look", "cup"), OURS, 0.0), (VQA, c("look", "cup"), REL, 0.5),  # ours: no box, nothing to read
     (FREE, c("plain words", "a dog"), OURS, 1.0), (MCQ, c("plain", "B"), REL, 1.0),
     (STMCQ, c("plain", "D"), OURS, 0.5), (STMCQ, c("plain", "D"), REL, 1.0),  # release: General QA is always 1
 ])
@@ -225,15 +232,29 @@ def _ctx(p):
     return R.RewardContext(100, 100, p)
 
 
+NEAREST = R.RewardConfig(point_match="nearest")  # the paper's mean over think times
+
+
 @pytest.mark.parametrize("think,ctx,cfg,want", [
-    ("<t>1.0</t>s <t>2.0</t>s", _ctx(0.0), OURS, (1 + math.exp(-1 / 32)) / 2),   # sigma 4
-    ("<t>2.0</t>s", _ctx(0.5), OURS, math.exp(-1 / 8)),                          # sigma 2
-    ("<t>2.0</t>s", _ctx(0.74), OURS, math.exp(-1 / (2 * 1.04 ** 2))),            # sigma 1.04
-    ("<t>2.0</t>s", _ctx(0.75), OURS, math.exp(-0.5)),                            # sigma 1
-    ("<t>5.0</t>s", _ctx(1.0), OURS, math.exp(-2)),                               # nearest key 3 s
-    ("<t>1.0</t> <t>1.0</t> <t>5.0</t>", LATE, OURS, (1 + math.exp(-2)) / 2),    # repeat counts once
+    # nearest: mean over think times of g(d to the nearest key frame); key frames at 1 s and 3 s
+    ("<t>1.0</t>s <t>2.0</t>s", _ctx(0.0), NEAREST, (1 + math.exp(-1 / 32)) / 2),   # sigma 4
+    ("<t>2.0</t>s", _ctx(0.5), NEAREST, math.exp(-1 / 8)),                          # sigma 2
+    ("<t>2.0</t>s", _ctx(0.74), NEAREST, math.exp(-1 / (2 * 1.04 ** 2))),            # sigma 1.04
+    ("<t>2.0</t>s", _ctx(0.75), NEAREST, math.exp(-0.5)),                            # sigma 1
+    ("<t>5.0</t>s", _ctx(1.0), NEAREST, math.exp(-2)),                               # nearest key 3 s
+    ("<t>1.0</t>s", LATE, NEAREST, 1.0),                                  # the key frame at 3 s is free
+    ("<t>1.0</t> <t>1.0</t> <t>5.0</t>", LATE, NEAREST, (1 + math.exp(-2)) / 2),    # repeat counts once
     ("<t>1.0</t> <t>1.0</t> <t>5.0</t>", LATE, REL, (2 + math.exp(-2)) / 3),
-    ("<t>1.0</t> <t>abc</t>", LATE, OURS, 0.5), ("<t>1.0</t> <t>abc</t>", LATE, REL, 1.0),
+    ("<t>1.0</t> <t>abc</t>", LATE, NEAREST, 0.5), ("<t>1.0</t> <t>abc</t>", LATE, REL, 1.0),
+    # ours, one to one: 2 * sum g / (#times + #key frames)
+    ("<t>1.0</t>s <t>3.0</t>s", LATE, OURS, 1.0),
+    ("<t>1.0</t>s", LATE, OURS, 2 / 3),                                   # a key frame without a time
+    ("<t>1.0</t>s <t>2.0</t>s", _ctx(0.0), OURS, (1 + math.exp(-1 / 32)) / 2),   # 2.0 pairs with 3 s
+    ("<t>2.0</t>s", _ctx(0.5), OURS, 2 * math.exp(-1 / 8) / 3),
+    ("<t>1.0</t> <t>1.1</t> <t>3.0</t>", LATE, OURS, 2 * 2 / 5),          # 1.1 has no key frame left
+    ("<t>1.0</t> <t>1.1</t> <t>3.0</t>", LATE, NEAREST, (2 + math.exp(-0.005)) / 3),
+    ("<t>1.0</t> <t>1.0</t> <t>5.0</t>", LATE, OURS, 2 * (1 + math.exp(-2)) / 4),
+    ("<t>1.0</t> <t>abc</t> <t>3.0</t>", LATE, OURS, 2 * 2 / 5),         # the bad time counts as 0
     ("no times", LATE, OURS, 0.0),
 ])
 def test_temporal_point(think, ctx, cfg, want):
@@ -253,35 +274,53 @@ def test_temporal_point_needs_an_answer_in_ours_only():
 ])
 def test_temporal_segment(think, cfg, want):
     assert R.temporal_segment_reward(c(think, "[2, 6]"), TQA, CTX, cfg) == pytest.approx(want)
-    assert R.temporal_segment_reward(c(think, "[2, 6]"), TMCQ, CTX, cfg) == pytest.approx(want)
+    tmcq_answer = "From <t>2</t>s to <t>6</t>s\nCorrect Option: C"
+    assert R.temporal_segment_reward(c(think, tmcq_answer), TMCQ, CTX, cfg) == pytest.approx(want)
 
 
 MAN4 = [[50, 50, 70, 70], [80, 80, 90, 90]]
-NONE_ID = R.RewardConfig(identity="none")
+PER_CLAIM = R.RewardConfig(claim_norm="all")  # sum over claims / claims: isolates how one claim scores
+NONE_ID = R.RewardConfig(identity="none", claim_norm="all")
+STRICT = R.RewardConfig(identity="strict", claim_norm="all")
+CAR3 = claim("red car", [[0, 0, 20, 10]], 3.0)
 
 
 @pytest.mark.parametrize("think,cfg,want", [
-    (MAN0, OURS, 1.0), (MAN0, REL, 1.0),
-    (claim("man", [[10, 10, 30, 50]], 1.0), OURS, 0.5),                   # IoU 400 / 800
-    (claim("man", MAN4, 3.0), OURS, 1.0),                                  # multi-region
-    (claim("man", MAN4[:1], 3.0), OURS, 2 / 3), (claim("man", MAN4[:1], 3.0), REL, 0.5),
-    (claim("man", MAN4[::-1], 3.0), OURS, 1.0),
-    # identity
-    (claim("woman", [[10, 10, 30, 30]], 1.0), OURS, 0.0), (claim("woman", [[10, 10, 30, 30]], 1.0), REL, 1.0),
-    (claim("", [[10, 10, 30, 30]], 1.0), OURS, 0.0), (claim("", [[10, 10, 30, 30]], 1.0), REL, 1.0),
-    (claim("the Man", [[10, 10, 30, 30]], 1.0), OURS, 1.0), (claim("tall man", [[10, 10, 30, 30]], 1.0), OURS, 1.0),
-    (claim("the man", [[10, 10, 30, 30]], 1.0), R.RewardConfig(identity="strict"), 0.0),
-    (claim(" Man ", [[10, 10, 30, 30]], 1.0), R.RewardConfig(identity="strict"), 1.0),
+    (MAN0, PER_CLAIM, 1.0), (MAN0, REL, 1.0),
+    (claim("man", [[10, 10, 30, 50]], 1.0), PER_CLAIM, 0.5),              # IoU 400 / 800
+    (claim("man", MAN4, 3.0), PER_CLAIM, 1.0),                             # multi-region
+    (claim("man", MAN4[:1], 3.0), PER_CLAIM, 2 / 3), (claim("man", MAN4[:1], 3.0), REL, 0.5),
+    (claim("man", MAN4[::-1], 3.0), PER_CLAIM, 1.0),
+    # identity: the claim's (stemmed) words must all be among the object's
+    (claim("woman", [[10, 10, 30, 30]], 1.0), PER_CLAIM, 0.0), (claim("woman", [[10, 10, 30, 30]], 1.0), REL, 1.0),
+    (claim("", [[10, 10, 30, 30]], 1.0), PER_CLAIM, 0.0), (claim("", [[10, 10, 30, 30]], 1.0), REL, 1.0),
+    (claim("the Man", [[10, 10, 30, 30]], 1.0), PER_CLAIM, 1.0),
+    (claim("tall man", [[10, 10, 30, 30]], 1.0), PER_CLAIM, 0.0),        # an added word may be a second guess
+    (claim("tall man", [[10, 10, 30, 30]], 1.0), REL, 1.0),
+    (claim("the man", [[10, 10, 30, 30]], 1.0), STRICT, 0.0),
+    (claim(" Man ", [[10, 10, 30, 30]], 1.0), STRICT, 1.0),
     (claim("dog", [[10, 10, 30, 30]], 1.0), NONE_ID, 1.0),
-    (claim("red", [[0, 0, 20, 10]], 3.0), OURS, 1.0),                     # shared word
+    (claim("red", [[0, 0, 20, 10]], 3.0), PER_CLAIM, 1.0),               # a shorter name
+    (claim("red cars", [[0, 0, 20, 10]], 3.0), PER_CLAIM, 1.0),          # stemmed
+    (claim("car red", [[0, 0, 20, 10]], 3.0), PER_CLAIM, 1.0),
     # object aggregation: identity none at 3 s matches man (1.0 with both boxes) and red car (0)
-    (claim("x", MAN4, 3.0), NONE_ID, 0.5), (claim("x", MAN4, 3.0), R.RewardConfig(identity="none", object_agg="max"), 1.0),
-    # claim normalization: wrong name / off-key time / no time cost under "all" only
-    (MAN0 + claim("dog", [[10, 10, 30, 30]], 1.0), OURS, 0.5),
+    (claim("x", MAN4, 3.0), NONE_ID, 0.5),
+    (claim("x", MAN4, 3.0), R.RewardConfig(identity="none", object_agg="max", claim_norm="all"), 1.0),
+    # claim normalization: wrong name / off-key time / no time cost under "all" and "f1" only
+    (MAN0 + claim("dog", [[10, 10, 30, 30]], 1.0), PER_CLAIM, 0.5),
     (MAN0 + claim("dog", [[10, 10, 30, 30]], 1.0), R.RewardConfig(claim_norm="matched"), 1.0),
-    (MAN0 + claim("man", [[10, 10, 30, 30]], 10.0), OURS, 0.5), (MAN0 + claim("man", [[10, 10, 30, 30]], 10.0), REL, 1.0),
-    (MAN0 + "<obj>man</obj><box>[10,10,30,30]</box>", OURS, 0.5),
-    (MAN0 + "<obj>man</obj><box>[1,2,3]</box>at<t>1.0</t>s", OURS, 0.5),   # one malformed claim costs one claim
+    (MAN0 + claim("man", [[10, 10, 30, 30]], 10.0), PER_CLAIM, 0.5),
+    (MAN0 + claim("man", [[10, 10, 30, 30]], 10.0), REL, 1.0),
+    (MAN0 + "<obj>man</obj><box>[10,10,30,30]</box>", PER_CLAIM, 0.5),
+    (MAN0 + "<obj>man</obj><box>[1,2,3]</box>at<t>1.0</t>s", PER_CLAIM, 0.5),   # one malformed claim costs one
+    ("no claims", PER_CLAIM, 0.0),
+    # ours (f1): sum of claim scores / ((claims + true objects) / 2); the record has 3 true objects
+    (MAN0 + claim("man", MAN4, 3.0) + CAR3, OURS, 1.0),
+    (MAN0 + claim("man", MAN4, 3.0), OURS, 2 * 2 / 5),                   # the red car left out
+    (MAN0, OURS, 2 / 4), (MAN0, PER_CLAIM, 1.0), (MAN0, REL, 1.0),       # one claim of three
+    (MAN0 + claim("man", MAN4[:1], 3.0) + CAR3, OURS, 2 * (2 + 2 / 3) / 6),
+    (MAN0 + claim("man", MAN4, 3.0) + CAR3 + claim("dog", [[1, 1, 5, 5]], 3.0), OURS, 2 * 3 / 7),  # spare claim
+    (MAN0 + claim("man", MAN4, 3.0) + CAR3 + "<obj>man</obj><box>[1,2,3]</box>at<t>1.0</t>s", OURS, 2 * 3 / 7),
     ("no claims", OURS, 0.0),
 ])
 def test_spatial(think, cfg, want):
@@ -297,15 +336,17 @@ def test_temporal_gate_is_symmetric(t, want):
 
 def test_gate_picks_nearest_key_frame():
     # 1.9 s is 0.9 from 1 s and 1.1 from 3 s: the man at 1 s, not the one at 3 s
-    assert R.spatial_reward(c(claim("man", [[10, 10, 30, 30]], 1.9)), ST, CTX, OURS) == 1.0
-    assert R.spatial_reward(c(claim("man", MAN4, 2.1)), ST, CTX, OURS) == 1.0
+    assert R.spatial_reward(c(claim("man", [[10, 10, 30, 30]], 1.9)), ST, CTX, PER_CLAIM) == 1.0
+    assert R.spatial_reward(c(claim("man", MAN4, 2.1)), ST, CTX, PER_CLAIM) == 1.0
     assert R.spatial_reward(c(claim("man", MAN4, 2.1)), ST, CTX, R.RewardConfig(tau_seconds=0.5)) == 0.0
 
 
 def test_visual_qa_spatial():
-    think = "<box>[10, 10, 30, 50]</box> <box>[60, 60, 90, 90]</box>"
-    assert R.spatial_reward(c(think, "cup"), VQA, CTX, OURS) == pytest.approx(2 / 3)
+    think, answer = "<box>[10, 10, 30, 50]</box> <box>[60, 60, 90, 90]</box>", "<box>[10, 10, 30, 50]</box>"
+    assert R.spatial_reward(c(think, answer), VQA, CTX, OURS) == pytest.approx(2 / 3)
+    assert R.spatial_reward(c(think, answer), VQA, CTX, REL) == pytest.approx(1.0)
     assert R.spatial_reward(c(think, "cup"), VQA, CTX, REL) == pytest.approx(1.0)
+    assert R.spatial_reward(c(think, "cup"), VQA, CTX, OURS) == 0.0  # no box in the answer: nothing pays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +398,222 @@ def test_full_honest_completion_beats_partial_gaming():
 
 
 # ---------------------------------------------------------------------------------------------
+# Leaving grounding out costs, hedges do not pay (issue 12, points 1-6)
+# ---------------------------------------------------------------------------------------------
+FULL = MAN0 + " then " + claim("man", MAN4, 3.0) + " near " + CAR3   # every (key frame, object) of ST
+
+
+@pytest.mark.parametrize("partial", [MAN0, CAR3, MAN0 + " then " + claim("man", MAN4, 3.0),
+                                     claim("man", MAN4, 3.0) + CAR3])
+def test_claims_left_out_cost(partial):
+    full = R.score_completion(c(FULL), ST, LATE, OURS)
+    assert full["spatial"] == pytest.approx(1.0) and full["temporal_point"] == pytest.approx(1.0)
+    got = R.score_completion(c(partial), ST, LATE, OURS)
+    assert got["spatial"] < 1.0 - 1e-3 and got["total"] < full["total"] - 1e-3
+    # the release's rules let the part tie the whole (the gap this closes)
+    assert R.spatial_reward(c(partial), ST, LATE, REL) == pytest.approx(1.0)
+
+
+def test_best_noisy_claim_alone_does_not_beat_the_honest_trace():
+    noisy = [claim("man", [[12, 12, 32, 32]], 1.0), claim("man", [[52, 52, 72, 72], [80, 80, 90, 90]], 3.0),
+             claim("red car", [[0, 0, 20, 13]], 3.0)]
+    scores = [R.spatial_reward(c(x), ST, LATE, PER_CLAIM) for x in noisy]   # each claim alone, per claim
+    best = noisy[max(range(3), key=scores.__getitem__)]
+    honest = R.score_completion(c(" then ".join(noisy)), ST, LATE, OURS)
+    alone = R.score_completion(c(best), ST, LATE, OURS)
+    assert alone["spatial"] < honest["spatial"] and alone["temporal_point"] < honest["temporal_point"]
+    assert R.spatial_reward(c(best), ST, LATE, REL) > R.spatial_reward(c(" then ".join(noisy)), ST, LATE, REL)
+
+
+@pytest.mark.parametrize("rec,t", [(ST, 1.0), (ONE, 5.0)])
+@pytest.mark.parametrize("hedge", ["dog cat man car", "man or dog", "man/woman", "dog man"])
+def test_hedged_name_scores_no_more_than_an_honest_wrong_guess(rec, t, hedge):
+    box = [[10, 10, 30, 30]]   # the man's box, right on
+    wrong = R.spatial_reward(c(claim("dog", box, t)), rec, CTX, OURS)
+    assert R.spatial_reward(c(claim(hedge, box, t)), rec, CTX, OURS) <= wrong == 0.0
+    assert R.spatial_reward(c(claim("man", box, t)), rec, CTX, OURS) > 0.0
+
+
+@pytest.mark.parametrize("rec,think,answer", [
+    (ST, FULL, ""), (ST, FULL, "."), (ST, FULL, " ?! "), (STMCQ, FULL, "."), (STMCQ, FULL, "D or B"),
+    (TQA, "from <t>3</t>s to <t>4</t>s", "."), (TQA, "from <t>3</t>s to <t>4</t>s", "soon"),
+    (TMCQ, "from <t>3</t>s to <t>4</t>s", "."),
+    (TMCQ, "from <t>3</t>s to <t>4</t>s", "From <t>2</t>s to <t>6</t>s"),                 # no letter
+    (VQA, "<obj>cup</obj><box>[10, 10, 30, 50]</box>", "cup"),
+    (VQA, "<box>[10, 10, 30, 50]</box>", "(10, 10, 30, 50)"),
+])
+def test_dummy_answer_gets_no_grounding_or_format(rec, think, answer):
+    got = R.score_completion(c(think, answer), rec, LATE, OURS)
+    assert all(v == 0.0 for k, v in got.items() if k not in ("temporal_iou", "total")), got   # tIoU reads the span
+    assert R.score_completion(c(think, answer), rec, LATE, REL)["total"] > 0.0   # the release pays the think
+
+
+@pytest.mark.parametrize("rec,answer", [(ST, "a cat sits"), (STMCQ, "A"), (TQA, "[0, 1]"),
+                                        (VQA, "<box>[1, 1, 2, 2]</box>")])
+def test_wrong_but_readable_answer_keeps_its_grounding(rec, answer):
+    think = {"temporal QA": "from <t>3</t>s to <t>4</t>s",
+             "visual QA": "<obj>cup</obj><box>[10, 10, 30, 50]</box>"}
+    got = R.score_completion(c(think.get(rec["task"], FULL), answer), rec, LATE, OURS)
+    assert got["format"] == 1.0 and got.get("spatial", 1.0) == pytest.approx(1.0)
+    assert got.get("temporal_point", 1.0) == pytest.approx(1.0) and got.get("temporal_segment", 1.0) == 1.0
+
+
+@pytest.mark.parametrize("rec,answer", [(MCQ, "B"), (FREE, "a dog runs")])
+def test_empty_think_is_not_reasoning(rec, answer):
+    for empty in ("", " \n "):
+        assert R.format_reward(c(empty, answer), rec, CTX, OURS) == 0.5
+        assert R.format_reward(c(empty, answer), rec, CTX, REL) == 1.0   # release: General QA is always 1
+    assert R.format_reward(c("I compare the options.", answer), rec, CTX, OURS) == 1.0
+
+
+@pytest.mark.parametrize("key,t", [(16.1, 15.1), (15.1, 16.1), (25.8, 24.8), (24.8, 25.8), (3.3, 2.3)])
+def test_gate_tolerates_float_error(key, t):
+    rec = {**ONE, "key_frames": [{"idx": 0, "time": key, "path": "a.jpg"}]}
+    text = c(claim("man", [[10, 10, 30, 30]], t))   # exactly 1 s off, written with one decimal
+    assert R.spatial_reward(text, rec, CTX, OURS) == 1.0
+    assert R.spatial_reward(text, rec, CTX, REL) == float(abs(key - t) <= 1.0)   # the release: rounding luck
+    away = round(t + 0.01 * (t - key), 2)   # 1.01 s off: outside the gate under both rules
+    assert R.spatial_reward(c(claim("man", [[10, 10, 30, 30]], away)), rec, CTX, OURS) == 0.0
+
+
+@pytest.mark.parametrize("word,want", [
+    ("picked", "pick"), ("picks", "pick"), ("picking", "pick"), ("cups", "cup"), ("stopped", "stop"),
+    ("running", "run"), ("boxes", "box"), ("carried", "carry"), ("carries", "carry"), ("glasses", "glass"),
+    ("moves", "mov"), ("moved", "mov"), ("moving", "mov"), ("move", "mov"),
+    ("glass", "glass"), ("bus", "bus"), ("this", "this"), ("speed", "speed"), ("falling", "fall"),
+    ("string", "string"), ("thing", "thing"), ("red", "red"), ("the", "the"), ("is", "is"), ("10s", "10s"),
+])
+def test_stem(word, want):
+    assert R.stem(word) == want
+
+
+def test_rouge_stems_inflections():
+    assert R.rouge_f1_mean("picked up the cups", "picks up the cup", stemmed=False) == pytest.approx(4 / 9)
+    assert R.rouge_f1_mean("picked up the cups", "picks up the cup") == 1.0
+    for cfg in (OURS, REL):
+        rec = {**FREE, "answer": "the red circle stops moving"}
+        assert R.answer_reward(c("x", "The red circles stopped and moved"), rec, CTX, cfg) > \
+            R.answer_reward(c("x", "The red circle starts"), rec, CTX, cfg)
+        assert R.answer_reward(c("x", "the red circle stopped moving"), rec, CTX, cfg) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# released() reproduces the release (issue 12, points 7-10)
+# ---------------------------------------------------------------------------------------------
+OFF_GRID = {**ONE, "key_items": {"0": {"man": [[0.1234, 0.1234, 0.3234, 0.3234]]}}}   # 12.34 px at 100 px
+
+
+def test_ground_truth_boxes_rounded_in_ours_only():
+    exact, whole = c(claim("man", [[12.34, 12.34, 32.34, 32.34]], 5.0)), c(claim("man", [[12, 12, 32, 32]], 5.0))
+    assert R.spatial_reward(exact, OFF_GRID, CTX, REL) == pytest.approx(1.0)
+    assert R.spatial_reward(whole, OFF_GRID, CTX, REL) < 0.97
+    assert R.spatial_reward(whole, OFF_GRID, CTX, OURS) == 1.0
+    assert R.spatial_reward(whole, OFF_GRID, CTX, R.RewardConfig(round_gt=False)) < 0.97
+    vqa = {**VQA, "answer": "<obj>cup</obj><box>[21, 10, 61, 50]</box>"}   # -> [10.5, 10, 30.5, 50]
+    assert R.answer_reward(c("x", "<box>[10.5, 10, 30.5, 50]</box>"), vqa, CTX, REL) == pytest.approx(1.0)
+    assert R.answer_reward(c("x", "<box>[10.5, 10, 30.5, 50]</box>"), vqa, CTX, OURS) < 0.99
+
+
+@pytest.mark.parametrize("answer,want", [
+    ("<obj>cup</obj><box>[1, 2, 3, 4]</box>", 1.0), ("<obj>cup</obj><box>(1, 2, 3, 4)</box>", 0.5),
+    ("<obj>cup</obj><box>[1, 2,\n3, 4]</box>", 0.5), ("<obj>red cup</obj><box>[1, 2, 3, 4]</box>", 0.5),
+    ("<obj>cup</obj> <box>[1, 2, 3, 4]</box>", 0.5), ("<obj>cup</obj><box>1, 2, 3, 4</box>", 0.5),
+])
+def test_released_visual_qa_format_needs_square_brackets(answer, want):
+    assert R.format_reward(c("look", answer), VQA, CTX, REL) == want
+
+
+@pytest.mark.parametrize("rec,answer,ours,rel", [
+    (TMCQ, "From <t>2.0</t>s to <t>6.0</t>s\nCorrect Option: C\nCorrect Option: B", 0.0, 1.0),  # release: 1st
+    (TMCQ, "From <t>2.0</t>s to <t>6.0</t>s\nCorrect Option: B\nCorrect Option: C", 0.0, 0.0),
+    (TMCQ, "C", 1.0, 0.0),                 # a bare letter: the release reads only an option line
+    (TMCQ, "Correct Option: (C)", 1.0, 1.0), (TMCQ, "Correct Option: C.", 1.0, 1.0),
+    (MCQ, "Correct Option: B", 1.0, 0.0),  # plain MCQ: the release compares the whole answer
+    (MCQ, "[B]", 1.0, 1.0), (MCQ, "B.", 1.0, 1.0), (MCQ, "B C", 0.0, 0.0),
+])
+def test_mcq_letter_readers(rec, answer, ours, rel):
+    assert R.answer_reward(c("x", answer), rec, CTX, OURS) == ours
+    assert R.answer_reward(c("x", answer), rec, CTX, REL) == rel
+
+
+def test_released_gates_negative_claim_times():
+    rec = {**ONE, "key_frames": [{"idx": 0, "time": 0.5, "path": "a.jpg"}]}
+    text = c(claim("man", [[10, 10, 30, 30]], -0.4))   # 0.9 s before the key frame
+    assert R.spatial_reward(text, rec, CTX, REL) == 1.0
+    assert R.spatial_reward(text, rec, CTX, OURS) == 0.0 and R.format_reward(text, rec, CTX, OURS) == 0.5
+    assert R.parse_completion(text).claims[0].time is None   # eval and format never see a negative time
+
+
+def test_released_reads_quoted_box_numbers():
+    quoted = '<obj>man</obj><box>["10", "10", "30", "30"]</box>at<t>1.0</t>s'
+    assert R.spatial_reward(c(quoted), ST, CTX, REL) == 1.0
+    assert R.spatial_reward(c(quoted), ST, CTX, PER_CLAIM) == 0.0
+    box = '<box>["10", 10, "30", "50"]</box>'
+    assert R.answer_reward(c("x", box), VQA, CTX, REL) == 1.0
+    assert R.answer_reward(c("x", box), VQA, CTX, OURS) == 0.0
+    assert R.spatial_reward(c(box, box), VQA, CTX, REL) == 1.0
+    assert R.parse_completion(c(quoted)).claims[0].boxes == []
+
+
+def test_released_grounds_only_the_free_form_spatio_temporal_task():
+    assert set(R.score_completion(c(FULL, "D"), STMCQ, CTX, REL)) == {"answer", "format", "total"}
+    grounded = {"answer", "format", "temporal_point", "spatial", "total"}
+    assert set(R.score_completion(c(FULL), ST, CTX, REL)) == grounded
+    assert set(R.score_completion(c(FULL, "D"), STMCQ, CTX, OURS)) == grounded
+
+
+def test_rules_config():
+    assert R.rules_config("ours") == R.RewardConfig() and R.rules_config("released") == R.RewardConfig.released()
+    rel_none = R.rules_config("released", "none")
+    assert rel_none.identity == "none" and rel_none.claim_norm == "matched"
+    assert R.rules_config("ours", "strict") == R.RewardConfig(identity="strict")
+    with pytest.raises(ValueError):
+        R.rules_config("release")
+
+
+# ---------------------------------------------------------------------------------------------
+# Property over the synthetic set: removing any claim or key-frame time from a perfect completion
+# lowers the spatial or temporal reward
+# ---------------------------------------------------------------------------------------------
+_CLAIM_RE = re.compile(r"<obj>[^<]*</obj>(?:<box>[^<]*</box>)+at<t>([^<]*)</t>s")
+
+
+def _synth_records(folder):
+    recs = []
+    for split in ("test", "val", "train"):
+        with open(os.path.join(folder, f"{split}.json")) as f:
+            recs += json.load(f)
+    return [r for r in recs if R.is_spatiotemporal(r)]
+
+
+def test_removing_any_claim_or_key_frame_time_lowers_the_reward(tiny_data):
+    records = _synth_records(tiny_data)
+    assert len(records) >= 5
+    n_checked = 0
+    for rec in records:
+        for progress in (0.0, 0.9):
+            ctx = R.RewardContext(rec["meta"]["width"], rec["meta"]["height"], progress)
+            perfect = R.ground_truth_completion(rec, ctx)
+            full = R.score_completion(perfect, rec, ctx, OURS)
+            assert all(v == pytest.approx(1.0) for k, v in full.items() if k != "total"), (rec["id"], full)
+            claims = list(_CLAIM_RE.finditer(perfect))
+            assert len(claims) == sum(len(v) for v in rec["key_items"].values())
+            for m in claims:   # one claim out, or its time out
+                no_time = m.group(0)[:m.group(0).rindex("at<t>")]
+                for variant in (perfect.replace(m.group(0), "", 1), perfect.replace(m.group(0), no_time, 1)):
+                    got = R.score_completion(variant, rec, ctx, OURS)
+                    assert got["spatial"] < 1 - 1e-6 or got["temporal_point"] < 1 - 1e-6, (rec["id"], variant)
+                    n_checked += 1
+            for t in {m.group(1) for m in claims}:   # every claim at one key frame out: its time is gone
+                variant = perfect
+                for m in claims:
+                    variant = variant.replace(m.group(0), "", 1) if m.group(1) == t else variant
+                got = R.score_completion(variant, rec, ctx, OURS)
+                assert got["temporal_point"] < 1 - 1e-6 and got["spatial"] < 1 - 1e-6, (rec["id"], t)
+    assert n_checked >= 20
+
+
+# ---------------------------------------------------------------------------------------------
 # Applicability, odd records, group table
 # ---------------------------------------------------------------------------------------------
 
@@ -387,16 +644,18 @@ def test_applicable_rewards_only(rec, names):
     ({**FREE, "task": "dance"}, "answer", "unknown task"),
 ])
 def test_odd_records_score_zero_with_a_reason(rec, reward, reason):
-    before = R.SKIP_REASONS[reason]
     text = R.ground_truth_completion(ST, CTX).replace("the man walks to the red car", "B")
     got = R.score_completion(text, rec, CTX, OURS)
-    assert got[reward] == 0.0
-    assert R.SKIP_REASONS[reason] > before  # once per reward that could not read the record
+    assert got[reward] == 0.0 and got[reward].reason == reason      # the reason comes with the score
+    assert R.skip_reasons(got)[reason] >= 1                          # once per reward that could not read it
+    table = R.score_group([text, text], rec, CTX, OURS)
+    assert R.skip_reasons(table)[reason] == 2 * R.skip_reasons(got)[reason]   # per call: no global tally
 
 
 def test_odd_context_is_a_reason():
     got = R.score_completion(R.ground_truth_completion(ST, CTX), ST, R.RewardContext(0, 100), OURS)
-    assert got["spatial"] == 0.0 and R.SKIP_REASONS["odd frame size in context"] > 0
+    assert got["spatial"] == 0.0 and R.skip_reasons(got)["odd frame size in context"] == 1
+    assert not R.skip_reasons(R.score_completion(R.ground_truth_completion(ST, CTX), ST, CTX, OURS))
     got = R.score_completion(c("<t>1.0</t>"), ST, R.RewardContext(100, 100, float("nan")), OURS)
     assert math.isfinite(got["total"])
 
@@ -478,9 +737,11 @@ def test_random_well_formed_stays_in_range():
         text = _random_well_formed(rng)
         assert R.parse_completion(text).well_formed
         for rec in ALL_RECORDS:
-            got = R.score_completion(text, rec, R.RewardContext(100, 100, rng.random()), CFGS[i % 4])
+            cfg = CFGS[i % 4]
+            got = R.score_completion(text, rec, R.RewardContext(100, 100, rng.random()), cfg)
             _check(got)
-            assert got["format"] in (0.5, 1.0) or CFGS[i % 4] is REL
+            readable = R._readable(R.parse_completion(text).answer, rec, cfg)
+            assert got["format"] in ((0.5, 1.0) if readable else (0.0,)) or cfg is REL
 
 
 def test_parse_completion_never_raises_on_non_strings():
@@ -524,7 +785,8 @@ def test_parse_is_linear():
 
 
 def test_config_rejects_unknown_modes():
-    for bad in ({"identity": "sof"}, {"object_agg": "avg"}, {"claim_norm": "some"},
-                {"box_matching": "hungarian"}, {"tau_seconds": -1.0}, {"sigma_final": 0.0}):
+    for bad in ({"identity": "sof"}, {"object_agg": "avg"}, {"claim_norm": "some"}, {"point_match": "all"},
+                {"box_matching": "hungarian"}, {"mcq_reader": "loose"}, {"tau_seconds": -1.0},
+                {"tau_tolerance": -1e-6}, {"sigma_final": 0.0}):
         with pytest.raises(ValueError):
             R.RewardConfig(**bad)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import grpo
-import model as M
-import train as T
+import model
+import rewards
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,17 +30,17 @@ def rl_cfg(tiny_data, out, **kw):
                 max_new_tokens=12, max_frames=6, rl_lr=5e-3, coach="none", save_every=100, sample_every=1,
                 seed=1)
     base.update(kw)
-    return T.Config(**base)
+    return train.Config(**base)
 
 
 def run_rl(cfg, start, monkeypatch):
-    monkeypatch.setattr(grpo.R, "score_group", fake_score_group)
-    return grpo.stage_rl(cfg, T.setup_runtime(cfg), start)
+    monkeypatch.setattr(rewards, "score_group", fake_score_group)
+    return train.stage_rl(cfg, train.setup_runtime(cfg), start)
 
 
 def params(path):
-    model, _, _ = M.load_policy(path)
-    return dict(model.named_parameters())
+    vlm, _, _ = model.load_policy(path)
+    return dict(vlm.named_parameters())
 
 
 def test_rl_updates_trainable_weights_and_leaves_frozen_ones(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
@@ -69,24 +70,30 @@ def test_distillation_off_equals_plain_grpo_and_on_differs(tiny_data, tiny_model
         torch.testing.assert_close(alpha0[n], plain[n], atol=1e-7, rtol=0)
     assert max((on[n] - plain[n]).abs().max().item() for n in plain) > 1e-4
     import json
-    last = json.loads(open(tmp_path / "on" / "rl" / "metrics.jsonl").readlines()[-1])
-    assert last["coach/hard_share"] == 1.0 and last["coach/kept"] >= 1 and last["sd_loss"] > 0
+    rows = lambda arm: [json.loads(l) for l in open(tmp_path / arm / "rl" / "metrics.jsonl")]  # noqa: E731
+    last = rows("on")[-1]
+    assert last["coach/hard_share"] == 1.0 and last["coach/kept"] >= 1 and last["sd_nll"] > 0
+    # alpha weighs the loss, not the logged NLL: same first-step rollouts, same NLL, other weights
+    half = params(run_rl(rl_cfg(tiny_data, tmp_path / "half", coach="fixed:darken", hard_k=100.0, alpha=0.5),
+                         tiny_model_dir, monkeypatch))
+    assert rows("half")[0]["sd_nll"] == rows("on")[0]["sd_nll"]
+    assert max((half[n] - on[n]).abs().max().item() for n in plain) > 1e-5
 
 
 def test_resume_equals_uninterrupted(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
     full = params(run_rl(rl_cfg(tiny_data, tmp_path / "full", rl_steps=3), tiny_model_dir, monkeypatch))
     cfg = rl_cfg(tiny_data, tmp_path / "crash", rl_steps=3, save_every=1)
-    real = grpo.rl_step
+    real = train.rl_rollouts
 
-    def crash(cfg, rt, policy, ref, tok, vision, opt, sched, records, coach, st):
-        if st.step == 2:
+    def crash(cfg, rt, run, rl, step):
+        if step == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real(cfg, rt, policy, ref, tok, vision, opt, sched, records, coach, st)
+        return real(cfg, rt, run, rl, step)
 
-    monkeypatch.setattr(grpo, "rl_step", crash)
+    monkeypatch.setattr(train, "rl_rollouts", crash)
     with pytest.raises(KeyboardInterrupt):
         run_rl(cfg, tiny_model_dir, monkeypatch)
-    monkeypatch.setattr(grpo, "rl_step", real)
+    monkeypatch.setattr(train, "rl_rollouts", real)
     resumed = params(run_rl(cfg, tiny_model_dir, monkeypatch))
     for n in full:
         torch.testing.assert_close(resumed[n], full[n], atol=1e-6, rtol=0, msg=n)
@@ -96,9 +103,9 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
-    import grpo, train
+    import rewards, train
     from test_rl import fake_score_group
-    grpo.R.score_group = fake_score_group
+    rewards.score_group = fake_score_group
     train.main(sys.argv[1:])
 """)
 

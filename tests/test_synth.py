@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torchcodec.decoders import VideoDecoder
 
+import config
 import synth
 from data import sample_times
 
@@ -22,8 +23,8 @@ SPAN = re.compile(r"From <t>(\d+\.\d)</t>s to <t>(\d+\.\d)</t>s")
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    cfg = synth.SynthConfig(out=str(out), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
-                            difficulty=0.5, workers=1)
+    cfg = config.Config(data_dir=str(out), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
+                        difficulty=0.5, synth_workers=1)
     return out, synth.generate(cfg)
 
 
@@ -34,8 +35,8 @@ def records(generated):
 
 def test_deterministic_and_split_seeds(generated, tmp_path):
     out, _ = generated
-    cfg = synth.SynthConfig(out=str(tmp_path), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
-                            difficulty=0.5, workers=2)
+    cfg = config.Config(data_dir=str(tmp_path), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
+                        difficulty=0.5, synth_workers=2)
     synth.generate(cfg)  # same seed, other worker count: byte-identical JSON
     for name in ("train.json", "val.json", "test.json", "vstar_test.json"):
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
@@ -140,8 +141,8 @@ def test_vstar_layout(generated):
             assert 0 <= b["ymin"] < b["ymax"] <= v["height"]
 
 
-def test_cli_parses_both_spellings():
-    cfg = synth.parse_config(["--n-train", "7", "--n_val=3", "--difficulty=0.25"])
+def test_cli_reads_the_config_in_both_spellings():
+    cfg = config.parse_args(["--n-train=7", "--n_val=3", "--difficulty=0.25"], prog="synth.py")
     assert (cfg.n_train, cfg.n_val, cfg.difficulty) == (7, 3, 0.25)
     with pytest.raises(SystemExit):
-        synth.parse_config(["--difficulty=2"])
+        config.parse_args(["--difficulty=2"], prog="synth.py")

@@ -1,4 +1,6 @@
-"""train.py: config overrides, SFT lowers the loss, atomic checkpoints, exact resume, torchrun."""
+"""train.py and config.py: overrides and choices checked at parse time, --help, SFT lowers the loss,
+atomic checkpoints, exact resume, torchrun."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,96 +9,138 @@ import sys
 import pytest
 import torch
 
-import data as D
-import model as M
-import train as T
+import config
+import data
+import model
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_overrides_are_type_checked():
-    cfg = T.parse_args(["--lr=0.5", "--train_vision=false", "--stage=sft", "--group_size=3"])
+    cfg = train.parse_args(["--lr=0.5", "--train_vision=false", "--stage=sft", "--group_size=3",
+                            "--coach=fixed:red_circle", "--vp_darken_factor=0.5"])
     assert (cfg.lr, cfg.train_vision, cfg.stage, cfg.group_size) == (0.5, False, "sft", 3)
+    assert (cfg.coach, config.vp_config(cfg).darken_factor) == ("fixed:red_circle", 0.5)
+    assert train.parse_args(["--reward_rules=released"]).reward_rules == "released"
     for bad in (["--lr=fast"], ["--nope=1"], ["lr=1"], ["--train_vision=maybe"], ["--group_size=2.5"],
-                ["--ratio=tokens"], ["--stage=pretrain"], ["--sd_condition=both"]):
+                ["--ratio=tokens"], ["--stage=pretrain"], ["--sd_condition=both"], ["--dtype=fp8"],
+                ["--reward_identity=fuzzy"], ["--benchmark=videomme"], ["--difficulty=1.5"],
+                ["--reward_rules=release"]):
         with pytest.raises(SystemExit):
-            T.parse_args(bad)
+            train.parse_args(bad)
+
+
+@pytest.mark.parametrize("value", ["fixed:glitter", "fixed:", "fixed", "sometimes", "Selector"])
+def test_bad_coach_fails_at_parse_time_naming_the_choices(value):
+    with pytest.raises(SystemExit, match="fixed:darken"):
+        train.parse_args([f"--coach={value}"])
+
+
+def test_bad_coach_stops_the_main_job_before_any_stage(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--coach=fixed:glitter", f"--out_dir={tmp_path / 'out'}",
+                        f"--data_dir={tmp_path / 'data'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--coach='fixed:glitter'" in r.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
+def test_every_field_has_a_comment_and_help_lists_it(capsys):
+    comments = config.field_help()
+    fields = [f.name for f in dataclasses.fields(train.Config)]
+    assert set(comments) == set(fields) and all(comments.values())
+    with pytest.raises(SystemExit) as done:
+        train.parse_args(["--lr=0.1", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--hard_k=2.21 " in text and comments["hard_k"] in text and "--lr=0.1 " in text
+    assert all(f"--{name}=" in text for name in fields)
+
+
+def test_derived_settings_follow_the_config():
+    cfg = train.Config(fps=1.0, min_frames=2, max_frames=5, group_size=3, max_new_tokens=7, vp_digit_scale=0,
+                       rl_steps=60, rl_warmup_share=0.05)
+    assert config.frames(cfg) == data.FrameConfig(1.0, 2, 5)
+    assert config.sampling(cfg) == config.grpo.Sampling(3, 7, cfg.temperature, cfg.top_p)
+    assert config.sampling(cfg, 1).n == 1
+    assert config.vp_config(cfg).digit_scale is None                 # 0 -> automatic size
+    assert config.rl_warmup(cfg) == 3 and config.rl_warmup(train.Config(rl_steps=2)) == 1
+    assert train.Config().fps == data.FrameConfig().fps             # defaults read from the library, not copied
 
 
 def sft_cfg(tiny_data, out, **kw):
     base = dict(stage="sft", out_dir=str(out), data_dir=tiny_data, batch_size=4, sft_epochs=1.0, lr=3e-3,
                 sft_warmup=1, save_every=100, max_frames=8)
     base.update(kw)
-    return T.Config(**base)
+    return train.Config(**base)
 
 
 def fixed_batch_loss(path, tiny_data, cfg):
-    model, tok, vision = M.load_policy(path)
-    recs = D.load_records(os.path.join(tiny_data, "train.json"))[:4]
+    vlm, tok, vision = model.load_policy(path)
+    recs = data.load_records(os.path.join(tiny_data, "train.json"))[:4]
     with torch.no_grad():
-        return T.sft_loss(M.LogProbModule(model), [T.sft_example(r, tok, vision, cfg) for r in recs]).item()
+        return train.sft_loss(model.LogProbModule(vlm), [train.sft_example(r, tok, vision, cfg) for r in recs]).item()
 
 
 def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     cfg = sft_cfg(tiny_data, tmp_path, sft_epochs=2.0)
-    rt = T.setup_runtime(cfg)
+    rt = train.setup_runtime(cfg)
     before = fixed_batch_loss(tiny_model_dir, tiny_data, cfg)
-    ckpt = T.stage_sft(cfg, rt, tiny_model_dir)
+    ckpt = train.stage_sft(cfg, rt, tiny_model_dir)
     after = fixed_batch_loss(ckpt, tiny_data, cfg)
     assert after < before - 0.5, (before, after)
     rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
-    state = T.load_trainer_state(ckpt)
+    state = train.load_trainer_state(ckpt)
     assert state["done"] and state["step"] == 6
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
     full = sft_cfg(tiny_data, tmp_path / "full", sft_epochs=2.0)
-    rt = T.setup_runtime(full)
-    T.stage_sft(full, rt, tiny_model_dir)
+    rt = train.setup_runtime(full)
+    train.stage_sft(full, rt, tiny_model_dir)
 
     crash = sft_cfg(tiny_data, tmp_path / "crash", sft_epochs=2.0, save_every=2)
-    real_step = T.sft_step
+    real_step = train.sft_step
 
-    def crashing_step(cfg, rt, policy, opt, sched, records, tok, vision, step, spe):
+    def crashing_step(cfg, rt, run, records, step):
         if step == 3:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(cfg, rt, policy, opt, sched, records, tok, vision, step, spe)
+        return real_step(cfg, rt, run, records, step)
 
-    monkeypatch.setattr(T, "sft_step", crashing_step)
+    monkeypatch.setattr(train, "sft_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        T.stage_sft(crash, rt, tiny_model_dir)
-    assert T.load_trainer_state(str(tmp_path / "crash" / "sft" / "last"))["step"] == 2
+        train.stage_sft(crash, rt, tiny_model_dir)
+    assert train.load_trainer_state(str(tmp_path / "crash" / "sft" / "last"))["step"] == 2
     assert not os.path.exists(tmp_path / "crash" / "sft" / "last.tmp")
-    monkeypatch.setattr(T, "sft_step", real_step)
-    T.stage_sft(crash, rt, tiny_model_dir)                       # resumes at step 2
+    monkeypatch.setattr(train, "sft_step", real_step)
+    train.stage_sft(crash, rt, tiny_model_dir)                       # resumes at step 2
 
     losses = lambda p: [json.loads(l)["loss"] for l in open(p / "sft" / "metrics.jsonl")]
     full_l, crash_l = losses(tmp_path / "full"), losses(tmp_path / "crash")
     assert crash_l[-3:] == pytest.approx(full_l[-3:], abs=1e-6)  # steps 4..6 after the resume
-    a, _, _ = M.load_policy(str(tmp_path / "full" / "sft" / "last"))
-    b, _, _ = M.load_policy(str(tmp_path / "crash" / "sft" / "last"))
+    a, _, _ = model.load_policy(str(tmp_path / "full" / "sft" / "last"))
+    b, _, _ = model.load_policy(str(tmp_path / "crash" / "sft" / "last"))
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
 
 
 def test_checkpoint_write_is_atomic(tiny_policy, tmp_path, monkeypatch):
-    model, tok, vision = tiny_policy
+    vlm, tok, vision = tiny_policy
     path = str(tmp_path / "ck")
-    T.save_checkpoint(path, model, tok, vision, {"step": 1})
+    train.save_checkpoint(path, vlm, tok, vision, {"step": 1})
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        T.save_checkpoint(path, model, tok, vision, {"step": 2})
+        train.save_checkpoint(path, vlm, tok, vision, {"step": 2})
     monkeypatch.undo()
-    assert T.load_trainer_state(path)["step"] == 1               # the old checkpoint is intact
-    M.load_policy(path)
+    assert train.load_trainer_state(path)["step"] == 1               # the old checkpoint is intact
+    model.load_policy(path)
 
 
 def test_frozen_vision_tower_stays_frozen(tiny_data, tiny_model_dir, tmp_path):
     cfg = sft_cfg(tiny_data, tmp_path, train_vision=False, sft_epochs=0.5)
-    ckpt = T.stage_sft(cfg, T.setup_runtime(cfg), tiny_model_dir)
-    a, _, _ = M.load_policy(tiny_model_dir)
-    b, _, _ = M.load_policy(ckpt)
+    ckpt = train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    a, _, _ = model.load_policy(tiny_model_dir)
+    b, _, _ = model.load_policy(ckpt)
     va, vb = dict(a.model.visual.named_parameters()), dict(b.model.visual.named_parameters())
     assert all(torch.equal(va[n], vb[n]) for n in va)
     assert not torch.equal(a.model.language_model.layers[0].mlp.up_proj.weight,
@@ -110,5 +154,5 @@ def test_two_process_torchrun_sft(tiny_data, tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    state = T.load_trainer_state(str(tmp_path / "sft" / "last"))
+    state = train.load_trainer_state(str(tmp_path / "sft" / "last"))
     assert state["done"] and state["step"] == 2

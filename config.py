@@ -1,0 +1,279 @@
+"""The one config: every knob of a run, its parser, its --help, and the process a run lives in.
+
+    python train.py --help            # every field below, with its comment and default
+    python train.py --coach=fixed:darken --alpha=0.1 --rl_steps=100
+
+Owns: `Config` (one dataclass; a short comment on every field is its documentation, printed by
+--help), `parse_args` (`--field=value`, checked against the field's type, every choice-valued field
+checked against its allowed values before any stage runs), the settings other files take as small
+parameter objects, built here from the Config and nowhere else (frames for data.py, visual-prompt
+drawing for prompt.py, reward rules for rewards.py), and `setup_runtime` (accelerate: device,
+dtype, rank). train.py re-exports Config, so `train.Config` is this class. Leaves what each knob does
+to the file its comment names.
+
+Test: python -m pytest tests/test_train.py -q -k "config or overrides or help"
+"""
+import dataclasses
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import data
+import distill
+import grpo
+import prompt
+import rewards
+
+_VP = prompt.VisualPromptConfig()   # the drawing defaults live in prompt.py; the fields below read them
+
+
+@dataclass
+class Config:
+    # ---- run ----
+    stage: str = "all"            # all | data | sft | selector | rl | eval (all: every stage in that order)
+    out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, eval tables
+    data_dir: str = "data/synth"  # synthetic data is generated here when missing
+    train_json: str = ""          # STGR JSON; empty -> {data_dir}/train.json
+    data_root: str = ""           # media root, or one per record `source` (a=/x,b=/y); empty -> the JSON's folder
+    max_bad_samples: int = 20     # samples whose media fail mid-run are skipped and counted; one more stops the run
+    model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
+    seed: int = 0                 # seeds data order, rollouts, the synthetic set and the selector
+    device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
+    dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    # ---- frames: what the model is shown (data.py samples them, model.py resizes them) ----
+    fps: float = data.FrameConfig.fps  # frames per second sampled from a video
+    min_frames: int = data.FrameConfig.min_frames  # a short video still shows this many frames
+    max_frames: int = data.FrameConfig.max_frames  # a long video shows at most this many, spread over it
+    max_pixels: int = 0           # per-frame pixel budget; 0 -> the checkpoint's preprocessor_config
+    # ---- synthetic data (stage data, synth.py) ----
+    n_train: int = 2000           # training records (one clip each)
+    n_val: int = 200              # validation records
+    n_test: int = 200             # test records (plus one V-STAR annotation per test clip)
+    difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
+    synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
+    # ---- optimizer (SFT and RL) ----
+    weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
+    adam_beta1: float = 0.9       # AdamW first-moment decay
+    adam_beta2: float = 0.95      # AdamW second-moment decay
+    grad_clip: float = 1.0        # max global gradient norm
+    train_vision: bool = True     # False freezes the vision tower (the usual choice at 7B)
+    # ---- SFT (train.py) ----
+    sft_epochs: float = 1.0       # passes over the training records
+    batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
+    grad_accum: int = 1           # SFT micro-batches per step (RL already runs one backward per group)
+    lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
+    sft_warmup: int = 20          # SFT warmup steps
+    # ---- RL (train.py runs the loop, grpo.py the math) ----
+    rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
+    rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)
+    rl_warmup_share: float = 0.05  # RL warmup as a share of rl_steps (at least one step)
+    group_size: int = 4           # G rollouts per prompt
+    max_new_tokens: int = 96      # longest completion sampled in RL and for selector labels
+    temperature: float = 1.0      # sampling temperature of rollouts
+    top_p: float = 0.95           # nucleus sampling mass of rollouts
+    beta: float = 0.04            # weight of the k3 KL to the frozen reference (0: no reference kept)
+    clip_eps: float = 0.2         # the ratio is clipped to 1 +- clip_eps
+    ratio: str = "sequence"       # sequence (GSPO) | token (GRPO)
+    inner_updates: int = 1        # optimizer updates per batch of rollouts
+    shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)
+    max_prompt_tokens: int = 4096  # a longer prompt (frames + text) is skipped and counted
+    max_bad_updates: int = 5      # stop after this many updates in a row with NaN/inf loss or gradients
+    reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
+    reward_rules: str = "ours"    # ours | released: rewards.py's rules or the release's (an ablation arm)
+    # ---- VisionCoach (distill.py) ----
+    coach: str = "selector"       # selector | random | fixed:<visual prompt> | none (plain GRPO/GSPO)
+    hard_k: float = 2.21          # a group is hard when its mean total reward < hard_k
+    alpha: float = 0.1            # self-distillation weight (0 turns it off; prompted rollouts still run)
+    top_n: int = 2                # prompted rollouts distilled per hard group, best answer reward first
+    sd_condition: str = "prompted"  # what the distilled completions are conditioned on: prompted (paper) | raw
+    # ---- visual prompts (prompt.py): how strongly each type marks the key objects ----
+    vp_darken_factor: float = _VP.darken_factor  # darken: brightness kept outside the boxes (0 black, 1 raw)
+    vp_darken_pad: float = _VP.darken_pad  # darken: margin around each box, normalized units
+    vp_circle_thickness: int = _VP.circle_thickness  # red_circle: ring width in pixels
+    vp_digit_scale: int = 0       # frame_numbers: pixels per font pixel; 0 -> about 1/50 of the short side
+    vp_spotlight_dim: float = _VP.spotlight_dim  # spotlight: brightness far from every box
+    vp_spotlight_falloff: float = _VP.spotlight_falloff  # spotlight: Gaussian edge sigma, normalized units
+    # ---- VP-Selector (selector.py) ----
+    selector_dir: str = ""        # where predictions.json lives; empty -> {out_dir}/selector
+    selector_samples: int = 64    # samples labelled by the proxy (every visual prompt x selector_group answers)
+    selector_group: int = 2       # answers per visual prompt when labelling
+    selector_hidden: int = 64     # hidden width of the selector's MLP head
+    selector_steps: int = 300     # full-batch AdamW steps training the head
+    selector_lr: float = 3e-3     # learning rate of the head
+    selector_train_share: float = 0.8  # labelled samples the head trains on; the rest measure it
+    # ---- evaluation (eval.py, and the main job's last stage) ----
+    eval_data: str = ""           # eval.py: STGR, V-STAR, VideoMME- or Charades-STA-style JSON (eval.py --data)
+    benchmark: str = "auto"       # eval.py: auto | stgr | vstar | mcq | tg, what eval_data holds (eval.py --kind)
+    eval_out: str = ""            # eval.py: output folder; empty -> {model}/eval (eval.py --out)
+    eval_samples: int = 100       # evaluate the first N samples of each file (0: all; eval.py --limit, default 0)
+    eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
+    eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
+    eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
+    # ---- logging / checkpoints ----
+    sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
+    save_every: int = 100         # checkpoint every N optimizer steps (and at the end)
+    resume: bool = True           # continue from {out_dir}/{stage}/last when it exists
+
+
+STAGES = ("data", "sft", "selector", "rl", "eval")
+CHOICES = {
+    "stage": ("all",) + STAGES,
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "ratio": grpo.RATIOS,
+    "coach": distill.COACH_MODES,
+    "sd_condition": distill.SD_CONDITIONS,
+    "reward_rules": rewards.REWARD_RULES,
+    "benchmark": ("auto", "stgr", "vstar", "mcq", "tg"),
+}
+
+
+def field_help():
+    """{field name: its comment}, read from the source of Config above (the one place they live)."""
+    comments, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [\w|. ]+ = .*?\s#\s(.*)$", line)
+        if m:
+            last = m.group(1)
+            comments[last] = m.group(2).strip()
+        elif not line.strip().startswith("#"):
+            last = None
+    return comments
+
+
+def help_text(prog, aliases=None, base=None):
+    """--help: every field with its default (base's, when given) and comment, grouped as in Config."""
+    comments, base = field_help(), base or Config()
+    lines = [f"usage: python {prog} [--field=value ...]"]
+    for line in inspect.getsource(Config).splitlines()[1:]:
+        section = re.match(r"\s+# ---- (.*) ----", line)
+        m = re.match(r"\s+(\w+): ", line)
+        if section:
+            lines.append(f"\n{section.group(1)}:")
+        elif m and m.group(1) in comments:
+            name = m.group(1)
+            default = getattr(base, name)
+            flag = f"--{name}={str(default).lower() if isinstance(default, bool) else default}"
+            lines.append(f"  {flag:<32} {comments[name]}")
+    if aliases:
+        lines.append(f"\n{prog} also reads: " + ", ".join(f"--{a} (= --{f})" for a, f in aliases.items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv, cfg=None, aliases=None, prog="train.py"):
+    """`--field=value` overrides, each checked against the field's type; choices checked here, so a
+    bad value stops the run before any stage starts. `aliases` maps other flag names to fields."""
+    cfg = dataclasses.replace(cfg) if cfg is not None else Config()
+    aliases = aliases or {}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            print(help_text(prog, aliases, cfg))
+            sys.exit(0)
+        key, eq, value = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        key = aliases.get(key, key)
+        if not arg.startswith("--") or not eq or key not in fields:
+            raise SystemExit(f"bad argument {arg!r}: expected --field=value with field one of {sorted(fields)} "
+                             f"(python {prog} --help lists them)")
+        setattr(cfg, key, parse_value(key, value, type(getattr(cfg, key))))
+    check(cfg)
+    return cfg
+
+
+def parse_value(key, value, field_type):
+    if field_type is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--{key} expects true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return field_type(value)
+    except ValueError:
+        raise SystemExit(f"--{key} expects {field_type.__name__}, got {value!r}") from None
+
+
+def check(cfg):
+    """Every choice-valued field against its allowed values, and the ranges that would fail late."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    try:
+        reward_config(cfg)                   # rewards.RewardConfig checks its own modes
+    except ValueError as e:
+        raise SystemExit(f"--reward_identity={cfg.reward_identity!r}: {e}") from None
+    try:
+        frames(cfg)                          # the frame settings are within data.py's limits
+    except ValueError as e:
+        raise SystemExit(f"frame settings: {e}") from None
+    if not 0.0 <= cfg.difficulty <= 1.0:
+        raise SystemExit(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
+    if not 0.0 < cfg.selector_train_share <= 1.0:
+        raise SystemExit(f"--selector_train_share must be in (0, 1], got {cfg.selector_train_share}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings other files take, derived from the Config (one place each)
+# ---------------------------------------------------------------------------------------------
+
+def frames(cfg):
+    """How videos are sampled into frames (data.load_video_sample)."""
+    return data.FrameConfig(cfg.fps, cfg.min_frames, cfg.max_frames, cfg.max_pixels or data.MAX_FRAME_PIXELS)
+
+
+def vp_config(cfg):
+    """How the visual prompts are drawn (prompt.apply_visual_prompt)."""
+    return prompt.VisualPromptConfig(darken_factor=cfg.vp_darken_factor, darken_pad=cfg.vp_darken_pad,
+                                     circle_thickness=cfg.vp_circle_thickness,
+                                     digit_scale=cfg.vp_digit_scale or None, spotlight_dim=cfg.vp_spotlight_dim,
+                                     spotlight_falloff=cfg.vp_spotlight_falloff)
+
+
+def reward_config(cfg):
+    """The reward rules (rewards.score_group): ours or the release's, with cfg's name matching."""
+    return rewards.rules_config(cfg.reward_rules, cfg.reward_identity)
+
+
+def sampling(cfg, n=None):
+    """How rollouts are sampled (grpo.rollout): n completions per prompt, group_size by default."""
+    return grpo.Sampling(n or cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+
+
+def rl_warmup(cfg):
+    return max(1, int(cfg.rl_steps * cfg.rl_warmup_share))
+
+
+# ---------------------------------------------------------------------------------------------
+# The process a run lives in
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    accelerator: object
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_runtime(cfg):
+    """torchrun / accelerate launch, or one plain process. Seeds torch per rank."""
+    from accelerate import Accelerator   # heavy; only entry points that run a model need it
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16
+    torch.manual_seed(cfg.seed + acc.process_index)
+    return Runtime(acc, acc.device, dtype, acc.process_index, acc.num_processes)
+
+
+def log(rt, *args):
+    """Rank 0 alone prints."""
+    if rt.main:
+        print(*args, flush=True)
