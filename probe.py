@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-import data as D
-import model as M
-import prompt as P
+import data
+import model
+import prompt
 import synth
 
 
@@ -58,7 +58,7 @@ class ProbeConfig:
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
-    prompt: str = "short"         # short (the frame and the question) | full (the SFT layout)
+    prompt: str = "short"           # short (the frame and the question) | full (the SFT layout)
     background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
     value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
     # model (model.TinyModelConfig fields)
@@ -102,7 +102,7 @@ def parse_args(argv):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
     for mark in cfg.marks.split(","):
-        if mark not in P.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
+        if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
             raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
     return cfg
 
@@ -145,7 +145,7 @@ def make_sample(rng, cfg, task, n_distractors):
     if task == "find":
         return Sample(task, frame, FIND_Q.format(name), name, box)
     mark = rng.choice(cfg.marks.split(","))
-    frame = P.apply_visual_prompt(mark, [frame], [[box]], None)[0]
+    frame = prompt.apply_visual_prompt(mark, [frame], [[box]], None)[0]
     return Sample(task, frame, MARKED_Q, name, box)
 
 
@@ -171,24 +171,26 @@ def held_out(cfg):
 def prompt_parts(question, style):
     """The chat prompt as data.render_prompt parts: one frame (index 0), then the question."""
     if style == "full":
-        return D.render_prompt(question, [0.0], 1 / synth.FPS)
-    return [f"{D.IM_START}user\n", 0, f"{question}{D.IM_END}\n{D.IM_START}assistant\n"]
+        return data.render_prompt(question, [0.0], 1 / synth.FPS)
+    # Chat tokens as data.Special parts: every plain str part is tokenized as text.
+    sp = data.Special
+    return [sp(data.IM_START), "user\n", 0, question, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
 
 
 def target_text(sample, frame_size):
     """The answer in the project's grammar; the box in pixels of the frame the model sees."""
-    obj = f"{D.OBJ_OPEN}{sample.name}{D.OBJ_CLOSE}"
+    obj = f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
     if sample.task == "marked":
         return obj
-    x1, y1, x2, y2 = D.norm_box_to_pixels(sample.box, *frame_size)
-    return f"{obj}{D.BOX_OPEN}[{x1},{y1},{x2},{y2}]{D.BOX_CLOSE}"
+    x1, y1, x2, y2 = data.norm_box_to_pixels(sample.box, *frame_size)
+    return f"{obj}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
 
 
 def encode(sample, tokenizer, vision, style):
     """Sample -> (model.Prompt, target ids ending in <|im_end|>)."""
-    prompt = M.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
-    text = target_text(sample, prompt.frame_size) + D.IM_END
-    return prompt, torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+    model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
+    text = target_text(sample, model_in.frame_size) + data.IM_END
+    return model_in, torch.tensor(tokenizer.encode(text, add_special_tokens=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,18 +228,18 @@ def score(sample, text, frame_size):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, vision, samples, style, max_new_tokens=24):
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24):
     """Greedy answers on the held-out samples -> metrics dict."""
-    stop = M.stop_token_ids(model, tokenizer)
+    stop = model.stop_token_ids(vlm, tokenizer)
     pad = tokenizer.pad_token_id
-    banned = M.vision_token_ids(tokenizer)
+    banned = model.vision_token_ids(tokenizer)
     rows, examples = [], []
     for s in samples:
-        prompt, _ = encode(s, tokenizer, vision, style)
-        ids, mask, _ = M.generate(model, prompt, 1, max_new_tokens, stop, pad, temperature=0.0,
+        model_in, _ = encode(s, tokenizer, vision, style)
+        ids, mask, _ = model.generate(vlm, model_in, 1, max_new_tokens, stop, pad, temperature=0.0,
                                   banned_ids=banned)
         text = tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
-        rows.append((s.task, score(s, text, prompt.frame_size)))
+        rows.append((s.task, score(s, text, model_in.frame_size)))
         if len(examples) < 4 or (s.task == "marked" and len(examples) < 6):
             examples.append(text)
     find = [r for t, r in rows if t == "find"]
@@ -257,31 +259,31 @@ def evaluate(model, tokenizer, vision, samples, style, max_new_tokens=24):
 def tokenizer_corpus(seed=0, n=400):
     """Text like the main job's tokenizer corpus (synth questions and traces) plus this probe's."""
     rng = random.Random(f"probe-corpus-{seed}")
-    texts = ["".join(p for p in D.render_prompt("", D.sample_times(8.0), 8.0) if isinstance(p, str))] * 50
+    texts = ["".join(p for p in data.render_prompt("", data.sample_times(8.0), 8.0) if isinstance(p, str))] * 50
     for _ in range(n):
         story = synth.tell(synth.make_scene(rng, rng.random() < 0.5))
         texts.append(f"{story.question} {synth.completion(story.think, story.answer)}")
     names = [f"{c} {k}" for c, k in NAMES]
-    texts += [f"{FIND_Q.format(x)} {MARKED_Q} {D.OBJ_OPEN}{x}{D.OBJ_CLOSE}" for x in names] * 10
+    texts += [f"{FIND_Q.format(x)} {MARKED_Q} {data.OBJ_OPEN}{x}{data.OBJ_CLOSE}" for x in names] * 10
     return texts
 
 
 def build_model(cfg, out_dir):
-    mc = M.TinyModelConfig(value_tokens=cfg.value_tokens, value_init=cfg.value_init, num_layers=cfg.num_layers,
-                           patch_size=cfg.patch_size,
-                           frame_pixels=cfg.frame_pixels, vision_hidden_size=cfg.vision_hidden_size,
-                           vision_depth=cfg.vision_depth)
+    mc = model.TinyModelConfig(value_tokens=cfg.value_tokens, value_init=cfg.value_init, num_layers=cfg.num_layers,
+                               patch_size=cfg.patch_size,
+                               frame_pixels=cfg.frame_pixels, vision_hidden_size=cfg.vision_hidden_size,
+                               vision_depth=cfg.vision_depth)
     if mc.vision_hidden_size % mc.vision_heads:
         mc.vision_heads = mc.vision_hidden_size // 32
-    M.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
-    return M.load_policy(out_dir)
+    model.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
+    return model.load_policy(out_dir)
 
 
-def make_optimizer(cfg, model):
+def make_optimizer(cfg, vlm):
     """AdamW with the vision tower and merger in their own group (lr * vision_lr_mult)."""
-    vision = list(model.model.visual.parameters())
+    vision = list(vlm.model.visual.parameters())
     ids = {id(p) for p in vision}
-    rest = [p for p in model.parameters() if id(p) not in ids]
+    rest = [p for p in vlm.parameters() if id(p) not in ids]
     opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
                              {"params": vision, "lr": cfg.lr * cfg.vision_lr_mult}],
                             betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -297,16 +299,16 @@ def value_targets(tokenizer, n, sigma):
     return {i: k for k, i in enumerate(ids)}, torch.tensor(ids), soft
 
 
-def token_losses(model, batch, values=None):
+def token_losses(vlm, batch, values=None):
     """Per-sample, per-token losses (list of 1-D tensors): next-token NLL, or with `values`
     (value_targets' result) cross-entropy to a soft target over nearby values at value tokens."""
     prompts, targets = [p for p, _ in batch], [t for _, t in batch]
     if values is None:
-        return [-lp for lp in M.plain_logprobs(model, prompts, targets)]
+        return [-lp for lp in model.plain_logprobs(vlm, prompts, targets)]
     value_of, ids, soft = values
     out = []
-    for h, t in zip(M.plain_hidden(model, prompts, targets), targets):
-        logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)                # (C, V)
+    for h, t in zip(model.plain_hidden(vlm, prompts, targets), targets):
+        logp = torch.log_softmax(vlm.lm_head(h).float(), dim=-1)                # (C, V)
         nll = -logp.gather(1, t[:, None])[:, 0]                                   # (C,)
         at = [k for k, tok in enumerate(t.tolist()) if tok in value_of]
         if at:
@@ -317,15 +319,15 @@ def token_losses(model, batch, values=None):
     return out
 
 
-def train_step(model, opt, sched, batch, grad_clip, values=None):
+def train_step(vlm, opt, sched, batch, grad_clip, values=None):
     """One optimizer step on a list of (prompt, target ids).
 
     Returns (mean loss per target token, each sample's mean loss per token)."""
-    losses = token_losses(model, batch, values)
+    losses = token_losses(vlm, batch, values)
     loss = sum(l.sum() for l in losses) / sum(len(t) for _, t in batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(vlm.parameters(), grad_clip)
     opt.step()
     sched.step()
     return loss.item(), [l.mean().item() for l in losses]
@@ -354,12 +356,12 @@ def write_plot(curve, path):
     plt.close(fig)
 
 
-def eval_row(model, tokenizer, vision, evalset, cfg, step, clock, losses):
+def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     """One point of the curve: held-out metrics plus where training stands."""
-    model.eval()
+    vlm.eval()
     t0 = time.time()
-    m = evaluate(model, tokenizer, vision, evalset, cfg.prompt)
-    model.train()
+    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt)
+    vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
            "eval_s": round(time.time() - t0, 1), "load": round(os.getloadavg()[0], 2),
@@ -381,11 +383,11 @@ def run(cfg, log=print):
     """Train for the budget, evaluating every cfg.eval_every training seconds. -> the curve."""
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, vision = build_model(cfg, os.path.join(cfg.out, "model"))
-    model.train()
-    log(f"[probe] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    vlm, tokenizer, vision = build_model(cfg, os.path.join(cfg.out, "model"))
+    vlm.train()
+    log(f"[probe] {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, "
         f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
-    opt, sched = make_optimizer(cfg, model)
+    opt, sched = make_optimizer(cfg, vlm)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
@@ -394,7 +396,7 @@ def run(cfg, log=print):
         done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
         due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
         if due or done:
-            row, examples = eval_row(model, tokenizer, vision, evalset, cfg, step, clock, losses)
+            row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
             curve.append(row)
             result = save_curve(cfg, curve, clock, step)
             losses, next_eval = [], clock["wall"] + cfg.eval_every
@@ -405,7 +407,7 @@ def run(cfg, log=print):
             break
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
-        loss, per_sample = train_step(model, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
+        loss, per_sample = train_step(vlm, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
                                       cfg.grad_clip, values)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
@@ -420,7 +422,7 @@ def run(cfg, log=print):
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
     if cfg.save:
-        model.save_pretrained(os.path.join(cfg.out, "model"))
+        vlm.save_pretrained(os.path.join(cfg.out, "model"))
     return result
 
 
