@@ -54,10 +54,21 @@ class TinyModelConfig:
     vision_depth: int = 2
     vision_heads: int = 3
     frame_pixels: int = 112 * 112  # per-frame pixel budget written to preprocessor_config.json
+    patch_size: int = 14          # vision patch side in pixels (merged 2x2 into one token)
+    value_tokens: int = 0         # > 0: one token per integer 0..value_tokens-1 (a coordinate is one
+                                  # token, not one per digit); 0: Qwen's single-digit split
+    value_init: str = "random"    # value tokens' embedding rows: random | ordinal (nearby values alike)
+    value_freqs: int = 32         # ordinal init: cosine frequencies (kernel width ~ value_tokens / this)
 
 
-def build_tokenizer(texts, vocab_size=1024):
-    """Byte-level BPE with Qwen's split rule and special tokens, trained on `texts`."""
+def build_tokenizer(texts, vocab_size=1024, value_tokens=0):
+    """Byte-level BPE with Qwen's split rule and special tokens, trained on `texts`.
+
+    value_tokens > 0 adds the integers 0..value_tokens-1 as whole tokens. Added tokens are matched
+    before the split rule, longest first, so "[12,105,40,58]" reads as [ 12 , 105 , 40 , 58 ]: a
+    box costs four value tokens to write. The text is unchanged; a real checkpoint keeps its own
+    tokenizer.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -71,6 +82,7 @@ def build_tokenizer(texts, vocab_size=1024):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.add_tokens(GROUNDING_TAGS)  # one token per tag: cheap to learn, still plain text on decode
+    fast.add_tokens([str(v) for v in range(value_tokens)])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -83,7 +95,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
     """Train the tokenizer on `texts`, build a random tiny Qwen2.5-VL, save everything to out_dir."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(texts, cfg.vocab_size)
+    tokenizer = build_tokenizer(texts, cfg.vocab_size, cfg.value_tokens)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = cfg.hidden_size // cfg.num_heads
     config = Qwen2_5_VLConfig(
@@ -96,20 +108,49 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
                          bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]),
         vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
                            num_heads=cfg.vision_heads, intermediate_size=2 * cfg.vision_hidden_size,
-                           out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+                           out_hidden_size=cfg.hidden_size, patch_size=cfg.patch_size, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[cfg.vision_depth - 1],
                            tokens_per_second=2),
         image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
         tie_word_embeddings=True)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    if cfg.value_tokens and cfg.value_init == "ordinal":
+        rows = tokenizer.convert_tokens_to_ids([str(v) for v in range(cfg.value_tokens)])
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[rows] = ordinal_embeddings(cfg.value_tokens, cfg.hidden_size, cfg.value_freqs,
+                                           emb.norm(dim=1).mean().item())
+    elif cfg.value_init not in ("ordinal", "random"):
+        raise ValueError(f"TinyModelConfig.value_init={cfg.value_init!r}: expected ordinal or random")
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    VisionProcessor(max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
+    VisionProcessor(patch_size=cfg.patch_size, max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
     return model, tokenizer
+
+
+def ordinal_embeddings(n, dim, freqs, norm):
+    """Embedding rows for the values 0..n-1 in which nearby values are alike: (n, dim).
+
+    Row v holds x and -x^2/2 for x = v scaled to [-1, 1], and cos(pi f (v + 1/2) / n) for
+    f = 1..freqs (half periods, so 0 and n-1 are not neighbours), in a random (freqs + 2)-dim
+    subspace, scaled to `norm`. The embeddings are tied, so a hidden state h gives value logits
+    h . e_v: with h = k (u, 1, ...) the first two give -k (x_v - x_u)^2 / 2, a bump at u from a
+    hidden state linear in u; the cosines can sharpen it. The head starts ordinal instead of
+    learning n unrelated classes.
+    """
+    v = torch.arange(n, dtype=torch.float32) + 0.5
+    x = 2 * v / n - 1
+    f = torch.arange(1, freqs + 1, dtype=torch.float32)
+    cos = torch.cos(torch.pi * v[:, None] * f[None] / n) / freqs ** 0.5     # (n, freqs)
+    basis = torch.cat([x[:, None], -x[:, None] ** 2 / 2, cos], dim=1)       # (n, freqs + 2)
+    basis = basis - basis.mean(0)
+    q, _ = torch.linalg.qr(torch.randn(dim, freqs + 2))                     # (dim, freqs + 2) orthonormal
+    rows = basis @ q.T                                                      # (n, dim)
+    return rows * norm / rows.norm(dim=1, keepdim=True).mean()
 
 
 def _mrope_section(head_dim):
@@ -348,13 +389,9 @@ def shared_prefix_logprobs(model, prompt, completions):
     return _token_logprobs(model, hidden, completions)
 
 
-def plain_logprobs(model, prompts, completions):
-    """Reference path: each (prompt, completion) row is its own full sequence, right-padded.
-
-    prompts: list of B Prompt; completions: list of B 1-D id tensors (lengths may differ).
-    Returns a list of B tensors of per-token log-probs, one per completion token.
-    Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
-    """
+def plain_hidden(model, prompts, completions):
+    """Each (prompt, completion) row as its own right-padded sequence -> B tensors (len(c), D):
+    the last hidden states at the positions that predict each completion token."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     L, B = max(lengths), len(prompts)
     device = prompts[0].input_ids.device
@@ -371,11 +408,19 @@ def plain_logprobs(model, prompts, completions):
                       pixel_values=torch.cat([p.pixel_values for p in prompts]), image_grid_thw=grid,
                       mm_token_type_ids=types, use_cache=False)
     hidden = out.last_hidden_state                                          # (B, L, D)
-    result = []
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        h = hidden[b, len(p) - 1: len(p) - 1 + len(c)]                      # positions that predict c
-        result.append(_token_logprobs(model, h, c))
-    return result
+    # the positions that predict each completion
+    return [hidden[b, len(p) - 1: len(p) - 1 + len(c)] for b, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def plain_logprobs(model, prompts, completions):
+    """Reference path: each (prompt, completion) row is its own full sequence, right-padded.
+
+    prompts: list of B Prompt; completions: list of B 1-D id tensors (lengths may differ).
+    Returns a list of B tensors of per-token log-probs, one per completion token.
+    Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
+    """
+    hidden = plain_hidden(model, prompts, completions)
+    return [_token_logprobs(model, h, c) for h, c in zip(hidden, completions)]
 
 
 class LogProbModule(torch.nn.Module):

@@ -281,10 +281,29 @@ def shape_mask(kind, pos, radius, xs, ys):
     return (dy >= -radius) & (dy <= radius) & (dx.abs() <= (dy + radius) / 2)
 
 
-def render(scene):
-    """The clip as uint8 (N, 3, H, W); the target is drawn last, on top."""
+def gradient_background(size=SIZE):
+    """uint8 (3, H, W): red grows left to right, blue top to bottom, green fixed. Qwen2.5-VL has
+    rotary positions only, so on flat grey a patch's features cannot say where the patch is; here
+    the background itself does. No object colour lies on it (red and blue stay in 96..160)."""
+    ramp = torch.arange(size, dtype=torch.float32) / size
+    bg = torch.empty(3, size, size)
+    bg[0] = 96 + 64 * ramp[None, :]
+    bg[1] = BACKGROUND
+    bg[2] = 96 + 64 * ramp[:, None]
+    return bg.round().to(torch.uint8)
+
+
+def render(scene, background="flat"):
+    """The clip as uint8 (N, 3, H, W); the target is drawn last, on top.
+
+    background: flat (grey, the default everywhere) | gradient (gradient_background)."""
     n = scene.n_frames
-    frames = torch.full((n, 3, SIZE, SIZE), BACKGROUND, dtype=torch.uint8)
+    if background not in ("flat", "gradient"):
+        raise ValueError(f"render: background={background!r}: expected flat or gradient")
+    if background == "flat":
+        frames = torch.full((n, 3, SIZE, SIZE), BACKGROUND, dtype=torch.uint8)
+    else:
+        frames = gradient_background(SIZE)[None].repeat(n, 1, 1, 1)
     grid = torch.arange(SIZE, dtype=torch.float32) + 0.5
     ys, xs = torch.meshgrid(grid, grid, indexing="ij")  # (H, W)
     for shape in reversed(scene.shapes):

@@ -1,0 +1,432 @@
+"""Perception probe: how fast can the tiny model learn to find and name objects in one frame?
+
+    python probe.py                                         # 5 minutes of training, eval every 30 s
+    python probe.py --max_steps=400 --train_seconds=1e9 --eval_steps=100   # by steps (busy machine)
+    python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model
+
+Owns: single synthetic frames rendered in memory (synth.py's world: shapes on a position-coloured
+background by default, --background=flat for synth.py's grey; fresh samples every step), two
+perception tasks in the project's output grammar, a plain next-token training loop on them, and a
+held-out greedy curve written to {out}/curve.json and {out}/curve.png.
+  find    "Where is the red circle?"  -> <obj>red circle</obj><box>[x1,y1,x2,y2]</box>
+  marked  a frame with one object circled, spotlit or left lit by darkening (prompt.py draws
+          them), "Which object is marked?" -> <obj>blue square</obj>
+Boxes are integer pixels of the frame the model sees, as everywhere in the project.
+The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
+coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
+--value_sigma trains them on a soft target over nearby values), its vision tower may use smaller
+patches (--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
+Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
+share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
+only; evaluations are timed apart.
+
+Test: python -m pytest tests/test_probe.py -q
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+import model
+import prompt
+import synth
+
+
+@dataclass
+class ProbeConfig:
+    out: str = "runs/probe"       # curve.json, curve.png, the model (with --save)
+    seed: int = 0                 # model init and training samples; held-out frames use seed + 10_000
+    train_seconds: float = 300.0  # training budget, wall seconds (evaluation not counted)
+    max_steps: int = 0            # also stop after this many steps (0: the time budget only)
+    batch_size: int = 32          # frames per optimizer step
+    lr: float = 2e-3
+    vision_lr_mult: float = 1.0   # vision tower + merger learning rate = lr * this
+    warmup: int = 20              # linear warmup steps, then constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # tasks
+    find_weight: float = 1.0      # task mix: probability weights of find / marked samples
+    marked_weight: float = 1.0
+    marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
+    max_distractors: int = 4      # distractors per frame: uniform in 0..this
+    curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
+    prompt: str = "short"           # short (the frame and the question) | full (the SFT layout)
+    background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
+    value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
+    # model (model.TinyModelConfig fields)
+    value_tokens: int = 113       # > 0: one token per integer 0..value_tokens-1; 0: one per digit
+    value_init: str = "random"    # random | ordinal (nearby values have nearby embeddings; no gain seen)
+    num_layers: int = 4           # text layers
+    patch_size: int = 14          # 7 gives 4x the image tokens of 14 on the same frame
+    frame_pixels: int = 112 * 112
+    vision_hidden_size: int = 96
+    vision_depth: int = 2
+    # evaluation
+    eval_every: float = 30.0      # training seconds between held-out evaluations
+    eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
+    eval_frames: int = 100        # held-out frames per task
+    log_every: int = 25           # steps between training-loss lines (per task)
+    save: bool = False            # save the trained model to {out}/model (safetensors)
+    threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
+
+
+CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random")}
+NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
+FIND_Q, MARKED_Q = "Where is the {}?", "Which object is marked?"
+
+
+def parse_args(argv):
+    """`--field=value` overrides, each checked against the field's type."""
+    cfg = ProbeConfig()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for arg in argv:
+        key, eq, value = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or not eq or key not in fields:
+            raise SystemExit(f"bad argument {arg!r}: expected --field=value with field one of {sorted(fields)}")
+        kind = type(getattr(cfg, key))
+        try:
+            parsed = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
+        setattr(cfg, key, parsed)
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
+    for mark in cfg.marks.split(","):
+        if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
+            raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames and samples
+# ---------------------------------------------------------------------------------------------
+
+def sample_frame(rng, n_distractors, background="flat"):
+    """One 112x112 frame: a target and up to n distractors, all names distinct, boxes 3 px apart.
+
+    Returns (uint8 (3, H, W), shapes); shapes[0] is the target (drawn on top).
+    """
+    shapes, one = [], torch.ones(1, dtype=torch.bool)
+    for colour, kind in rng.sample(NAMES, n_distractors + 1):
+        for _ in range(30):  # a distractor that finds no free place is dropped
+            radius = round(rng.uniform(6.0, 13.0), 1)
+            m = radius + 1
+            pos = torch.tensor([[rng.uniform(m, synth.SIZE - m), rng.uniform(m, synth.SIZE - m)]])
+            if synth.clear_of(pos, radius, kind, one, shapes):
+                shapes.append(synth.Shape(kind, radius, pos, [colour], one))
+                break
+    scene = synth.Scene(1 / synth.FPS, shapes, "", (0.0, 0.0), "", False, 0)  # one frame
+    return synth.render(scene, background)[0], shapes
+
+
+@dataclass
+class Sample:
+    task: str           # find | marked
+    frame: torch.Tensor  # uint8 (3, H, W), visual prompt drawn for marked
+    question: str
+    name: str           # the target's name
+    box: list           # the target's normalized xyxy box
+
+
+def make_sample(rng, cfg, task, n_distractors):
+    frame, shapes = sample_frame(rng, n_distractors, cfg.background)
+    target = shapes[0]
+    name, box = target.name(0), target.box(0)
+    if task == "find":
+        return Sample(task, frame, FIND_Q.format(name), name, box)
+    mark = rng.choice(cfg.marks.split(","))
+    frame = prompt.apply_visual_prompt(mark, [frame], [[box]], None)[0]
+    return Sample(task, frame, MARKED_Q, name, box)
+
+
+def distractor_cap(cfg, step):
+    """Curriculum: the most distractors a training frame may have at this step."""
+    if cfg.curriculum_steps <= 0:
+        return cfg.max_distractors
+    return min(cfg.max_distractors, 1 + int(step / cfg.curriculum_steps * cfg.max_distractors))
+
+
+def training_sample(rng, cfg, step):
+    task = rng.choices(("find", "marked"), weights=(cfg.find_weight, cfg.marked_weight))[0]
+    return make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
+
+
+def held_out(cfg):
+    """A fixed set of eval frames per task, from a seed no training frame uses."""
+    rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
+    return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
+            for task in ("find", "marked") for _ in range(cfg.eval_frames)]
+
+
+def prompt_parts(question, style):
+    """The chat prompt as data.render_prompt parts: one frame (index 0), then the question."""
+    if style == "full":
+        return data.render_prompt(question, [0.0], 1 / synth.FPS)
+    # Chat tokens as data.Special parts: every plain str part is tokenized as text.
+    sp = data.Special
+    return [sp(data.IM_START), "user\n", 0, question, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
+
+
+def target_text(sample, frame_size):
+    """The answer in the project's grammar; the box in pixels of the frame the model sees."""
+    obj = f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
+    if sample.task == "marked":
+        return obj
+    x1, y1, x2, y2 = data.norm_box_to_pixels(sample.box, *frame_size)
+    return f"{obj}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
+
+
+def encode(sample, tokenizer, vision, style):
+    """Sample -> (model.Prompt, target ids ending in <|im_end|>)."""
+    model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
+    text = target_text(sample, model_in.frame_size) + data.IM_END
+    return model_in, torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a greedy answer
+# ---------------------------------------------------------------------------------------------
+
+_OBJ = re.compile(r"<obj>(.*?)</obj>")
+_BOX = re.compile(r"<box>\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
+                  r"\s*(-?\d+(?:\.\d+)?)\s*\]</box>")
+
+
+def parse_answer(text):
+    """(object name or None, pixel box [x1, y1, x2, y2] or None) from the first claim in text."""
+    obj, box = _OBJ.search(text), _BOX.search(text)
+    return (obj.group(1).strip() if obj else None), ([float(v) for v in box.groups()] if box else None)
+
+
+def box_iou(a, b):
+    """IoU of two xyxy boxes; 0 for an empty or inverted box."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
+    union = area(a) + area(b) - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+def score(sample, text, frame_size):
+    """One greedy answer -> {'iou': ...} (find) or {'correct': ...} (marked), plus 'parsed'."""
+    name, box = parse_answer(text)
+    if sample.task == "marked":
+        return {"parsed": name is not None, "correct": float(name == sample.name)}
+    gt = [v * s for v, s in zip(sample.box, frame_size * 2)]  # pixels of the seen frame, unrounded
+    return {"parsed": box is not None, "iou": box_iou(box, gt) if box else 0.0,
+            "name_ok": float(name == sample.name)}
+
+
+@torch.no_grad()
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24):
+    """Greedy answers on the held-out samples -> metrics dict."""
+    stop = model.stop_token_ids(vlm, tokenizer)
+    pad = tokenizer.pad_token_id
+    banned = model.vision_token_ids(tokenizer)
+    rows, examples = [], []
+    for s in samples:
+        model_in, _ = encode(s, tokenizer, vision, style)
+        ids, mask, _ = model.generate(vlm, model_in, 1, max_new_tokens, stop, pad, temperature=0.0,
+                                  banned_ids=banned)
+        text = tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
+        rows.append((s.task, score(s, text, model_in.frame_size)))
+        if len(examples) < 4 or (s.task == "marked" and len(examples) < 6):
+            examples.append(text)
+    find = [r for t, r in rows if t == "find"]
+    marked = [r for t, r in rows if t == "marked"]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    return {"box_miou": mean([r["iou"] for r in find]),
+            "box_iou50": mean([float(r["iou"] >= 0.5) for r in find]),
+            "marked_acc": mean([r["correct"] for r in marked]),
+            "find_name_acc": mean([r["name_ok"] for r in find]),
+            "parsed": mean([float(r["parsed"]) for _, r in rows]), "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and training
+# ---------------------------------------------------------------------------------------------
+
+def tokenizer_corpus(seed=0, n=400):
+    """Text like the main job's tokenizer corpus (synth questions and traces) plus this probe's."""
+    rng = random.Random(f"probe-corpus-{seed}")
+    texts = ["".join(p for p in data.render_prompt("", data.sample_times(8.0), 8.0) if isinstance(p, str))] * 50
+    for _ in range(n):
+        story = synth.tell(synth.make_scene(rng, rng.random() < 0.5))
+        texts.append(f"{story.question} {synth.completion(story.think, story.answer)}")
+    names = [f"{c} {k}" for c, k in NAMES]
+    texts += [f"{FIND_Q.format(x)} {MARKED_Q} {data.OBJ_OPEN}{x}{data.OBJ_CLOSE}" for x in names] * 10
+    return texts
+
+
+def build_model(cfg, out_dir):
+    mc = model.TinyModelConfig(value_tokens=cfg.value_tokens, value_init=cfg.value_init, num_layers=cfg.num_layers,
+                               patch_size=cfg.patch_size,
+                               frame_pixels=cfg.frame_pixels, vision_hidden_size=cfg.vision_hidden_size,
+                               vision_depth=cfg.vision_depth)
+    if mc.vision_hidden_size % mc.vision_heads:
+        mc.vision_heads = mc.vision_hidden_size // 32
+    model.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
+    return model.load_policy(out_dir)
+
+
+def make_optimizer(cfg, vlm):
+    """AdamW with the vision tower and merger in their own group (lr * vision_lr_mult)."""
+    vision = list(vlm.model.visual.parameters())
+    ids = {id(p) for p in vision}
+    rest = [p for p in vlm.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
+                             {"params": vision, "lr": cfg.lr * cfg.vision_lr_mult}],
+                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    return opt, sched
+
+
+def value_targets(tokenizer, n, sigma):
+    """(token id -> value, soft targets (n, n)): row u is a Gaussian over values around u."""
+    ids = tokenizer.convert_tokens_to_ids([str(v) for v in range(n)])
+    v = torch.arange(n, dtype=torch.float32)
+    soft = torch.softmax(-(v[:, None] - v[None]) ** 2 / (2 * sigma ** 2), dim=1)  # (n, n)
+    return {i: k for k, i in enumerate(ids)}, torch.tensor(ids), soft
+
+
+def token_losses(vlm, batch, values=None):
+    """Per-sample, per-token losses (list of 1-D tensors): next-token NLL, or with `values`
+    (value_targets' result) cross-entropy to a soft target over nearby values at value tokens."""
+    prompts, targets = [p for p, _ in batch], [t for _, t in batch]
+    if values is None:
+        return [-lp for lp in model.plain_logprobs(vlm, prompts, targets)]
+    value_of, ids, soft = values
+    out = []
+    for h, t in zip(model.plain_hidden(vlm, prompts, targets), targets):
+        logp = torch.log_softmax(vlm.lm_head(h).float(), dim=-1)                # (C, V)
+        nll = -logp.gather(1, t[:, None])[:, 0]                                   # (C,)
+        at = [k for k, tok in enumerate(t.tolist()) if tok in value_of]
+        if at:
+            q = soft[[value_of[t[k].item()] for k in at]]                          # (n_at, n)
+            soft_ce = -(q * logp[at][:, ids]).sum(1)
+            nll = nll.index_put((torch.tensor(at),), soft_ce)
+        out.append(nll)
+    return out
+
+
+def train_step(vlm, opt, sched, batch, grad_clip, values=None):
+    """One optimizer step on a list of (prompt, target ids).
+
+    Returns (mean loss per target token, each sample's mean loss per token)."""
+    losses = token_losses(vlm, batch, values)
+    loss = sum(l.sum() for l in losses) / sum(len(t) for _, t in batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vlm.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item(), [l.mean().item() for l in losses]
+
+
+def write_plot(curve, path):
+    """Held-out metrics against steps and against training seconds, one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, x, label in ((axes[0], "step", "optimizer steps"), (axes[1], "train_s", "training seconds")):
+        xs = [r[x] for r in curve]
+        for key, style in (("box_miou", "-o"), ("box_iou50", "--s"), ("marked_acc", "-^")):
+            ax.plot(xs, [r[key] for r in curve], style, ms=3, label=key)
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.axhline(0.9, color="grey", lw=0.5)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out, greedy")
+    load = sum(r["load"] for r in curve) / len(curve)
+    fig.suptitle(f"{curve[-1]['samples']} samples; mean 1-min load average at evaluations {load:.1f}", fontsize=9)
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
+    """One point of the curve: held-out metrics plus where training stands."""
+    vlm.eval()
+    t0 = time.time()
+    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt)
+    vlm.train()
+    row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
+           "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
+           "eval_s": round(time.time() - t0, 1), "load": round(os.getloadavg()[0], 2),
+           **{k: round(v, 4) for k, v in m.items() if k != "examples"}}
+    return row, m["examples"]
+
+
+def save_curve(cfg, curve, clock, step):
+    """curve.json and curve.png, rewritten at every evaluation so a stopped run keeps its curve."""
+    result = {"config": dataclasses.asdict(cfg), "s_per_step": clock["wall"] / max(step, 1),
+              "cpu_s_per_step": clock["cpu"] / max(step, 1), "curve": curve}
+    with open(os.path.join(cfg.out, "curve.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_plot(curve, os.path.join(cfg.out, "curve.png"))
+    return result
+
+
+def run(cfg, log=print):
+    """Train for the budget, evaluating every cfg.eval_every training seconds. -> the curve."""
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    vlm, tokenizer, vision = build_model(cfg, os.path.join(cfg.out, "model"))
+    vlm.train()
+    log(f"[probe] {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, "
+        f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
+    opt, sched = make_optimizer(cfg, vlm)
+    rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
+    values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
+    curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
+    task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
+    while True:
+        done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
+        due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
+        if due or done:
+            row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
+            curve.append(row)
+            result = save_curve(cfg, curve, clock, step)
+            losses, next_eval = [], clock["wall"] + cfg.eval_every
+            log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
+                f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
+                f"parsed {row['parsed']:.2f} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
+        if done:
+            break
+        t0, c0 = time.time(), time.process_time()
+        samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
+        loss, per_sample = train_step(vlm, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
+                                      cfg.grad_clip, values)
+        clock["wall"] += time.time() - t0
+        clock["cpu"] += time.process_time() - c0
+        losses.append(loss)
+        for s, v in zip(samples, per_sample):
+            task_loss[s.task].append(v)
+        step += 1
+        if step % cfg.log_every == 0:
+            mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
+            log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f}")
+            task_loss = {"find": [], "marked": []}
+    log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
+        f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
+    if cfg.save:
+        vlm.save_pretrained(os.path.join(cfg.out, "model"))
+    return result
+
+
+if __name__ == "__main__":
+    cfg = parse_args(sys.argv[1:])
+    torch.set_num_threads(cfg.threads)
+    run(cfg)

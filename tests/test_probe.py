@@ -1,0 +1,141 @@
+"""The perception probe: its frames, targets and scoring, a two-step run, and value tokens."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import probe
+import synth
+
+
+def test_frame_target_box_covers_the_named_object():
+    rng = random.Random(1)
+    for _ in range(20):
+        frame, shapes = probe.sample_frame(rng, 4)
+        names = [s.name(0) for s in shapes]
+        assert len(set(names)) == len(names)
+        x1, y1, x2, y2 = D.norm_box_to_pixels(shapes[0].box(0), synth.SIZE, synth.SIZE)
+        cx, cy = (x1 + x2) // 2, (y1 + y2 + 1) // 2  # a triangle's centre row is inside it
+        assert tuple(frame[:, cy, cx].tolist()) == synth.COLOURS[shapes[0].colours[0]]
+
+
+def test_marked_sample_draws_a_mark_and_find_does_not():
+    cfg = probe.ProbeConfig(marks="red_circle")
+    find = probe.make_sample(random.Random(5), cfg, "find", 2)
+    marked = probe.make_sample(random.Random(5), cfg, "marked", 2)  # same scene, then the mark
+    assert find.name == marked.name and find.box == marked.box
+    ring = (marked.frame != find.frame).any(0)
+    assert ring.sum() > 20
+    assert (marked.frame[:, ring] == torch.tensor([255, 0, 0])[:, None]).all()
+
+
+@pytest.mark.parametrize("text,iou,name", [
+    ("<obj>red circle</obj><box>[10,20,30,40]</box>", 1.0, "red circle"),
+    ("<obj>red circle</obj><box>[20,20,30,40]</box>", 0.5, "red circle"),
+    ("<obj>blue square</obj><box>[60,60,80,80]</box>", 0.0, "blue square"),
+    ("<obj>red circle</obj><box>[10,20,30]</box>", 0.0, "red circle"),   # three numbers: no box
+    ("<box>[30,40,10,20]</box>", 0.0, None),                              # inverted box
+    (",,,,,", 0.0, None),
+])
+def test_score_find(text, iou, name):
+    sample = probe.Sample("find", None, "", "red circle", [0.1, 0.2, 0.3, 0.4])
+    r = probe.score(sample, text, (100, 100))
+    assert r["iou"] == pytest.approx(iou)
+    assert r["name_ok"] == float(name == "red circle")
+
+
+def test_target_text_parses_back_to_the_box():
+    rng, cfg = random.Random(2), probe.ProbeConfig()
+    for task in ("find", "marked"):
+        s = probe.make_sample(rng, cfg, task, 3)
+        r = probe.score(s, probe.target_text(s, (224, 224)), (224, 224))
+        assert r["parsed"]
+        assert (r["iou"] > 0.9) if task == "find" else r["correct"] == 1.0
+
+
+def test_value_tokens_round_trip():
+    tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
+    for v in range(113):
+        assert tok.encode(str(v), add_special_tokens=False) == [tok.convert_tokens_to_ids(str(v))]
+    for text in ("<obj>red circle</obj><box>[0,7,112,58]</box>", "at<t>12.5</t>s", "[1000, 250]",
+                 "Frame 12 at 0.5s: B"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    box = tok.encode("<box>[12,30,105,58]</box>", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(box) == ["<box>", "[", "12", ",", "30", ",", "105", ",", "58", "]", "</box>"]
+    assert len(tok.encode("1000", add_special_tokens=False)) == 2   # past the range: longest match first
+    plain = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400)
+    assert len(plain.encode("[12,30,105,58]", add_special_tokens=False)) == 14  # one token per digit
+
+
+def test_two_steps_give_finite_loss_and_a_curve(tmp_path):
+    cfg = probe.ProbeConfig(out=str(tmp_path), max_steps=2, batch_size=4, eval_frames=2, eval_every=1e9,
+                            value_tokens=113, patch_size=7)
+    result = probe.run(cfg, log=lambda *a: None)
+    first, last = result["curve"]
+    assert (first["step"], last["step"], last["samples"]) == (0, 2, 8)
+    assert torch.isfinite(torch.tensor(last["loss"])) and last["loss"] > 0
+    for key in ("box_miou", "box_iou50", "marked_acc", "parsed"):
+        assert 0.0 <= last[key] <= 1.0
+    saved = json.load(open(tmp_path / "curve.json"))
+    assert saved["curve"] == result["curve"]
+    assert os.path.getsize(tmp_path / "curve.png") > 1000
+    vision = M.VisionProcessor.load(str(tmp_path / "model"))
+    assert vision.patch_size == 7
+
+
+def test_bad_argument_names_the_field():
+    with pytest.raises(SystemExit, match="patch_size"):
+        probe.parse_args(["--patch_size=big"])
+    with pytest.raises(SystemExit, match="marks"):
+        probe.parse_args(["--marks=frame_numbers"])
+
+
+def test_ordinal_value_init_puts_neighbouring_values_closer(tmp_path):
+    texts = probe.tokenizer_corpus(n=20)
+    cfg = M.TinyModelConfig(vocab_size=400, value_tokens=113, value_init="ordinal")
+    M.build_tiny_model(str(tmp_path / "ordinal"), texts, cfg)
+    model, tok, _ = M.load_policy(str(tmp_path / "ordinal"))  # the init survives saving, tied head too
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
+    emb = model.get_input_embeddings().weight.detach()
+    rows = emb[tok.convert_tokens_to_ids([str(v) for v in range(113)])]
+    dist = torch.cdist(rows, rows)                                          # (113, 113)
+    for v in range(1, 112):
+        far = torch.cat([dist[v, :max(v - 6, 0)], dist[v, v + 7:]])
+        assert dist[v, v - 1] < far.min() and dist[v, v + 1] < far.min()
+    assert dist[0, 112] > dist[0, 1]                                        # the ends are not neighbours
+    others = emb[[i for i in range(len(emb)) if i not in set(tok.convert_tokens_to_ids([str(v) for v in range(113)]))]]
+    assert rows.norm(dim=1).mean() == pytest.approx(others.norm(dim=1).mean().item(), rel=0.1)
+    cfg.value_init = "random"
+    M.build_tiny_model(str(tmp_path / "random"), texts, cfg)
+    model, tok, _ = M.load_policy(str(tmp_path / "random"))
+    rows = model.get_input_embeddings().weight.detach()[tok.convert_tokens_to_ids([str(v) for v in range(113)])]
+    dist = torch.cdist(rows, rows)
+    near, far = dist[torch.arange(112), torch.arange(1, 113)].mean(), dist[torch.arange(83), torch.arange(30, 113)].mean()
+    assert near > 0.9 * far                                                 # random rows: no order
+
+
+def test_soft_value_targets_peak_at_the_value_and_spread_to_neighbours():
+    tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
+    value_of, ids, soft = probe.value_targets(tok, 113, 2.0)
+    assert value_of[tok.convert_tokens_to_ids("40")] == 40 and ids[40] == tok.convert_tokens_to_ids("40")
+    assert torch.allclose(soft.sum(1), torch.ones(113))
+    assert soft[40].argmax() == 40 and soft[40, 39] == soft[40, 41] > soft[40, 44] > soft[40, 60]
+
+
+def test_gradient_background_says_where_and_leaves_objects_alone():
+    flat, shapes = probe.sample_frame(random.Random(3), 3)
+    grad, _ = probe.sample_frame(random.Random(3), 3, "gradient")
+    grey = (flat == synth.BACKGROUND).all(0)                                # (H, W) background pixels
+    assert torch.equal(flat[:, ~grey], grad[:, ~grey]) and grey.float().mean() > 0.5
+    bg = synth.gradient_background()
+    assert torch.equal(grad[:, grey], bg[:, grey])
+    assert (bg[0, :, 1:] >= bg[0, :, :-1]).all() and bg[0, 0, -1] - bg[0, 0, 0] > 50   # red grows with x
+    assert (bg[2, 1:] >= bg[2, :-1]).all() and bg[2, -1, 0] - bg[2, 0, 0] > 50         # blue with y
+    assert (bg[0] == bg[0, :1]).all() and (bg[1] == synth.BACKGROUND).all()
+    with pytest.raises(ValueError, match="background"):
+        synth.render(synth.Scene(0.25, shapes, "", (0.0, 0.0), "", False, 0), "stripes")
