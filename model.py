@@ -15,7 +15,10 @@ h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few l
 frames into patches are written here with einops (tests check them against the PIL image
 processor on still images).
 
-Test: python -m pytest tests/test_model.py
+Many prompts at once (generate_groups, groups_logprobs, the last section): each prompt prefilled
+once, all groups' rows decoded or scored together; batch size 1 is the one-prompt path above.
+
+Test: python -m pytest tests/test_model.py tests/test_batch.py
 """
 import json
 import os
