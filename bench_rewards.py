@@ -7,8 +7,13 @@ claim only, and the perfect think with an empty or a '.' answer; scores each wit
 RewardConfig() (ours) and RewardConfig.released(), and prints the mean of every reward component
 (over the records it applies to; n in the last column) at training progress 0.9 (sigma = 1 s).
 
+With --predictions=<eval.py's stgr_predictions.jsonl>, scores a checkpoint's own completions
+instead: every STGR record of --data that has a prediction, under both rule sets (boxes in pixels
+of the frame the model saw: the row's frame_size, else the record's meta size).
+
 Run: python synth.py --out /tmp/synth --n-train 0 --n-val 0 --n-test 200   (once)
      python bench_rewards.py --data=/tmp/synth/test.json
+     python bench_rewards.py --data=/tmp/synth/test.json --predictions=runs/x/eval/stgr_predictions.jsonl
 """
 import json
 import random
@@ -73,6 +78,38 @@ def main(path):
             print(f"| {name} | {rname} | " + " | ".join(cells) + f" | {sums.get((name, rname, 'spatial'), (0, 0))[1]} |")
 
 
+def score_predictions(data_path, pred_path):
+    """A checkpoint's completions (eval.py's STGR predictions) under both rule sets, per task and over
+    all records: the mean of every reward component where it applies, at progress 1.0 (as eval.py)."""
+    records = {r["id"]: r for r in json.load(open(data_path))}
+    rules = {"ours": rewards.RewardConfig(), "released": rewards.RewardConfig.released()}
+    sums = {}  # (task, rules, column) -> [sum, n]
+    with open(pred_path) as f:
+        preds = [json.loads(line) for line in f if line.strip()]
+    for row in preds:
+        rec = records[row["id"]]
+        w, h = row.get("frame_size") or (rec["meta"]["width"], rec["meta"]["height"])
+        ctx = rewards.RewardContext(w, h, progress=1.0)
+        for rname, cfg in rules.items():
+            scores = rewards.score_completion(row["completion"], rec, ctx, cfg)
+            for task in (rec["task"], "all"):
+                for col in COLUMNS:
+                    if col in scores:
+                        acc = sums.setdefault((task, rname, col), [0.0, 0])
+                        acc[0] += scores[col]
+                        acc[1] += 1
+    print(f"{len(preds)} completions of {pred_path} on {data_path}\n")
+    print("| task | rules | " + " | ".join(COLUMNS) + " | n |")
+    print("|---|---|" + "---|" * (len(COLUMNS) + 1))
+    for task in sorted({t for t, _, _ in sums}, key=lambda t: (t == "all", t)):
+        for rname in rules:
+            cells = [f"{s / n:.3f}" if n else "-" for s, n in (sums.get((task, rname, c), (0, 0)) for c in COLUMNS)]
+            print(f"| {task} | {rname} | " + " | ".join(cells) + f" | {sums.get((task, rname, 'total'), (0, 0))[1]} |")
+
+
 if __name__ == "__main__":
     args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
-    main(args.get("data", "data/synth/test.json"))
+    if "predictions" in args:
+        score_predictions(args.get("data", "data/synth/test.json"), args["predictions"])
+    else:
+        main(args.get("data", "data/synth/test.json"))

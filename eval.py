@@ -180,8 +180,8 @@ def evaluate(cfg, bundle, rt=None):
         ctxs = [rewards.RewardContext(frame_width=w, frame_height=h, progress=1.0) for _, _, (w, h) in rows]
         per = [metrics.score_stgr_sample(items[i], t, c) for (i, t, _), c in zip(rows, ctxs)]
         summary = metrics.stgr_summary(per)
-        preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), **p}
-                 for (i, t, _), p in zip(rows, per)]
+        preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t),
+                  "frame_size": list(size), **p} for (i, t, size), p in zip(rows, per)]
     if rt.main:
         write_results(cfg.eval_out or os.path.join(cfg.model, "eval"), benchmark, preds, summary, cfg.model)
     return summary

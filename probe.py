@@ -69,6 +69,10 @@ class ProbeConfig:
     frame_pixels: int = 112 * 112
     vision_hidden_size: int = 96
     vision_depth: int = 2
+    # dense vision pretraining (a stand-in for a pretrained vision encoder)
+    aux_steps: int = 0            # > 0: first train the vision tower + merger alone this many steps on dense cell targets
+    aux_lr: float = 3e-3          # learning rate of those steps
+    aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
@@ -76,6 +80,7 @@ class ProbeConfig:
     log_every: int = 25           # steps between training-loss lines (per task)
     save: bool = False            # save the trained model to {out}/model (safetensors)
     threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
+    device: str = "cpu"           # cpu | cuda | cuda:1 ...: where the model trains (frames are drawn on the CPU)
 
 
 CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random")}
@@ -136,17 +141,19 @@ class Sample:
     question: str
     name: str           # the target's name
     box: list           # the target's normalized xyxy box
+    objects: list = None  # every object in the frame as (name, normalized box), the target first
 
 
 def make_sample(rng, cfg, task, n_distractors):
     frame, shapes = sample_frame(rng, n_distractors, cfg.background)
     target = shapes[0]
     name, box = target.name(0), target.box(0)
+    objects = [(s.name(0), s.box(0)) for s in shapes]
     if task == "find":
-        return Sample(task, frame, FIND_Q.format(name), name, box)
+        return Sample(task, frame, FIND_Q.format(name), name, box, objects)
     mark = rng.choice(cfg.marks.split(","))
     frame = prompt.apply_visual_prompt(mark, [frame], [[box]], None)[0]
-    return Sample(task, frame, MARKED_Q, name, box)
+    return Sample(task, frame, MARKED_Q, name, box, objects)
 
 
 def distractor_cap(cfg, step):
@@ -186,11 +193,11 @@ def target_text(sample, frame_size):
     return f"{obj}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
 
 
-def encode(sample, tokenizer, vision, style):
-    """Sample -> (model.Prompt, target ids ending in <|im_end|>)."""
+def encode(sample, tokenizer, vision, style, device="cpu"):
+    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device."""
     model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
     text = target_text(sample, model_in.frame_size) + data.IM_END
-    return model_in, torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+    return model_in.to(device), torch.tensor(tokenizer.encode(text, add_special_tokens=False), device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,14 +235,14 @@ def score(sample, text, frame_size):
 
 
 @torch.no_grad()
-def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24):
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24, device="cpu"):
     """Greedy answers on the held-out samples -> metrics dict."""
     stop = model.stop_token_ids(vlm, tokenizer)
     pad = tokenizer.pad_token_id
     banned = model.vision_token_ids(tokenizer)
     rows, examples = [], []
     for s in samples:
-        model_in, _ = encode(s, tokenizer, vision, style)
+        model_in, _ = encode(s, tokenizer, vision, style, device)
         ids, mask, _ = model.generate(vlm, model_in, 1, max_new_tokens, stop, pad, temperature=0.0,
                                   banned_ids=banned)
         text = tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
@@ -250,6 +257,58 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24):
             "marked_acc": mean([r["correct"] for r in marked]),
             "find_name_acc": mean([r["name_ok"] for r in find]),
             "parsed": mean([float(r["parsed"]) for _, r in rows]), "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense vision targets: what a pretrained vision encoder would already know about each image token
+# ---------------------------------------------------------------------------------------------
+
+NAME_INDEX = {f"{c} {k}": i for i, (c, k) in enumerate(NAMES)}
+AUX_OUT = len(NAMES) + 1 + 4 + 1  # per cell: object class (or none), its box, marked or not
+
+
+def dense_targets(sample, gh, gw):
+    """Targets for the gh x gw merged image tokens (row-major, the order the merger emits them).
+
+    A cell owns the object whose box centre lies in it (the target wins a shared cell).
+    Returns (class (gh*gw,) long, len(NAMES) for none; normalized box (gh*gw, 4); marked (gh*gw,))."""
+    cls = torch.full((gh * gw,), len(NAMES), dtype=torch.long)
+    box, marked = torch.zeros(gh * gw, 4), torch.zeros(gh * gw)
+    for k in reversed(range(len(sample.objects))):
+        name, b = sample.objects[k]
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        cell = min(int(cy * gh), gh - 1) * gw + min(int(cx * gw), gw - 1)
+        cls[cell], box[cell] = NAME_INDEX[name], torch.tensor(b)
+        marked[cell] = float(k == 0 and sample.task == "marked")
+    return cls, box, marked
+
+
+def dense_loss(vlm, head, prompts, samples):
+    """The vision tower + merger alone, a linear head per merged token: class cross-entropy on every
+    cell, box L1 (x10) on cells that own an object, marked-or-not on marked frames' owning cells.
+    -> (loss, {'cls_acc': on owning cells, 'box_l1': mean normalized L1})"""
+    visual = vlm.model.visual
+    grid = torch.cat([p.image_grid_thw for p in prompts])
+    feats = visual(torch.cat([p.pixel_values for p in prompts]), grid_thw=grid).pooler_output  # (cells, D)
+    out = head(feats)                                                                     # (cells, AUX_OUT)
+    m = visual.spatial_merge_size
+    targets = [dense_targets(s, int(g[1]) // m, int(g[2]) // m) for s, g in zip(samples, grid)]
+    cls, box, marked = (torch.cat(t).to(out.device) for t in zip(*targets))
+    own = cls < len(NAMES)
+    n = len(NAMES) + 1
+    loss_cls = torch.nn.functional.cross_entropy(out[:, :n], cls)
+    loss_box = (out[own, n:n + 4] - box[own]).abs().mean() * 10
+    on_marked = own & torch.tensor([s.task == "marked" for s, t in zip(samples, targets) for _ in t[0]],
+                                   device=out.device)
+    loss_marked = (torch.nn.functional.binary_cross_entropy_with_logits(out[on_marked, -1], marked[on_marked])
+                   if on_marked.any() else out.sum() * 0)
+    guess, truth = out[own, :n].argmax(1), cls[own]
+    kinds = len(synth.KINDS)  # NAMES is colour-major: index = colour * kinds + kind
+    stats = {"cls_acc": (guess == truth).float().mean().item(),
+             "colour_acc": (guess // kinds == truth // kinds).float().mean().item(),
+             "kind_acc": (guess % kinds == truth % kinds).float().mean().item(),
+             "box_l1": (out[own, n:n + 4] - box[own]).abs().mean().item()}
+    return loss_cls + loss_box + loss_marked, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +335,12 @@ def build_model(cfg, out_dir):
     if mc.vision_hidden_size % mc.vision_heads:
         mc.vision_heads = mc.vision_hidden_size // 32
     model.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
-    return model.load_policy(out_dir)
+    return model.load_policy(out_dir, cfg.device)
 
 
-def make_optimizer(cfg, vlm):
-    """AdamW with the vision tower and merger in their own group (lr * vision_lr_mult)."""
-    vision = list(vlm.model.visual.parameters())
+def make_optimizer(cfg, vlm, head=None):
+    """AdamW with the vision tower and merger (and the dense head) in their own group (lr * vision_lr_mult)."""
+    vision = list(vlm.model.visual.parameters()) + (list(head.parameters()) if head is not None else [])
     ids = {id(p) for p in vision}
     rest = [p for p in vlm.parameters() if id(p) not in ids]
     opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
@@ -319,12 +378,16 @@ def token_losses(vlm, batch, values=None):
     return out
 
 
-def train_step(vlm, opt, sched, batch, grad_clip, values=None):
-    """One optimizer step on a list of (prompt, target ids).
+def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None):
+    """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
+    dense vision loss.
 
     Returns (mean loss per target token, each sample's mean loss per token)."""
     losses = token_losses(vlm, batch, values)
     loss = sum(l.sum() for l in losses) / sum(len(t) for _, t in batch)
+    if dense is not None:
+        head, samples, weight = dense
+        loss = loss + weight * dense_loss(vlm, head, [p for p, _ in batch], samples)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vlm.parameters(), grad_clip)
@@ -360,7 +423,7 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     """One point of the curve: held-out metrics plus where training stands."""
     vlm.eval()
     t0 = time.time()
-    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt)
+    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
@@ -379,6 +442,31 @@ def save_curve(cfg, curve, clock, step):
     return result
 
 
+def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
+    """cfg.aux_steps steps of the dense loss on the vision tower + merger + head alone (the text
+    model does not run: a step costs a small share of a full one)."""
+    params = list(vlm.model.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.aux_lr, betas=(0.9, 0.95))
+    stats = []
+    for step in range(1, cfg.aux_steps + 1):
+        t0, c0 = time.time(), time.process_time()
+        samples = [training_sample(rng, cfg, 0) for _ in range(cfg.batch_size)]
+        prompts = [encode(s, tokenizer, vision, cfg.prompt, cfg.device)[0] for s in samples]
+        loss, st = dense_loss(vlm, head, prompts, samples)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        clock["wall"] += time.time() - t0
+        clock["cpu"] += time.process_time() - c0
+        stats.append((loss.item(), st["cls_acc"], st["colour_acc"], st["kind_acc"], st["box_l1"]))
+        if step % cfg.log_every == 0 or step == cfg.aux_steps:
+            mean = [sum(x) / len(stats) for x in zip(*stats)]
+            log(f"[probe] dense step {step:5d} {clock['wall']:6.0f}s loss {mean[0]:.3f} cell class acc "
+                f"{mean[1]:.2f} (colour {mean[2]:.2f}, kind {mean[3]:.2f}) box L1 {mean[4]:.3f}")
+            stats = []
+
+
 def run(cfg, log=print):
     """Train for the budget, evaluating every cfg.eval_every training seconds. -> the curve."""
     os.makedirs(cfg.out, exist_ok=True)
@@ -387,10 +475,16 @@ def run(cfg, log=print):
     vlm.train()
     log(f"[probe] {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, "
         f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
-    opt, sched = make_optimizer(cfg, vlm)
+    head = None
+    if cfg.aux_steps > 0 or cfg.aux_weight > 0:
+        head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, AUX_OUT).to(cfg.device)
+    opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
+    if cfg.aux_steps > 0:
+        pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
+        next_eval = clock["wall"]
     task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
     while True:
         done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
@@ -407,8 +501,9 @@ def run(cfg, log=print):
             break
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
-        loss, per_sample = train_step(vlm, opt, sched, [encode(s, tokenizer, vision, cfg.prompt) for s in samples],
-                                      cfg.grad_clip, values)
+        dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
+        loss, per_sample = train_step(vlm, opt, sched, [encode(s, tokenizer, vision, cfg.prompt, cfg.device) for s in samples],
+                                      cfg.grad_clip, values, dense)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         losses.append(loss)

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchcodec.encoders import VideoEncoder
 
 import config
 from data import (ANSWER_CLOSE, ANSWER_OPEN, BOX_CLOSE, BOX_OPEN, OBJ_CLOSE, OBJ_OPEN, T_CLOSE,
@@ -315,6 +314,8 @@ def render(scene, background="flat"):
 
 
 def encode(frames, path):
+    # imported here so that rendering in memory (probe.py, the perception stage) needs no codec
+    from torchcodec.encoders import VideoEncoder
     VideoEncoder(frames, frame_rate=FPS).to_file(str(path), **ENCODE)
 
 

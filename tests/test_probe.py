@@ -139,3 +139,37 @@ def test_gradient_background_says_where_and_leaves_objects_alone():
     assert (bg[0] == bg[0, :1]).all() and (bg[1] == synth.BACKGROUND).all()
     with pytest.raises(ValueError, match="background"):
         synth.render(synth.Scene(0.25, shapes, "", (0.0, 0.0), "", False, 0), "stripes")
+
+
+def test_dense_targets_table():
+    # 4 x 4 cells of 0.25; centres: red circle (0.2, 0.2) -> cell 0, blue square (0.75, 0.25) -> row 1
+    # col 3 = cell 7, green triangle (0.15, 0.1) -> cell 0 too, where the target wins.
+    objects = [("red circle", [0.1, 0.1, 0.3, 0.3]), ("blue square", [0.6, 0.1, 0.9, 0.4]),
+               ("green triangle", [0.05, 0.0, 0.25, 0.2])]
+    sample = probe.Sample("marked", None, "", "red circle", objects[0][1], objects)
+    cls, box, marked = probe.dense_targets(sample, 4, 4)
+    none = len(probe.NAMES)
+    expected = [none] * 16
+    expected[0], expected[7] = probe.NAME_INDEX["red circle"], probe.NAME_INDEX["blue square"]
+    assert cls.tolist() == expected
+    assert box[0].tolist() == pytest.approx([0.1, 0.1, 0.3, 0.3]) and box[7].tolist() == pytest.approx([0.6, 0.1, 0.9, 0.4])
+    assert box[1:7].abs().sum() == 0
+    assert marked.tolist() == [1.0] + [0.0] * 15
+    find = probe.Sample("find", None, "", "red circle", objects[0][1], objects)
+    assert probe.dense_targets(find, 4, 4)[2].sum() == 0           # nothing is marked on a find frame
+    assert probe.dense_targets(find, 2, 2)[0].tolist() == [probe.NAME_INDEX["red circle"],
+                                                           probe.NAME_INDEX["blue square"], none, none]
+
+
+def test_dense_pretraining_moves_only_the_vision_tower(tmp_path):
+    cfg = probe.ProbeConfig(out=str(tmp_path), aux_steps=3, max_steps=0, batch_size=4, eval_frames=1, log_every=1)
+    torch.manual_seed(cfg.seed)
+    vlm, tok, vision = probe.build_model(cfg, str(tmp_path / "m"))
+    before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, probe.AUX_OUT)
+    lines = []
+    probe.pretrain_vision(cfg, vlm, head, tok, vision, random.Random(0), {"wall": 0.0, "cpu": 0.0}, lines.append)
+    changed = {n for n, p in vlm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.visual.") for n in changed)
+    assert any("merger" in n for n in changed) and any("patch_embed" in n for n in changed)
+    assert len(lines) == 3 and "cell class acc" in lines[-1]

@@ -18,6 +18,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_rewards  # noqa: E402
 import rewards as R  # noqa: E402
 
 OURS, REL = R.RewardConfig(), R.RewardConfig.released()
@@ -790,3 +791,21 @@ def test_config_rejects_unknown_modes():
                 {"tau_tolerance": -1e-6}, {"sigma_final": 0.0}):
         with pytest.raises(ValueError):
             R.RewardConfig(**bad)
+
+
+def test_bench_rewards_scores_a_checkpoints_predictions_in_the_frame_it_saw(tmp_path, capsys):
+    rec = {**ST, "meta": {"width": 200, "height": 200}}  # the model saw 100x100: frame_size must win
+    (tmp_path / "test.json").write_text(json.dumps([rec]))
+    good = R.ground_truth_completion(ST, LATE)
+    rows = [{"id": "st", "completion": good, "frame_size": [100, 100]},
+            {"id": "st", "completion": good.replace("the man walks to the red car", ""), "frame_size": [100, 100]}]
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench_rewards.score_predictions(str(tmp_path / "test.json"), str(tmp_path / "pred.jsonl"))
+    table = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| all")}
+    for name, cfg in (("ours", OURS), ("released", REL)):
+        want = [R.score_completion(r["completion"], ST, LATE, cfg) for r in rows]
+        got = dict(zip(bench_rewards.COLUMNS, (float(v) for v in table[("all", name)][:5])))
+        assert got["total"] == pytest.approx(sum(w["total"] for w in want) / 2, abs=1e-3)
+        assert got["spatial"] == pytest.approx(sum(w["spatial"] for w in want) / 2, abs=1e-3)
+    assert float(table[("all", "ours")][3]) > 0.4  # perfect boxes at 100x100 pay; at 200x200 they would not
