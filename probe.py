@@ -304,9 +304,10 @@ def dense_loss(vlm, head, prompts, samples):
                    if on_marked.any() else out.sum() * 0)
     guess, truth = out[own, :n].argmax(1), cls[own]
     kinds = len(synth.KINDS)  # NAMES is colour-major: index = colour * kinds + kind
-    stats = {"cls_acc": (guess == truth).float().mean().item(),
-             "colour_acc": (guess // kinds == truth // kinds).float().mean().item(),
-             "kind_acc": (guess % kinds == truth % kinds).float().mean().item(),
+    colour_ok = guess // kinds == truth // kinds  # a 'none' guess has no colour: wrong
+    stats = {"cls_acc": (guess == truth).float().mean().item(), "colour_acc": colour_ok.float().mean().item(),
+             # the kind where the colour is right (a 'none' guess would read as a kind by index)
+             "kind_acc": (guess[colour_ok] == truth[colour_ok]).float().mean().nan_to_num(0).item(),
              "box_l1": (out[own, n:n + 4] - box[own]).abs().mean().item()}
     return loss_cls + loss_box + loss_marked, stats
 
@@ -463,7 +464,7 @@ def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
         if step % cfg.log_every == 0 or step == cfg.aux_steps:
             mean = [sum(x) / len(stats) for x in zip(*stats)]
             log(f"[probe] dense step {step:5d} {clock['wall']:6.0f}s loss {mean[0]:.3f} cell class acc "
-                f"{mean[1]:.2f} (colour {mean[2]:.2f}, kind {mean[3]:.2f}) box L1 {mean[4]:.3f}")
+                f"{mean[1]:.2f} (colour {mean[2]:.2f}, kind where the colour is right {mean[3]:.2f}) box L1 {mean[4]:.3f}")
             stats = []
 
 
