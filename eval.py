@@ -150,6 +150,7 @@ def evaluate(cfg, bundle, rt=None):
     """Run one checkpoint over cfg.eval_data; rank 0 writes predictions.jsonl, summary.json, summary.md.
     rt: the processes sharing the work (config.setup_runtime); one plain CPU process by default."""
     rt = rt or one_process()
+    out = results_dir(cfg)
     benchmark = detect_benchmark(cfg.eval_data) if cfg.benchmark == "auto" else cfg.benchmark
     root = cfg.data_root or os.path.dirname(os.path.abspath(cfg.eval_data))
     limit = cfg.eval_samples or None
@@ -184,7 +185,7 @@ def evaluate(cfg, bundle, rt=None):
         preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), **p}
                  for (i, t, _), p in zip(rows, per)]
     if rt.main:
-        write_results(results_dir(cfg), benchmark, preds, summary, cfg.model)
+        write_results(out, benchmark, preds, summary, cfg.model)
     return summary
 
 

@@ -6,8 +6,9 @@
     torchrun --nproc_per_node=8 train.py --stage=rl --model=/ckpt/sft --train_json=/stgr/train.json --data_root=/stgr
     accelerate launch --config_file configs/fsdp.yaml train.py --stage=rl ...   # FSDP / ZeRO-3 for 7B
 
-Owns every loop, top to bottom: checkpoints (atomic, with optimizer, schedule and RNG state; exact
-resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
+Owns every loop, top to bottom: checkpoints (a step checkpoint committed by one rename, so a kill at
+any instant leaves the newest complete one; the model folder apart from the optimizer, schedule and
+RNG state; exact resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
 and prediction loops, the RL step (`rl_rollouts` reads as the paper's Algorithm 1, `rl_update` is
 the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
 (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),

@@ -1,6 +1,7 @@
 """train.py and config.py: overrides and choices checked at parse time, --help, SFT lowers the loss,
-the checkpoint layout, a save that survives a kill at any instant, exact resume, torchrun."""
+the checkpoint layout, a save that survives a kill at any instant, exact resume, trackers, torchrun."""
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from accelerate.tracking import GeneralTracker
 
 import config
 import data
@@ -299,3 +301,57 @@ def test_two_process_torchrun_sft(tiny_data, tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     state = train.load_trainer_state(newest(tmp_path))
     assert state["done"] and state["step"] == 2
+
+
+class ListTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is given (stands in for tensorboard / wandb)."""
+    name, requires_logging_directory = "list", False
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.config, self.finished = [], None, False
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.config = values
+
+    def log(self, values, step=None, **kwargs):
+        self.rows.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_report_to_sends_each_step_to_the_trackers(tiny_data, tiny_model_dir, tmp_path):
+    cfg = short_cfg(tiny_data, tmp_path, report_to="wandb")   # built directly: the package check is parse_args'
+    rt = train.setup_runtime(cfg)
+    tracker = ListTracker()
+    rt.accelerator.log_with = [tracker]                          # accelerate takes tracker objects there
+    train.stage_sft(cfg, rt, tiny_model_dir)
+    rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [step for step, _ in tracker.rows] == [1, 2, 3]
+    assert [v["sft/loss"] for _, v in tracker.rows] == [r["loss"] for r in rows]
+    assert tracker.config["lr"] == cfg.lr and tracker.finished and rt.accelerator.trackers == []
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_report_to_a_missing_package_says_what_to_install(package):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(SystemExit, match=f"pip install {package}"):
+        train.parse_args([f"--report_to={package}"])
+    assert train.parse_args(["--report_to=none"]).report_to == "none"
+
+
+def test_tensorboard_gets_the_metrics(tiny_data, tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = train.parse_args(["--stage=sft", f"--out_dir={tmp_path}", f"--data_dir={tiny_data}", "--batch_size=2",
+                            "--max_frames=4", "--sft_epochs=0.34", "--report_to=tensorboard"])
+    train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    runs = EventAccumulator(str(tmp_path / "trackers"))
+    runs.Reload()
+    assert [e.step for e in runs.Scalars("sft/loss")] == [1, 2]
