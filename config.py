@@ -108,7 +108,7 @@ class Config:
     # ---- evaluation (eval.py, and the main job's last stage) ----
     eval_data: str = ""           # eval.py: STGR, V-STAR, VideoMME- or Charades-STA-style JSON (eval.py --data)
     benchmark: str = "auto"       # eval.py: auto | stgr | vstar | mcq | tg, what eval_data holds (eval.py --kind)
-    eval_out: str = ""            # eval.py: output folder; empty -> {out_dir}/eval, never the checkpoint (eval.py --out)
+    eval_out: str = ""            # eval.py: output folder; empty -> {out_dir}/eval, not the checkpoint (eval.py --out)
     eval_samples: int = 100       # evaluate the first N samples of each file (0: all; eval.py --limit, default 0)
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)

@@ -2,10 +2,11 @@
 
 Owns: building the embedded tiny model (real Qwen2.5-VL classes from a config, a byte-level BPE
 tokenizer trained locally with Qwen's special tokens), loading any Qwen2.5-VL checkpoint directory
-with from_pretrained, writing a model folder that transformers 5 and 4.x both read, turning frames into `pixel_values` / `image_grid_thw`, building what the
-model reads from a decoded video and a question (`model_input`, the one place), sampling G
-completions per prompt from one shared prefill, and per-token log-probs of completions
-(shared-prefix fast path and the plain repeated path). Every visual-tensor detail (pixel values,
+with from_pretrained, writing a model folder that transformers 5 and 4.x both read, turning
+frames into `pixel_values` / `image_grid_thw`, building what the model reads from a decoded video
+and a question (`model_input`, the one place), sampling G completions per prompt from one shared
+prefill, and per-token log-probs of completions (shared-prefix fast path and the plain repeated
+path). Every visual-tensor detail (pixel values,
 grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
 Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
 

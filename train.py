@@ -8,9 +8,9 @@
 
 Owns every loop, top to bottom: checkpoints (a step checkpoint committed by one rename, so a kill at
 any instant leaves the newest complete one; the model folder apart from the optimizer, schedule and
-RNG state; exact resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
-and prediction loops, the RL step (`rl_rollouts` reads as the paper's Algorithm 1, `rl_update` is
-the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
+RNG state; exact resume) and the skeleton both training stages share, the SFT loop, the
+VP-Selector's label-making and prediction loops, the RL step (`rl_rollouts` reads as the paper's
+Algorithm 1, `rl_update` is the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
 (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
 selector.py (scores, labels, head), model.py (what the model reads, generation, log-probs); the
 config in config.py (re-exported here as train.Config). Rank 0 alone prints, logs and saves; each
@@ -169,11 +169,15 @@ def load_trainer_state(ckpt):
     """A checkpoint's trainer state, read with weights_only=True: tensors, numbers, strings and
     containers only, so a planted file cannot run code."""
     f = os.path.join(ckpt, TRAINER_STATE)
+    if not os.path.isfile(f):
+        raise SystemExit(f"{f}: missing, so {ckpt} is not a checkpoint train.py wrote; move it out of the way")
     try:
         return torch.load(f, weights_only=True)
     except pickle.UnpicklingError as e:
         raise SystemExit(f"{f}: refused, it is not a trainer state train.py writes (it holds objects that "
                          f"would run code when loaded: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise SystemExit(f"{f}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def warmup_cosine(step, total, warmup):
@@ -283,12 +287,12 @@ def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
     if cfg.report_to != "none":
         rt.accelerator.log({f"{run.name}/{k}": v for k, v in metrics.items() if is_number(v)}, step=step)
     if step % cfg.save_every == 0 or step == total:
-        save(cfg, rt, run, {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                            "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
-                            "config": dataclasses.asdict(cfg), **(extra_state or {})})
+        save_run(cfg, rt, run, {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                                "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
+                                "config": dataclasses.asdict(cfg), **(extra_state or {})})
 
 
-def save(cfg, rt, run, state):
+def save_run(cfg, rt, run, state):
     """The one place a training checkpoint is saved: every rank calls it, rank 0 writes."""
     if rt.main:
         save_checkpoint(stage_dir(cfg, run.name), state["step"], unwrap(rt, run.policy).model, run.tokenizer,
@@ -297,10 +301,10 @@ def save(cfg, rt, run, state):
 
 
 def start_trackers(cfg, rt, name):
-    """--report_to: one tracker run per stage (accelerate's trackers; tensorboard writes under
-    {out_dir}/trackers), with the config; metric keys are prefixed by the stage."""
+    """--report_to: one tracker run per stage (accelerate's trackers: wandb project visioncoach,
+    tensorboard files under {out_dir}/visioncoach), with the config; metric keys carry the stage."""
     if cfg.report_to != "none":
-        rt.accelerator.init_trackers("trackers", config=dataclasses.asdict(cfg),
+        rt.accelerator.init_trackers("visioncoach", config=dataclasses.asdict(cfg),
                                      init_kwargs={"wandb": {"name": f"{os.path.basename(cfg.out_dir)}/{name}"}})
 
 

@@ -28,8 +28,8 @@ def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
 
 def test_eval_writes_into_the_run_never_into_the_checkpoint(tiny_data, tiny_model_dir, tiny_policy, tmp_path):
     before = sorted(os.listdir(tiny_model_dir))
-    cfg = train.Config(model=tiny_model_dir, out_dir=str(tmp_path / "run"), eval_data=os.path.join(tiny_data, "test.json"),
-                       eval_samples=1, eval_max_new_tokens=4, max_frames=4)
+    cfg = train.Config(model=tiny_model_dir, out_dir=str(tmp_path / "run"), eval_samples=1, eval_max_new_tokens=4,
+                       eval_data=os.path.join(tiny_data, "test.json"), max_frames=4)
     eval.evaluate(cfg, tiny_policy)
     assert json.load(open(tmp_path / "run" / "eval" / "stgr_summary.json"))["n"] == 1
     assert sorted(os.listdir(tiny_model_dir)) == before              # the folder a user uploads is untouched

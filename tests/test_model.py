@@ -172,7 +172,8 @@ def test_v4_config_adds_the_flat_fields_to_a_5x_config():
     five = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "dtype": "bfloat16",
             "tie_word_embeddings": False, "vision_config": {"depth": 32},
             "text_config": {"model_type": "qwen2_5_vl_text", "hidden_size": 3584, "vocab_size": 152064,
-                            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}}
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                "mrope_section": [16, 24, 24]}}}
     four = M.v4_config(five)
     assert four == {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
                     "dtype": "bfloat16", "torch_dtype": "bfloat16", "tie_word_embeddings": False,

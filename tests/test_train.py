@@ -200,7 +200,8 @@ def test_a_save_killed_before_any_filesystem_operation_resumes_from_a_complete_c
     assert len(calls) > 10 and {"replace", "symlink", "fsync", "save"} <= set(calls), calls
     outcomes = []
     for i in range(len(calls)):
-        folder = shutil.copytree(base, tmp_path / f"kill{i}", copy_function=os.link, symlinks=True)   # saves never write in place
+        # hard links: a save never writes into an existing file
+        folder = shutil.copytree(base, tmp_path / f"kill{i}", copy_function=os.link, symlinks=True)
         kill_at(monkeypatch, i)
         with pytest.raises(Killed):
             train.save_checkpoint(str(folder), 3, vlm, tok, vision, {"step": 3}, keep=2, state_dict=weights[3])
@@ -326,8 +327,8 @@ class ListTracker(GeneralTracker):
 
 
 def test_report_to_sends_each_step_to_the_trackers(tiny_data, tiny_model_dir, tmp_path):
-    cfg = short_cfg(tiny_data, tmp_path, report_to="wandb")   # built directly: the package check is parse_args'
-    rt = train.setup_runtime(cfg)
+    rt = train.setup_runtime(short_cfg(tiny_data, tmp_path))
+    cfg = short_cfg(tiny_data, tmp_path, report_to="wandb")     # built directly: the package check is parse_args'
     tracker = ListTracker()
     rt.accelerator.log_with = [tracker]                          # accelerate takes tracker objects there
     train.stage_sft(cfg, rt, tiny_model_dir)
@@ -352,6 +353,6 @@ def test_tensorboard_gets_the_metrics(tiny_data, tiny_model_dir, tmp_path):
     cfg = train.parse_args(["--stage=sft", f"--out_dir={tmp_path}", f"--data_dir={tiny_data}", "--batch_size=2",
                             "--max_frames=4", "--sft_epochs=0.34", "--report_to=tensorboard"])
     train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
-    runs = EventAccumulator(str(tmp_path / "trackers"))
+    runs = EventAccumulator(str(tmp_path / "visioncoach"))
     runs.Reload()
     assert [e.step for e in runs.Scalars("sft/loss")] == [1, 2]
