@@ -14,6 +14,7 @@ to the file its comment names.
 Test: python -m pytest tests/test_train.py -q -k "config or overrides or help"
 """
 import dataclasses
+import importlib.util
 import inspect
 import re
 import sys
@@ -107,15 +108,17 @@ class Config:
     # ---- evaluation (eval.py, and the main job's last stage) ----
     eval_data: str = ""           # eval.py: STGR, V-STAR, VideoMME- or Charades-STA-style JSON (eval.py --data)
     benchmark: str = "auto"       # eval.py: auto | stgr | vstar | mcq | tg, what eval_data holds (eval.py --kind)
-    eval_out: str = ""            # eval.py: output folder; empty -> {model}/eval (eval.py --out)
+    eval_out: str = ""            # eval.py: output folder; empty -> {out_dir}/eval, not the checkpoint (eval.py --out)
     eval_samples: int = 100       # evaluate the first N samples of each file (0: all; eval.py --limit, default 0)
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
     eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
     sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
-    save_every: int = 100         # checkpoint every N optimizer steps (and at the end)
-    resume: bool = True           # continue from {out_dir}/{stage}/last when it exists
+    save_every: int = 100         # checkpoint every N optimizer steps (and at the end): {out_dir}/{stage}/checkpoint-N
+    keep_checkpoints: int = 2     # newest checkpoints kept per stage (the newest always; 0: keep all)
+    resume: bool = True           # continue from the stage's newest complete checkpoint when there is one
+    report_to: str = "none"       # none | tensorboard | wandb: also log metrics there (accelerate's trackers)
 
 
 STAGES = ("data", "sft", "selector", "rl", "eval")
@@ -127,6 +130,7 @@ CHOICES = {
     "sd_condition": distill.SD_CONDITIONS,
     "reward_rules": rewards.REWARD_RULES,
     "benchmark": ("auto", "stgr", "vstar", "mcq", "tg"),
+    "report_to": ("none", "tensorboard", "wandb"),
 }
 
 
@@ -211,6 +215,12 @@ def check(cfg):
         raise SystemExit(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
     if not 0.0 < cfg.selector_train_share <= 1.0:
         raise SystemExit(f"--selector_train_share must be in (0, 1], got {cfg.selector_train_share}")
+    if cfg.keep_checkpoints < 0 or cfg.save_every < 1:
+        raise SystemExit(f"--keep_checkpoints must be >= 0 and --save_every >= 1, got {cfg.keep_checkpoints} "
+                         f"and {cfg.save_every}")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise SystemExit(f"--report_to={cfg.report_to} needs the {cfg.report_to} package, which is not installed "
+                         f"(pip install {cfg.report_to}), or use --report_to=none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +275,7 @@ def setup_runtime(cfg):
     """torchrun / accelerate launch, or one plain process. Seeds torch per rank."""
     from accelerate import Accelerator   # heavy; only entry points that run a model need it
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu)
+    acc = Accelerator(cpu=cpu, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16

@@ -1,14 +1,15 @@
 """Evaluation entry point: run a checkpoint over a test file and score it (metrics.py).
 
-    python eval.py --model=runs/default/rl/last --data=data/synth/test.json
-    python eval.py --model=runs/default/rl/last --data=data/synth/vstar_test.json --limit=50
+    python eval.py --model=runs/default/rl/last --data=data/synth/test.json        # -> runs/default/eval
+    python eval.py --model=runs/7b/rl/last --data=vstar.json --out_dir=runs/7b --limit=50  # -> runs/7b/eval
     torchrun --nproc_per_node=2 eval.py --model=CKPT --data=JSON          # each rank takes a shard
     python eval.py --compare A_summary.json B_summary.json ...            # one markdown table
     python eval.py --help                                                 # every field of the config
 
 Owns inference: raw video, no visual prompt, no hint, greedy by default; each rank takes every
 world-th sample and the results are gathered in the original order; rank 0 writes
-{benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md. One prompt at
+{benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md into --out, by
+default the run's {out_dir}/eval (never into the checkpoint folder, which is what gets uploaded). One prompt at
 a time (prompts differ in length; the tiny default runs at ~0.1 s a sample here, and a real model
 is generation-bound anyway). The settings are the one config's (config.py): --data, --kind, --out,
 --limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
@@ -149,6 +150,7 @@ def evaluate(cfg, bundle, rt=None):
     """Run one checkpoint over cfg.eval_data; rank 0 writes predictions.jsonl, summary.json, summary.md.
     rt: the processes sharing the work (config.setup_runtime); one plain CPU process by default."""
     rt = rt or one_process()
+    out = results_dir(cfg)
     benchmark = detect_benchmark(cfg.eval_data) if cfg.benchmark == "auto" else cfg.benchmark
     root = cfg.data_root or os.path.dirname(os.path.abspath(cfg.eval_data))
     limit = cfg.eval_samples or None
@@ -183,8 +185,18 @@ def evaluate(cfg, bundle, rt=None):
         preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t),
                   "frame_size": list(size), **p} for (i, t, size), p in zip(rows, per)]
     if rt.main:
-        write_results(cfg.eval_out or os.path.join(cfg.model, "eval"), benchmark, preds, summary, cfg.model)
+        write_results(out, benchmark, preds, summary, cfg.model)
     return summary
+
+
+def results_dir(cfg):
+    """--out, else the run's {out_dir}/eval; never inside the checkpoint (its folder is what gets uploaded)."""
+    out = cfg.eval_out or os.path.join(cfg.out_dir, "eval")
+    model_dir = os.path.realpath(cfg.model)
+    if os.path.commonpath([os.path.realpath(out), model_dir]) == model_dir:
+        raise SystemExit(f"eval output {out} is inside the checkpoint {cfg.model}: pass --out (or --out_dir) "
+                         f"outside it")
+    return out
 
 
 def write_results(out, benchmark, preds, summary, name):

@@ -2,10 +2,11 @@
 
 Owns: building the embedded tiny model (real Qwen2.5-VL classes from a config, a byte-level BPE
 tokenizer trained locally with Qwen's special tokens), loading any Qwen2.5-VL checkpoint directory
-with from_pretrained, turning frames into `pixel_values` / `image_grid_thw`, building what the
-model reads from a decoded video and a question (`model_input`, the one place), sampling G
-completions per prompt from one shared prefill, and per-token log-probs of completions
-(shared-prefix fast path and the plain repeated path). Every visual-tensor detail (pixel values,
+with from_pretrained, writing a model folder that transformers 5 and 4.x both read, turning
+frames into `pixel_values` / `image_grid_thw`, building what the model reads from a decoded video
+and a question (`model_input`, the one place), sampling G completions per prompt from one shared
+prefill, and per-token log-probs of completions (shared-prefix fast path and the plain repeated
+path). Every visual-tensor detail (pixel values,
 grid sizes, multimodal rope positions, prefix caching) lives here and nowhere else.
 Leaves what the prompt says to data.py and what a completion is worth to rewards.py.
 
@@ -128,10 +129,8 @@ def build_tiny_model(out_dir, texts, cfg=TinyModelConfig(), seed=0):
         raise ValueError(f"TinyModelConfig.value_init={cfg.value_init!r}: expected ordinal or random")
     model.generation_config.eos_token_id = [ids[IM_END], ids[ENDOFTEXT]]
     model.generation_config.pad_token_id = ids[ENDOFTEXT]
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    VisionProcessor(patch_size=cfg.patch_size, max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28).save(out_dir)
+    save_model_folder(out_dir, model, tokenizer,
+                      VisionProcessor(patch_size=cfg.patch_size, max_pixels=cfg.frame_pixels, min_pixels=4 * 28 * 28))
     return model, tokenizer
 
 
@@ -172,6 +171,60 @@ def load_policy(path, device="cpu", dtype=torch.float32):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, VisionProcessor.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model folder: what a user uploads, in the form transformers 5 writes and 4.x reads
+# ---------------------------------------------------------------------------------------------
+
+def save_model_folder(path, model, tokenizer, vision, state_dict=None):
+    """config, weights, generation config, tokenizer and preprocessor config into `path`, nothing
+    else; config.json and tokenizer_config.json also carry what transformers 4.x readers need.
+    state_dict: the full weights when the model's own are sharded (FSDP / ZeRO-3)."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict)
+    tokenizer.save_pretrained(path)
+    vision.save(path)
+    for name, add in (("config.json", v4_config), ("tokenizer_config.json", v4_tokenizer_config)):
+        with open(os.path.join(path, name)) as f:
+            written = json.load(f)
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(add(written), f, indent=2, sort_keys=True)
+
+
+def v4_config(config):
+    """A Qwen2.5-VL config.json as transformers 5 writes it -> the same with what 4.x reads added.
+    5.x nests the text model in text_config with rope_parameters; 4.51 reads the text fields at the
+    top level, 4.52+ reads text_config, and both take the mrope section from rope_scaling (without it
+    the first forward fails) and the tying from the text config (else lm_head is left random)."""
+    out, text = dict(config), dict(config.get("text_config") or {})
+    rope = dict(text.get("rope_parameters") or config.get("rope_parameters") or {})
+    if rope:
+        scaling = {"rope_type": "default", **{k: v for k, v in rope.items() if k != "rope_theta"}}
+        text.setdefault("rope_scaling", scaling)
+        if "rope_theta" in rope:
+            text.setdefault("rope_theta", rope["rope_theta"])
+    if "tie_word_embeddings" in config:
+        text["tie_word_embeddings"] = config["tie_word_embeddings"]
+    if "dtype" in config:
+        out.setdefault("torch_dtype", config["dtype"])                  # 4.x's name for it
+    out.pop("text_config", None)
+    for key, value in text.items():                                     # the flat form, for 4.51
+        if key not in ("model_type", "architectures"):
+            out.setdefault(key, value)
+    return out
+
+
+def v4_tokenizer_config(config):
+    """tokenizer_config.json as transformers 5 writes it -> one 4.x and 5.x both read the same way:
+    5.x's generic class name and its list of extra special tokens become the names 4.x knows."""
+    out = dict(config)
+    if out.get("tokenizer_class") == "TokenizersBackend":
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"              # loads tokenizer.json as it is
+    if isinstance(out.get("extra_special_tokens"), list):
+        out["additional_special_tokens"] = out.pop("extra_special_tokens")  # 4.x expects a dict there
+    out.setdefault("clean_up_tokenization_spaces", False)             # 4.x's old default rewrites " ."
+    return out
 
 
 def vision_token_ids(tokenizer):

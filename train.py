@@ -6,10 +6,11 @@
     torchrun --nproc_per_node=8 train.py --stage=rl --model=/ckpt/sft --train_json=/stgr/train.json --data_root=/stgr
     accelerate launch --config_file configs/fsdp.yaml train.py --stage=rl ...   # FSDP / ZeRO-3 for 7B
 
-Owns every loop, top to bottom: checkpoints (atomic, with optimizer, schedule and RNG state; exact
-resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
-and prediction loops, the RL step (`rl_rollouts` reads as the paper's Algorithm 1, `rl_update` is
-the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
+Owns every loop, top to bottom: checkpoints (a step checkpoint committed by one rename, so a kill at
+any instant leaves the newest complete one; the model folder apart from the optimizer, schedule and
+RNG state; exact resume) and the skeleton both training stages share, the SFT loop, the
+VP-Selector's label-making and prediction loops, the RL step (`rl_rollouts` reads as the paper's
+Algorithm 1, `rl_update` is the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
 (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
 selector.py (scores, labels, head), model.py (what the model reads, generation, log-probs); the
 config in config.py (re-exported here as train.Config). Rank 0 alone prints, logs and saves; each
@@ -19,7 +20,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -50,26 +53,107 @@ def append_jsonl(path, row):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic directory swap, exact resume
+# Checkpoints: one rename commits a step checkpoint; recovery after a kill at any instant
 # ---------------------------------------------------------------------------------------------
+# A stage folder ({out_dir}/{stage}) holds
+#   checkpoint-{step}/model/            the model folder a user uploads (model.save_model_folder)
+#   checkpoint-{step}/trainer_state.pt  optimizer, schedule, RNG, step, skip counts: beside the model
+#   last -> checkpoint-{newest}/model   a relative symlink, what the next stage and eval.py read
+#   metrics.jsonl
+# A save is written into checkpoint-{step}.tmp, fsynced, and renamed: a checkpoint-{step} name always
+# holds a complete checkpoint. Old ones are renamed to .del before they are removed, and the newest is
+# never removed. So after a kill at any instant the newest checkpoint-{step} is complete, and
+# recover() (run before every resume) drops the .tmp / .del leftovers and points last at it.
 
-def save_checkpoint(path, model, tokenizer, vision, state):
-    """Write model (save_pretrained), tokenizer, vision config and trainer state to `path` atomically.
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
-    Everything goes to path.tmp first; only a complete directory is renamed into place, so a
-    crash mid-save leaves the previous checkpoint intact.
-    """
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    vision.save(tmp)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+def save_checkpoint(folder, step, vlm, tokenizer, vision, state, keep, state_dict=None):
+    """Write checkpoint-{step} into the stage folder, commit it with one rename, point last at it,
+    then keep the newest `keep` checkpoints (0: all)."""
+    tmp, final = os.path.join(folder, f"checkpoint-{step}.tmp"), os.path.join(folder, f"checkpoint-{step}")
+    if os.path.exists(final):
+        raise RuntimeError(f"{final} exists already: a run never saves the same step twice")
+    remove(tmp)                                          # a save killed before its rename
+    model.save_model_folder(os.path.join(tmp, "model"), vlm, tokenizer, vision, state_dict)
+    torch.save(state, os.path.join(tmp, TRAINER_STATE))
+    fsync_tree(tmp)
+    os.replace(tmp, final)                               # the commit
+    fsync_dir(folder)
+    point_last(folder, final)
+    for _, old in checkpoints(folder)[:-keep] if keep else []:
+        retire(old)
+
+
+def checkpoints(folder):
+    """[(step, path)] of the complete checkpoints in a stage folder, oldest first."""
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+             if (m := CHECKPOINT.fullmatch(name))] if os.path.isdir(folder) else []
+    return sorted(found)
+
+
+def point_last(folder, ckpt):
+    """last -> ckpt's model folder, swapped in by a rename (a reader sees the old or the new target)."""
+    link = os.path.join(folder, "last")
+    remove(link + ".tmp")
+    os.symlink(os.path.relpath(os.path.join(ckpt, "model"), folder), link + ".tmp")
+    os.replace(link + ".tmp", link)
+    fsync_dir(folder)
+
+
+def retire(path):
+    """Remove a checkpoint: renamed first, so a half-removed one never carries a checkpoint's name."""
+    os.replace(path, path + ".del")
+    remove(path + ".del")
+
+
+def recover(folder):
+    """Finish what a killed save left: drop .tmp / .del leftovers, point last at the newest complete
+    checkpoint. -> that checkpoint's path, or None."""
+    link = os.path.join(folder, "last")
+    if os.path.isdir(link) and not os.path.islink(link):
+        raise SystemExit(f"{link} is a checkpoint in the old layout (trainer state inside the model folder); "
+                         f"its model loads with --model={link}, but it cannot be resumed: move it away")
+    if not os.path.isdir(folder):
+        return None
+    for name in os.listdir(folder):
+        if name == "last.tmp" or re.fullmatch(r"checkpoint-\d+\.(tmp|del)", name):
+            remove(os.path.join(folder, name))
+    done = checkpoints(folder)
+    if not done:
+        return None
+    target = os.path.relpath(os.path.join(done[-1][1], "model"), folder)
+    if not os.path.islink(link) or os.readlink(link) != target:
+        point_last(folder, done[-1][1])
+    return done[-1][1]
+
+
+def remove(path):
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def fsync_tree(root):
+    """Every file, then every folder, on disk: the rename that follows must not outrun the data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state():
@@ -81,9 +165,19 @@ def set_rng_state(s):
     random.setstate(s["python"])
 
 
-def load_trainer_state(path):
-    f = os.path.join(path, "trainer_state.pt")
-    return torch.load(f, weights_only=False) if os.path.isfile(f) else None
+def load_trainer_state(ckpt):
+    """A checkpoint's trainer state, read with weights_only=True: tensors, numbers, strings and
+    containers only, so a planted file cannot run code."""
+    f = os.path.join(ckpt, TRAINER_STATE)
+    if not os.path.isfile(f):
+        raise SystemExit(f"{f}: missing, so {ckpt} is not a checkpoint train.py wrote; move it out of the way")
+    try:
+        return torch.load(f, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{f}: refused, it is not a trainer state train.py writes (it holds objects that "
+                         f"would run code when loaded: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise SystemExit(f"{f}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def warmup_cosine(step, total, warmup):
@@ -114,7 +208,7 @@ def make_optimizer(cfg, vlm, lr, total_steps, warmup):
 class Run:
     """A training stage in progress."""
     name: str                 # "sft" | "rl": its folder under out_dir
-    ckpt: str                 # {out_dir}/{name}/last
+    ckpt: str                 # {out_dir}/{name}/last: the model the stage hands on
     policy: object            # model.LogProbModule, wrapped by accelerate (DDP / FSDP / ZeRO-3)
     tokenizer: object
     vision: object            # model.VisionProcessor
@@ -125,14 +219,29 @@ class Run:
     skipped: Counter          # samples skipped so far, by reason (saved with every checkpoint)
 
 
-def resume_point(cfg, name):
-    """(checkpoint path, its trainer state or None). A state with done=True means nothing to run."""
-    ckpt = os.path.join(stage_dir(cfg, name), "last")
-    return ckpt, (load_trainer_state(ckpt) if cfg.resume else None)
+def resume_point(cfg, rt, name):
+    """(newest complete checkpoint, its trainer state), or (None, None) on a fresh start; rank 0
+    first recovers from a save that was killed. A state with done=True means nothing to run."""
+    folder = stage_dir(cfg, name)
+    if rt.main:
+        recover(folder)
+    rt.accelerator.wait_for_everyone()
+    done = checkpoints(folder)
+    if not done:
+        return None, None
+    if not cfg.resume:
+        raise SystemExit(f"--resume=false, but {folder} holds checkpoints of an earlier run "
+                         f"({', '.join(os.path.basename(p) for _, p in done)}): pick another --out_dir or remove them")
+    return done[-1][1], load_trainer_state(done[-1][1])
 
 
 def stage_dir(cfg, name):
     return os.path.join(cfg.out_dir, name)
+
+
+def stage_model(cfg, name):
+    """The model a stage hands on: {out_dir}/{name}/last, its newest checkpoint's model folder."""
+    return os.path.join(stage_dir(cfg, name), "last")
 
 
 def load_policy(cfg, rt, path):
@@ -144,19 +253,25 @@ def load_policy(cfg, rt, path):
     return vlm, tokenizer, vision
 
 
-def start_run(cfg, rt, name, loaded, state, lr, total, warmup):
-    """Optimizer and schedule for the loaded policy, wrapped for the processes; resumed from `state`."""
-    vlm, tokenizer, vision = loaded
+def start_run(cfg, rt, name, loaded, resumed, lr, total, warmup):
+    """Optimizer and schedule for the loaded policy, wrapped for the processes; resumed from
+    `resumed` = (checkpoint, trainer state) when there is one. Trackers start here."""
+    (vlm, tokenizer, vision), (ckpt, state) = loaded, resumed
     opt, sched = make_optimizer(cfg, vlm, lr, total, warmup)
     policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), opt)
-    ckpt, start = os.path.join(stage_dir(cfg, name), "last"), 0
+    start = 0
     if state:
+        if state["step"] >= total:
+            raise SystemExit(f"[{name}] {ckpt} has done {state['step']} steps, but this config's schedule has "
+                             f"{total} in all: to resume, give a schedule longer than the steps done "
+                             f"(--sft_epochs / --rl_steps), or start anew with another --out_dir")
         opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
         log(rt, f"[{name}] resumed at step {start} from {ckpt}")
     os.makedirs(stage_dir(cfg, name), exist_ok=True)
-    return Run(name, ckpt, policy, tokenizer, vision, opt, sched, start, state or {},
+    start_trackers(cfg, rt, name)
+    return Run(name, stage_model(cfg, name), policy, tokenizer, vision, opt, sched, start, state or {},
                Counter((state or {}).get("skipped", {})))
 
 
@@ -165,18 +280,43 @@ def progress_bar(rt, run, total):
 
 
 def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
-    """After optimizer step `step` (1-based): rank 0 logs the metrics row; every save_every steps
-    and at the end the checkpoint is written (atomically), with what a resume needs (the skip
-    counts included)."""
+    """After optimizer step `step` (1-based): rank 0 logs the metrics row (metrics.jsonl and the
+    --report_to trackers); every save_every steps and at the end a checkpoint is saved."""
     if rt.main:
         append_jsonl(os.path.join(stage_dir(cfg, run.name), "metrics.jsonl"), metrics)
+    if cfg.report_to != "none":
+        rt.accelerator.log({f"{run.name}/{k}": v for k, v in metrics.items() if is_number(v)}, step=step)
     if step % cfg.save_every == 0 or step == total:
-        if rt.main:
-            save_checkpoint(run.ckpt, unwrap(rt, run.policy).model, run.tokenizer, run.vision,
-                            {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                             "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
-                             "config": dataclasses.asdict(cfg), **(extra_state or {})})
-        rt.accelerator.wait_for_everyone()
+        save_run(cfg, rt, run, {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                                "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
+                                "config": dataclasses.asdict(cfg), **(extra_state or {})})
+
+
+def save_run(cfg, rt, run, state):
+    """The one place a training checkpoint is saved: every rank calls it, rank 0 writes."""
+    if rt.main:
+        save_checkpoint(stage_dir(cfg, run.name), state["step"], unwrap(rt, run.policy).model, run.tokenizer,
+                        run.vision, state, cfg.keep_checkpoints)
+    rt.accelerator.wait_for_everyone()
+
+
+def start_trackers(cfg, rt, name):
+    """--report_to: one tracker run per stage (accelerate's trackers: wandb project visioncoach,
+    tensorboard files under {out_dir}/visioncoach), with the config; metric keys carry the stage."""
+    if cfg.report_to != "none":
+        rt.accelerator.init_trackers("visioncoach", config=dataclasses.asdict(cfg),
+                                     init_kwargs={"wandb": {"name": f"{os.path.basename(cfg.out_dir)}/{name}"}})
+
+
+def stop_trackers(rt):
+    """Close this stage's tracker runs (accelerate's end_training would also end the process group)."""
+    for tracker in rt.accelerator.trackers:
+        tracker.finish()
+    rt.accelerator.trackers = []
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def unwrap(rt, policy):
@@ -281,26 +421,28 @@ def sft_loss(policy, batch):
 
 def stage_sft(cfg, rt, start_path):
     """Supervised cold start on reasoning_process: NLL on the assistant completion only."""
-    ckpt, state = resume_point(cfg, "sft")
+    resumed = resume_point(cfg, rt, "sft")
+    ckpt, state = resumed
     if state is not None and state.get("done"):
         log(rt, f"[sft] finished checkpoint found at {ckpt}; skipping")
-        return ckpt
-    loaded = load_policy(cfg, rt, ckpt if state else start_path)
+        return stage_model(cfg, "sft")
+    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
     records = load_train_records(cfg)
     per_rank = cfg.batch_size // rt.world
     if per_rank * rt.world != cfg.batch_size or per_rank % cfg.grad_accum:
         raise SystemExit(f"batch_size={cfg.batch_size} must split evenly over {rt.world} ranks "
                          f"x grad_accum={cfg.grad_accum}")
     total = max(1, int(cfg.sft_epochs * (len(records) // cfg.batch_size)))
-    run = start_run(cfg, rt, "sft", loaded, state, cfg.lr, total, cfg.sft_warmup)
+    run = start_run(cfg, rt, "sft", loaded, resumed, cfg.lr, total, cfg.sft_warmup)
     bar = progress_bar(rt, run, total)
     for step in bar:
         loss = sft_step(cfg, rt, run, records, step)
         bar.set_postfix(loss=f"{loss:.3f}")
         end_step(cfg, rt, run, step + 1, total, {"step": step + 1, "loss": loss, "lr": run.sched.get_last_lr()[0],
                                                  "skipped/bad_sample": run.skipped["bad_sample"]})
-    log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {ckpt}")
-    return ckpt
+    stop_trackers(rt)
+    log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {run.ckpt}")
+    return run.ckpt
 
 
 def sft_step(cfg, rt, run, records, step):
@@ -443,17 +585,19 @@ def make_coach(cfg, records):
 
 
 def stage_rl(cfg, rt, start_path):
-    ckpt, state = resume_point(cfg, "rl")
+    resumed = resume_point(cfg, rt, "rl")
+    ckpt, state = resumed
     if state is not None and state.get("done"):
         log(rt, f"[rl] finished checkpoint found at {ckpt}; skipping")
-        return ckpt
-    # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
-    ref_path = state["reference_path"] if state else os.path.abspath(start_path)
-    loaded = load_policy(cfg, rt, ckpt if state else start_path)
+        return stage_model(cfg, "rl")
+    # The frozen reference is the starting checkpoint (its real folder, not the moving last link);
+    # a resumed run reloads it from there.
+    ref_path = state["reference_path"] if state else os.path.realpath(start_path)
+    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
     ref = model.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
     records = load_train_records(cfg)
     rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
-    run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
+    run = start_run(cfg, rt, "rl", loaded, resumed, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
     bad_in_a_row = 0
     bar = progress_bar(rt, run, cfg.rl_steps)
     for step in bar:
@@ -473,8 +617,9 @@ def stage_rl(cfg, rt, start_path):
         reward = row.get("reward/total", float("nan"))   # absent when every sample was skipped
         bar.set_postfix(reward=f"{reward:.3f}", hard=f"{row.get('coach/hard_share', 0):.2f}")
         end_step(cfg, rt, run, step + 1, cfg.rl_steps, row, {"reference_path": ref_path})
-    log(rt, f"[rl] done: {cfg.rl_steps} steps -> {ckpt}")
-    return ckpt
+    stop_trackers(rt)
+    log(rt, f"[rl] done: {cfg.rl_steps} steps -> {run.ckpt}")
+    return run.ckpt
 
 
 def step_prompt_ids(cfg, rt, n_records, step):
@@ -681,11 +826,11 @@ def main(argv):
         elif stage == "sft":
             path = stage_sft(cfg, rt, path or os.path.join(cfg.out_dir, "base"))
         elif stage == "selector":
-            stage_selector(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
+            stage_selector(cfg, rt, path or stage_model(cfg, "sft"))
         elif stage == "rl":
-            path = stage_rl(cfg, rt, path or os.path.join(cfg.out_dir, "sft", "last"))
+            path = stage_rl(cfg, rt, path or stage_model(cfg, "sft"))
         else:
-            stage_eval(cfg, rt, path or os.path.join(cfg.out_dir, "rl", "last"))
+            stage_eval(cfg, rt, path or stage_model(cfg, "rl"))
 
 
 if __name__ == "__main__":

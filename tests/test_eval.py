@@ -1,9 +1,12 @@
-"""eval.py inference: an STGR run writes predictions and a summary; 2 processes equal 1; its flags."""
+"""eval.py inference: an STGR run writes predictions and a summary (into the run, never the checkpoint);
+2 processes equal 1; its flags."""
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 import eval
 import metrics
@@ -21,6 +24,17 @@ def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
     assert {"id", "completion", "answer", "correct"} <= set(preds[0])
     assert json.load(open(tmp_path / "stgr_summary.json"))["n"] == 6
     assert "| tiny |" in open(tmp_path / "stgr_summary.md").read()
+
+
+def test_eval_writes_into_the_run_never_into_the_checkpoint(tiny_data, tiny_model_dir, tiny_policy, tmp_path):
+    before = sorted(os.listdir(tiny_model_dir))
+    cfg = train.Config(model=tiny_model_dir, out_dir=str(tmp_path / "run"), eval_samples=1, eval_max_new_tokens=4,
+                       eval_data=os.path.join(tiny_data, "test.json"), max_frames=4)
+    eval.evaluate(cfg, tiny_policy)
+    assert json.load(open(tmp_path / "run" / "eval" / "stgr_summary.json"))["n"] == 1
+    assert sorted(os.listdir(tiny_model_dir)) == before              # the folder a user uploads is untouched
+    with pytest.raises(SystemExit, match="inside the checkpoint"):
+        eval.evaluate(dataclasses.replace(cfg, eval_out=os.path.join(tiny_model_dir, "eval")), tiny_policy)
 
 
 def test_vstar_eval_runs_end_to_end(tiny_data, tiny_policy, tmp_path):

@@ -1,4 +1,5 @@
 """model.py: vision preprocessing, tokenizer, log-probs (fast path == slow path), generation."""
+import json
 import os
 
 import numpy as np
@@ -132,10 +133,54 @@ def test_save_and_reload_give_the_same_logprobs(tiny_data, tiny_policy, tmp_path
     p = _prompt(tiny_data, tiny_policy)
     comp = torch.tensor(tok.encode("<answer>left</answer>", add_special_tokens=False))
     before = M.plain_logprobs(model, [p], [comp])[0]
-    T.save_checkpoint(str(tmp_path / "ck"), model, tok, vision, {"step": 0})
-    m2, tok2, v2 = M.load_policy(str(tmp_path / "ck"))
+    T.save_checkpoint(str(tmp_path / "sft"), 3, model, tok, vision, {"step": 3}, keep=2)
+    m2, tok2, v2 = M.load_policy(str(tmp_path / "sft" / "last"))
     assert v2 == vision and tok2.encode("<t>1.5</t>") == tok.encode("<t>1.5</t>")
+    assert m2.config.text_config.to_dict() == model.config.text_config.to_dict()   # the flat v4 form reads back
     torch.testing.assert_close(M.plain_logprobs(m2, [p], [comp])[0], before)
+
+
+def test_model_folder_is_what_transformers_4_reads(tiny_policy, tmp_path):
+    """config.json flat with rope_scaling (4.51 reads the top level; without the mrope section its
+    first forward fails), tying where true, torch_dtype; tokenizer files 4.x's PreTrainedTokenizerFast
+    loads as they are (tokenizer.json through the tokenizers library, a class name 4.x knows)."""
+    from tokenizers import Tokenizer
+    model, tok, vision = tiny_policy
+    M.save_model_folder(str(tmp_path), model, tok, vision)
+    assert sorted(os.listdir(tmp_path)) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                            "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+                                            "tokenizer_config.json"]
+    c = json.load(open(tmp_path / "config.json"))
+    text = model.config.text_config
+    assert "text_config" not in c and c["model_type"] == "qwen2_5_vl"
+    assert (c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["num_key_value_heads"]) == \
+        (text.hidden_size, text.num_hidden_layers, text.vocab_size, text.num_key_value_heads)
+    assert c["rope_scaling"] == {"rope_type": "default", "mrope_section": text.rope_parameters["mrope_section"]}
+    assert c["rope_theta"] == text.rope_parameters["rope_theta"] and c["rope_parameters"] == text.rope_parameters
+    assert c["tie_word_embeddings"] is True and c["torch_dtype"] == "float32"
+    tc = json.load(open(tmp_path / "tokenizer_config.json"))
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["clean_up_tokenization_spaces"] is False
+    assert not isinstance(tc.get("extra_special_tokens", {}), list)    # 4.x reads a dict there
+    assert set(tc["additional_special_tokens"]) >= {D.IM_START, D.IM_END, D.IMAGE_PAD, D.VISION_START}
+    assert (tc["eos_token"], tc["pad_token"]) == (tok.eos_token, tok.pad_token)
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text_in = f"{D.IM_START}user\n<obj>red circle</obj><box>[1,2,3,4]</box>at<t>2.5</t>s{D.IM_END}"
+    assert raw.encode(text_in, add_special_tokens=False).ids == tok.encode(text_in, add_special_tokens=False)
+
+
+def test_v4_config_adds_the_flat_fields_to_a_5x_config():
+    five = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "dtype": "bfloat16",
+            "tie_word_embeddings": False, "vision_config": {"depth": 32},
+            "text_config": {"model_type": "qwen2_5_vl_text", "hidden_size": 3584, "vocab_size": 152064,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                "mrope_section": [16, 24, 24]}}}
+    four = M.v4_config(five)
+    assert four == {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                    "dtype": "bfloat16", "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+                    "vision_config": {"depth": 32}, "hidden_size": 3584, "vocab_size": 152064,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                    "rope_scaling": {"rope_type": "default", "mrope_section": [16, 24, 24]}, "rope_theta": 1e6}
+    assert M.v4_config(four) == four                                   # a 4.x-form file is left as it is
 
 
 def test_model_input_multi_turn_appends_answer_and_next_question(tiny_data, tiny_policy):

@@ -1,13 +1,16 @@
 """train.py and config.py: overrides and choices checked at parse time, --help, SFT lowers the loss,
-atomic checkpoints, exact resume, torchrun."""
+the checkpoint layout, a save that survives a kill at any instant, exact resume, trackers, torchrun."""
 import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from accelerate.tracking import GeneralTracker
 
 import config
 import data
@@ -81,6 +84,11 @@ def fixed_batch_loss(path, tiny_data, cfg):
         return train.sft_loss(model.LogProbModule(vlm), [train.sft_example(r, tok, vision, cfg) for r in recs]).item()
 
 
+def newest(out, stage="sft"):
+    """The newest complete checkpoint folder of a stage."""
+    return train.checkpoints(os.path.join(out, stage))[-1][1]
+
+
 def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     cfg = sft_cfg(tiny_data, tmp_path, sft_epochs=2.0)
     rt = train.setup_runtime(cfg)
@@ -90,50 +98,188 @@ def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     assert after < before - 0.5, (before, after)
     rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
-    state = train.load_trainer_state(ckpt)
+    state = train.load_trainer_state(newest(tmp_path))
     assert state["done"] and state["step"] == 6
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
-    full = sft_cfg(tiny_data, tmp_path / "full", sft_epochs=2.0)
-    rt = train.setup_runtime(full)
-    train.stage_sft(full, rt, tiny_model_dir)
+def short_cfg(tiny_data, out, **kw):
+    """3 SFT steps of 2 samples and 4 frames, a checkpoint after every step, the newest 2 kept."""
+    return sft_cfg(tiny_data, out, **{**dict(batch_size=2, max_frames=4, sft_epochs=0.5, save_every=1,
+                                             keep_checkpoints=2), **kw})
 
-    crash = sft_cfg(tiny_data, tmp_path / "crash", sft_epochs=2.0, save_every=2)
+
+@pytest.fixture(scope="module")
+def full_sft(tiny_data, tiny_model_dir, tmp_path_factory):
+    """An uninterrupted short_cfg run. -> its out_dir."""
+    out = tmp_path_factory.mktemp("full_sft")
+    cfg = short_cfg(tiny_data, out)
+    train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    return out
+
+
+def same_weights(a, b):
+    a, b = model.load_policy(str(a))[0], model.load_policy(str(b))[0]
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+
+
+def test_layout_model_folder_holds_the_model_only_and_old_checkpoints_go(full_sft):
+    folder = full_sft / "sft"
+    assert sorted(os.listdir(folder)) == ["checkpoint-2", "checkpoint-3", "last", "metrics.jsonl"]
+    assert os.readlink(folder / "last") == os.path.join("checkpoint-3", "model")
+    assert sorted(os.listdir(folder / "checkpoint-3")) == ["model", "trainer_state.pt"]
+    assert sorted(os.listdir(folder / "last")) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                                  "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+                                                  "tokenizer_config.json"]
+    assert train.load_trainer_state(str(folder / "checkpoint-2"))["step"] == 2
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_data, tiny_model_dir, full_sft, tmp_path, monkeypatch):
+    crash = short_cfg(tiny_data, tmp_path, save_every=2)
+    rt = train.setup_runtime(crash)
     real_step = train.sft_step
 
     def crashing_step(cfg, rt, run, records, step):
-        if step == 3:
+        if step == 2:
             raise KeyboardInterrupt("simulated crash")
         return real_step(cfg, rt, run, records, step)
 
     monkeypatch.setattr(train, "sft_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         train.stage_sft(crash, rt, tiny_model_dir)
-    assert train.load_trainer_state(str(tmp_path / "crash" / "sft" / "last"))["step"] == 2
-    assert not os.path.exists(tmp_path / "crash" / "sft" / "last.tmp")
+    assert train.load_trainer_state(newest(tmp_path))["step"] == 2
     monkeypatch.setattr(train, "sft_step", real_step)
     train.stage_sft(crash, rt, tiny_model_dir)                       # resumes at step 2
 
-    losses = lambda p: [json.loads(l)["loss"] for l in open(p / "sft" / "metrics.jsonl")]
-    full_l, crash_l = losses(tmp_path / "full"), losses(tmp_path / "crash")
-    assert crash_l[-3:] == pytest.approx(full_l[-3:], abs=1e-6)  # steps 4..6 after the resume
-    a, _, _ = model.load_policy(str(tmp_path / "full" / "sft" / "last"))
-    b, _, _ = model.load_policy(str(tmp_path / "crash" / "sft" / "last"))
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    losses = lambda p: [json.loads(l)["loss"] for l in open(p / "sft" / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path)[-1] == pytest.approx(losses(full_sft)[-1], abs=1e-6)  # step 3, after the resume
+    same_weights(full_sft / "sft" / "last", tmp_path / "sft" / "last")
 
 
-def test_checkpoint_write_is_atomic(tiny_policy, tmp_path, monkeypatch):
+class Killed(BaseException):
+    """A kill: nothing in the save may catch it."""
+
+
+# Every filesystem operation a save makes, as a name on its module: a kill is injected before each one.
+FS_OPS = [(os, "replace"), (os, "rename"), (os, "remove"), (os, "unlink"), (os, "rmdir"), (os, "symlink"),
+          (os, "mkdir"), (os, "makedirs"), (os, "fsync"), (shutil, "rmtree"), (torch, "save")]
+
+
+def kill_at(monkeypatch, i):
+    """Patch FS_OPS so that operation number i (0-based) raises Killed. -> the list of calls made."""
+    calls = []
+    for mod, name in FS_OPS:
+        real = getattr(mod, name)
+
+        def op(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            if len(calls) - 1 == i:
+                raise Killed(f"killed before {_name} (operation {i})")
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, op)
+    return calls
+
+
+def test_a_save_killed_before_any_filesystem_operation_resumes_from_a_complete_checkpoint(tiny_policy, tmp_path,
+                                                                                         monkeypatch):
+    """Checkpoints 1 and 2 exist (keep 2); the save of step 3 (other weights) is killed before each of
+    its filesystem operations in turn. Each time, recovery finds a complete newest checkpoint: step 2
+    with the old weights or step 3 with the new ones, last points at it, no leftovers stay, and the
+    next save works (today's code lost both copies or failed every later save)."""
+    from safetensors import safe_open
     vlm, tok, vision = tiny_policy
-    path = str(tmp_path / "ck")
-    train.save_checkpoint(path, vlm, tok, vision, {"step": 1})
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
-        train.save_checkpoint(path, vlm, tok, vision, {"step": 2})
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    weights = {s: {k: (v + s if k == name else v) for k, v in vlm.state_dict().items()} for s in (1, 2, 3, 4)}
+    base = tmp_path / "base"
+    for s in (1, 2):
+        train.save_checkpoint(str(base), s, vlm, tok, vision, {"step": s}, keep=2, state_dict=weights[s])
+    count = shutil.copytree(base, tmp_path / "count", copy_function=os.link, symlinks=True)
+    calls = kill_at(monkeypatch, -1)                                # count the operations of one whole save
+    train.save_checkpoint(str(count), 3, vlm, tok, vision, {"step": 3}, keep=2, state_dict=weights[3])
     monkeypatch.undo()
-    assert train.load_trainer_state(path)["step"] == 1               # the old checkpoint is intact
-    model.load_policy(path)
+    assert len(calls) > 10 and {"replace", "symlink", "fsync", "save"} <= set(calls), calls
+    outcomes = []
+    for i in range(len(calls)):
+        # hard links: a save never writes into an existing file
+        folder = shutil.copytree(base, tmp_path / f"kill{i}", copy_function=os.link, symlinks=True)
+        kill_at(monkeypatch, i)
+        with pytest.raises(Killed):
+            train.save_checkpoint(str(folder), 3, vlm, tok, vision, {"step": 3}, keep=2, state_dict=weights[3])
+        monkeypatch.undo()
+        ckpt = train.recover(str(folder))
+        step = int(os.path.basename(ckpt).split("-")[1])
+        outcomes.append(step)
+        assert step in (2, 3) and train.load_trainer_state(ckpt)["step"] == step, i
+        assert os.path.realpath(folder / "last") == os.path.join(os.path.realpath(ckpt), "model"), i
+        with safe_open(os.path.join(folder, "last", "model.safetensors"), "pt") as f:   # the hub's key names
+            assert torch.equal(f.get_tensor(name.replace("language_model.", "")), weights[step][name]), i
+        assert not [n for n in os.listdir(folder) if n.endswith((".tmp", ".del"))], (i, os.listdir(folder))
+        train.save_checkpoint(str(folder), 4, vlm, tok, vision, {"step": 4}, keep=2, state_dict=weights[4])
+        assert [s for s, _ in train.checkpoints(str(folder))] == [step, 4], i
+    assert outcomes[0] == 2 and outcomes[-1] == 3 and outcomes == sorted(outcomes)   # one commit point
+
+
+@pytest.mark.parametrize("where", ["before_commit", "after_commit"])
+def test_a_kill_inside_a_save_resumes_to_the_uninterrupted_weights(tiny_data, tiny_model_dir, full_sft, tmp_path,
+                                                                 monkeypatch, where):
+    """A run killed in the save of step 2, just before its rename (resumes from step 1) or just after
+    (resumes from step 2), ends with the weights of the uninterrupted run. With the test above (every
+    kill point leaves one of those two states) this covers a kill anywhere in a save."""
+    cfg = short_cfg(tiny_data, tmp_path)
+    rt = train.setup_runtime(cfg)
+    target = "fsync_tree" if where == "before_commit" else "point_last"
+    real = getattr(train, target)
+
+    def kill(folder, *a):
+        if folder.endswith("checkpoint-2.tmp") or (a and a[0].endswith("checkpoint-2")):
+            raise Killed(where)
+        return real(folder, *a)
+
+    monkeypatch.setattr(train, target, kill)
+    with pytest.raises(Killed):
+        train.stage_sft(cfg, rt, tiny_model_dir)
+    monkeypatch.undo()
+    ckpt, state = train.resume_point(cfg, rt, "sft")
+    assert state["step"] == (1 if where == "before_commit" else 2)
+    train.stage_sft(cfg, rt, tiny_model_dir)
+    same_weights(full_sft / "sft" / "last", tmp_path / "sft" / "last")
+    assert train.load_trainer_state(newest(tmp_path))["done"]
+
+
+def test_a_shorter_schedule_on_resume_is_refused_clearly(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    cfg = short_cfg(tiny_data, tmp_path)                                       # 3 steps; a checkpoint at each
+    rt = train.setup_runtime(cfg)
+    real_step = train.sft_step
+    monkeypatch.setattr(train, "sft_step", lambda c, r, run, recs, step: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if step == 2 else real_step(c, r, run, recs, step))
+    with pytest.raises(KeyboardInterrupt):
+        train.stage_sft(cfg, rt, tiny_model_dir)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"checkpoint-2 has done 2 steps, but this config's schedule has 1 in all"):
+        train.stage_sft(dataclasses.replace(cfg, sft_epochs=1 / 6), rt, tiny_model_dir)
+    with pytest.raises(SystemExit, match=r"--resume=false, but .* holds checkpoints"):
+        train.stage_sft(dataclasses.replace(cfg, resume=False), rt, tiny_model_dir)
+
+
+class Planted:
+    """Unpickling this object calls os.mkdir(path): what a planted trainer_state.pt could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_planted_pickle_in_the_trainer_state_is_refused(tiny_data, tiny_model_dir, full_sft, tmp_path):
+    folder = shutil.copytree(full_sft / "sft", tmp_path / "run" / "sft", symlinks=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"step": 3, "x": Planted(str(marker))}, folder / "checkpoint-3" / "trainer_state.pt")
+    cfg = short_cfg(tiny_data, tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"checkpoint-3/trainer_state.pt: refused"):
+        train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    assert not marker.exists()
+    assert train.load_trainer_state(str(folder / "checkpoint-2"))["optimizer"]["state"]   # the real state loads
 
 
 def test_frozen_vision_tower_stays_frozen(tiny_data, tiny_model_dir, tmp_path):
@@ -154,5 +300,59 @@ def test_two_process_torchrun_sft(tiny_data, tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    state = train.load_trainer_state(str(tmp_path / "sft" / "last"))
+    state = train.load_trainer_state(newest(tmp_path))
     assert state["done"] and state["step"] == 2
+
+
+class ListTracker(GeneralTracker):
+    """An accelerate tracker that keeps what it is given (stands in for tensorboard / wandb)."""
+    name, requires_logging_directory = "list", False
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.config, self.finished = [], None, False
+
+    @property
+    def tracker(self):
+        return self
+
+    def store_init_configuration(self, values):
+        self.config = values
+
+    def log(self, values, step=None, **kwargs):
+        self.rows.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_report_to_sends_each_step_to_the_trackers(tiny_data, tiny_model_dir, tmp_path):
+    rt = train.setup_runtime(short_cfg(tiny_data, tmp_path))
+    cfg = short_cfg(tiny_data, tmp_path, report_to="wandb")     # built directly: the package check is parse_args'
+    tracker = ListTracker()
+    rt.accelerator.log_with = [tracker]                          # accelerate takes tracker objects there
+    train.stage_sft(cfg, rt, tiny_model_dir)
+    rows = [json.loads(l) for l in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert [step for step, _ in tracker.rows] == [1, 2, 3]
+    assert [v["sft/loss"] for _, v in tracker.rows] == [r["loss"] for r in rows]
+    assert tracker.config["lr"] == cfg.lr and tracker.finished and rt.accelerator.trackers == []
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_report_to_a_missing_package_says_what_to_install(package):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(SystemExit, match=f"pip install {package}"):
+        train.parse_args([f"--report_to={package}"])
+    assert train.parse_args(["--report_to=none"]).report_to == "none"
+
+
+def test_tensorboard_gets_the_metrics(tiny_data, tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = train.parse_args(["--stage=sft", f"--out_dir={tmp_path}", f"--data_dir={tiny_data}", "--batch_size=2",
+                            "--max_frames=4", "--sft_epochs=0.34", "--report_to=tensorboard"])
+    train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    runs = EventAccumulator(str(tmp_path / "visioncoach"))
+    runs.Reload()
+    assert [e.step for e in runs.Scalars("sft/loss")] == [1, 2]
