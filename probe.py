@@ -57,6 +57,8 @@ class ProbeConfig:
     marked_weight: float = 1.0
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
+    min_radius: float = 6.0       # object radius in pixels: uniform in min..max (synth.py's hard 6-9, easy 10-13)
+    max_radius: float = 13.0      # (a frame of 112 px; merged image tokens are 28 px)
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"           # short (the frame and the question) | full (the SFT layout)
     background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
@@ -116,7 +118,7 @@ def parse_args(argv):
 # Frames and samples
 # ---------------------------------------------------------------------------------------------
 
-def sample_frame(rng, n_distractors, background="flat"):
+def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0)):
     """One 112x112 frame: a target and up to n distractors, all names distinct, boxes 3 px apart.
 
     Returns (uint8 (3, H, W), shapes); shapes[0] is the target (drawn on top).
@@ -124,11 +126,11 @@ def sample_frame(rng, n_distractors, background="flat"):
     shapes, one = [], torch.ones(1, dtype=torch.bool)
     for colour, kind in rng.sample(NAMES, n_distractors + 1):
         for _ in range(30):  # a distractor that finds no free place is dropped
-            radius = round(rng.uniform(6.0, 13.0), 1)
-            m = radius + 1
+            r = round(rng.uniform(*radius), 1)
+            m = r + 1
             pos = torch.tensor([[rng.uniform(m, synth.SIZE - m), rng.uniform(m, synth.SIZE - m)]])
-            if synth.clear_of(pos, radius, kind, one, shapes):
-                shapes.append(synth.Shape(kind, radius, pos, [colour], one))
+            if synth.clear_of(pos, r, kind, one, shapes):
+                shapes.append(synth.Shape(kind, r, pos, [colour], one))
                 break
     scene = synth.Scene(1 / synth.FPS, shapes, "", (0.0, 0.0), "", False, 0)  # one frame
     return synth.render(scene, background)[0], shapes
@@ -145,7 +147,7 @@ class Sample:
 
 
 def make_sample(rng, cfg, task, n_distractors):
-    frame, shapes = sample_frame(rng, n_distractors, cfg.background)
+    frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius))
     target = shapes[0]
     name, box = target.name(0), target.box(0)
     objects = [(s.name(0), s.box(0)) for s in shapes]
