@@ -164,12 +164,13 @@ def _mrope_section(head_dim):
     return [t, h, half - t - h]
 
 
-def load_policy(path, device="cpu", dtype=torch.float32):
+def load_policy(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa"):
     """Any Qwen2.5-VL checkpoint directory (ours or a real 3B/7B) -> (model, tokenizer, vision)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; not a model directory (run the main job, "
                                 f"or pass --model a Qwen2.5-VL checkpoint directory)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attn_implementation).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, VisionProcessor.load(path)
 

@@ -135,9 +135,12 @@ def stage_dir(cfg, name):
     return os.path.join(cfg.out_dir, name)
 
 
-def load_policy(cfg, rt, path):
-    """A checkpoint as the trainable policy: (model, tokenizer, vision) with cfg's pixel budget."""
-    vlm, tokenizer, vision = model.load_policy(path, rt.device, rt.dtype)
+def load_policy(cfg, rt, path, trainable=True):
+    """A checkpoint as (model, tokenizer, vision) with cfg's pixel budget and attention. A trainable
+    policy keeps fp32 master weights whatever the compute dtype (rt.autocast runs it in bf16; DeepSpeed
+    and FSDP keep their own fp32 masters from these); a frozen one is loaded in the compute dtype."""
+    dtype = torch.float32 if trainable else rt.dtype
+    vlm, tokenizer, vision = model.load_policy(path, rt.device, dtype, cfg.attn_implementation)
     if cfg.max_pixels:
         vision.max_pixels = cfg.max_pixels
     vlm.model.visual.requires_grad_(cfg.train_vision)
@@ -317,7 +320,8 @@ def sft_step(cfg, rt, run, records, step):
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         with rt.accelerator.no_sync(run.policy) if k < cfg.grad_accum - 1 else nullcontext():
             # a micro-batch left empty still runs a backward, so every rank reduces the same number
-            loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
+            with rt.autocast():
+                loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
             rt.accelerator.backward(loss / cfg.grad_accum)
         total_loss += loss.item() / cfg.grad_accum
     rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
@@ -342,7 +346,7 @@ def stage_selector(cfg, rt, proxy_path):
         log(rt, f"[selector] cached predictions found in {out}; skipping")
         return
     if rt.main:
-        proxy = load_policy(cfg, rt, proxy_path)
+        proxy = load_policy(cfg, rt, proxy_path, trainable=False)
         proxy[0].eval().requires_grad_(False)
         records = load_train_records(cfg)
         os.makedirs(out, exist_ok=True)
@@ -450,7 +454,7 @@ def stage_rl(cfg, rt, start_path):
     # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
     ref_path = state["reference_path"] if state else os.path.abspath(start_path)
     loaded = load_policy(cfg, rt, ckpt if state else start_path)
-    ref = model.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
+    ref = load_policy(cfg, rt, ref_path, trainable=False)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
     records = load_train_records(cfg)
     rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
@@ -460,7 +464,7 @@ def stage_rl(cfg, rt, start_path):
         t0 = time.time()
         vlm = unwrap(rt, run.policy).model
         vlm.eval()
-        with full_params(run.policy):
+        with full_params(run.policy), rt.autocast():
             groups, sd_examples, coached, counts = rl_rollouts(cfg, rt, run, rl, step)
         vlm.train()
         t = time.time()
@@ -549,7 +553,7 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
     scale = rt.world / cfg.batch_size      # DDP averages over ranks; every prompt weighs 1 / batch_size
     reference = model.LogProbModule(ref) if ref is not None else None
-    with torch.no_grad():                  # pi_ref, and pi_old when it must outlive the first update
+    with torch.no_grad(), rt.autocast():   # pi_ref, and pi_old when it must outlive the first update
         groups = [None if g is None else dataclasses.replace(
             g, ref_logp=grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None,
             old_logp=grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None)
@@ -559,16 +563,18 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     for _ in range(cfg.inner_updates):
         for k, item in enumerate(items):
             with nullcontext() if k == len(items) - 1 else rt.accelerator.no_sync(run.policy):
-                if item is None:
-                    loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
-                elif isinstance(item, grpo.Group):
-                    loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio, cfg.shared_prefix)
-                    sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
-                    loss = loss * scale
-                else:
-                    nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
-                    sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
-                    loss = cfg.alpha * nll * scale
+                with rt.autocast():
+                    if item is None:
+                        loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
+                    elif isinstance(item, grpo.Group):
+                        loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio,
+                                                  cfg.shared_prefix)
+                        sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
+                        loss = loss * scale
+                    else:
+                        nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
+                        sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
+                        loss = cfg.alpha * nll * scale
                 rt.accelerator.backward(loss)
         if not finite_grads(rt, run.policy):
             run.opt.zero_grad(set_to_none=True)
@@ -657,7 +663,7 @@ def is_count(key):
 
 def stage_eval(cfg, rt, path):
     """The main job's last stage: the checkpoint on the synthetic test split and its V-STAR set."""
-    bundle = model.load_policy(path, rt.device, rt.dtype)
+    bundle = load_policy(cfg, rt, path, trainable=False)
     bundle[0].eval()
     tables = {}
     for benchmark, name in (("stgr", "test.json"), ("vstar", "vstar_test.json")):

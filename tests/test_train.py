@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 import config
@@ -156,3 +157,15 @@ def test_two_process_torchrun_sft(tiny_data, tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     state = train.load_trainer_state(str(tmp_path / "sft" / "last"))
     assert state["done"] and state["step"] == 2
+
+
+def test_bf16_step_at_paper_lr_moves_fp32_master_weights(tiny_data, tiny_model_dir, tmp_path):
+    # one SFT step at the paper's lr 1e-6 in bf16 compute: bf16 parameters would drop nearly every
+    # update (their resolution is ~4e-3 relative); fp32 masters under autocast keep them
+    cfg = sft_cfg(tiny_data, tmp_path, dtype="bfloat16", lr=1e-6, sft_epochs=0.34)
+    ckpt = train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    assert train.load_trainer_state(ckpt)["step"] == 1
+    a, b = (safetensors.torch.load_file(os.path.join(d, "model.safetensors")) for d in (tiny_model_dir, ckpt))
+    assert {t.dtype for t in b.values()} == {torch.float32}        # the masters were saved, not a bf16 copy
+    changed = sum(int((a[k] != b[k]).sum()) for k in a) / sum(t.numel() for t in a.values())
+    assert changed > 0.99, changed
