@@ -275,15 +275,21 @@ class Runtime:
 def setup_runtime(cfg):
     """torchrun / accelerate launch, or one plain process. Seeds torch per rank."""
     from accelerate import Accelerator   # heavy; only entry points that run a model need it
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu)
+    # --device=auto lets accelerate choose (the GPU, else the CPU); cpu=True would also switch off a
+    # DeepSpeed launch config, which runs on DeepSpeed's CPU accelerator too
+    acc = Accelerator(cpu=cfg.device == "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16
     if acc.state.deepspeed_plugin is not None:
         configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, cfg)
-    torch.manual_seed(cfg.seed + acc.process_index)
-    return Runtime(acc, acc.device, dtype, acc.process_index, acc.num_processes)
+    rank, world = acc.process_index, acc.num_processes
+    if torch.distributed.is_initialized():
+        # DeepSpeed on its CPU accelerator starts the process group itself and accelerate then counts
+        # one process; torch.distributed knows the real rank and world (on GPUs the two agree)
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    return Runtime(acc, acc.device, dtype, rank, world)
 
 
 def configure_deepspeed(ds, cfg):

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +53,9 @@ def append_jsonl(path, row):
 # Checkpoints: atomic directory swap, exact resume
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, model, tokenizer, vision, state):
-    """Write model (save_pretrained), tokenizer, vision config and trainer state to `path` atomically.
+def save_checkpoint(path, model, tokenizer, vision, state, weights=None):
+    """Write model (save_pretrained; `weights`: its full state dict when sharded, see full_state_dict),
+    tokenizer, vision config and trainer state to `path` atomically.
 
     Everything goes to path.tmp first; only a complete directory is renamed into place, so a
     crash mid-save leaves the previous checkpoint intact.
@@ -62,7 +63,7 @@ def save_checkpoint(path, model, tokenizer, vision, state):
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     vision.save(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -94,16 +95,22 @@ def warmup_cosine(step, total, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(cfg, vlm, lr, total_steps, warmup):
-    """AdamW (weight decay on matrices only) with a warmup-cosine schedule."""
+def make_optimizer(cfg, vlm, lr):
+    """AdamW, weight decay on matrices only."""
     params = [p for p in vlm.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
-    return opt, sched
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def make_schedule(opt, total_steps, warmup):
+    """Warmup-cosine on the optimizer accelerate prepared. It is built after prepare because DeepSpeed
+    rebuilds the param groups (a schedule made before would set learning rates on groups that are gone)."""
+    while hasattr(opt, "optimizer"):          # accelerate's and DeepSpeed's wrappers -> the torch optimizer
+        opt = opt.optimizer
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +157,12 @@ def load_policy(cfg, rt, path, trainable=True):
 def start_run(cfg, rt, name, loaded, state, lr, total, warmup):
     """Optimizer and schedule for the loaded policy, wrapped for the processes; resumed from `state`."""
     vlm, tokenizer, vision = loaded
-    opt, sched = make_optimizer(cfg, vlm, lr, total, warmup)
-    policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), opt)
+    policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), make_optimizer(cfg, vlm, lr))
+    sched = make_schedule(opt, total, warmup)
     ckpt, start = os.path.join(stage_dir(cfg, name), "last"), 0
     if state:
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        load_optimizer_state(rt, policy, opt, state, shard_path(cfg, rt, name, state["step"]))
+        sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
         log(rt, f"[{name}] resumed at step {start} from {ckpt}")
@@ -174,12 +182,15 @@ def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
     if rt.main:
         append_jsonl(os.path.join(stage_dir(cfg, run.name), "metrics.jsonl"), metrics)
     if step % cfg.save_every == 0 or step == total:
+        weights = full_state_dict(rt, run.policy)        # every rank takes part (FSDP / ZeRO-3 gather)
+        optimizer = save_optimizer_state(cfg, rt, run, step)
         if rt.main:
             save_checkpoint(run.ckpt, unwrap(rt, run.policy).model, run.tokenizer, run.vision,
-                            {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                            {"step": step, "optimizer": optimizer, "scheduler": run.sched.state_dict(),
                              "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
-                             "config": dataclasses.asdict(cfg), **(extra_state or {})})
+                             "config": dataclasses.asdict(cfg), **(extra_state or {})}, weights)
         rt.accelerator.wait_for_everyone()
+        drop_old_shards(cfg, rt, run.name, step)
 
 
 def unwrap(rt, policy):
@@ -190,6 +201,86 @@ def epoch_order(n, epoch, seed):
     """The sample order of an epoch: a function of (seed, epoch) only, so resume replays it exactly."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded policies (FSDP, DeepSpeed ZeRO-3): full weights, optimizer state, deferred steps
+# ---------------------------------------------------------------------------------------------
+
+def is_fsdp(policy):
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    return isinstance(policy, (FSDPModule, FullyShardedDataParallel))
+
+
+def is_deepspeed(policy):
+    return type(policy).__name__ == "DeepSpeedEngine"
+
+
+def full_state_dict(rt, policy):
+    """The policy's full weights, named as in the checkpoint (save_pretrained's state_dict). Every rank
+    must call it: FSDP and ZeRO-3 gather the shards (a rank-0-only save would hang, or write empty
+    partitions). Rank 0 gets the tensors on the CPU; the others may get an empty dict."""
+    if is_fsdp(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:   # ZeRO-3: the gathered "16-bit" state dict (the parameters' own dtype); DDP / one process: unwrapped
+        weights = rt.accelerator.get_state_dict(policy)
+    return {k.removeprefix("model."): v for k, v in (weights or {}).items()}   # LogProbModule's prefix
+
+
+def shard_path(cfg, rt, name, step):
+    """ZeRO-3 keeps each rank's optimizer partition (fp32 masters included) in its own file, beside
+    the checkpoint: no rank could hold them all."""
+    return os.path.join(stage_dir(cfg, name), "optimizer_shards", f"step{step}.rank{rt.rank}.pt")
+
+
+def save_optimizer_state(cfg, rt, run, step):
+    """Every rank calls it. -> the optimizer state for trainer_state.pt (None under ZeRO-3, whose
+    ranks each write their shard_path here)."""
+    if is_deepspeed(run.policy):
+        path = shard_path(cfg, rt, run.name, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(run.opt.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return None
+    if is_fsdp(run.policy):   # gathered to rank 0 (full_state_dict + cpu_offload), as PyTorch documents
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(run.policy, run.opt.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.opt.state_dict()
+
+
+def load_optimizer_state(rt, policy, opt, state, shard):
+    if is_deepspeed(policy):
+        if not os.path.isfile(shard):
+            raise SystemExit(f"resume: {shard} missing (ZeRO-3 resumes with the world size it saved with)")
+        opt.load_state_dict([torch.load(shard, weights_only=False)] * rt.world)   # ZeRO reads entry [rank]
+    elif is_fsdp(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, opt.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+
+
+def drop_old_shards(cfg, rt, name, step):
+    """After checkpoint `step` is in place, this rank's older optimizer shards go."""
+    folder = os.path.join(stage_dir(cfg, name), "optimizer_shards")
+    mine = f".rank{rt.rank}.pt"
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        if f.endswith(mine) and f != os.path.basename(shard_path(cfg, rt, name, step)):
+            os.remove(os.path.join(folder, f))
+
+
+@contextmanager
+def defer_step(rt, policy):
+    """A backward whose gradients add to the next one's: DDP skips its all-reduce (no_sync), and
+    DeepSpeed, which steps inside accelerator.backward, waits for the step's last backward."""
+    with rt.accelerator.no_sync(policy):
+        rt.accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            rt.accelerator.gradient_state._set_sync_gradients(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +409,7 @@ def sft_step(cfg, rt, run, records, step):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
-        with rt.accelerator.no_sync(run.policy) if k < cfg.grad_accum - 1 else nullcontext():
+        with defer_step(rt, run.policy) if k < cfg.grad_accum - 1 else nullcontext():
             # a micro-batch left empty still runs a backward, so every rank reduces the same number
             with rt.autocast():
                 loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
@@ -562,7 +653,7 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     items = groups + sd_examples
     for _ in range(cfg.inner_updates):
         for k, item in enumerate(items):
-            with nullcontext() if k == len(items) - 1 else rt.accelerator.no_sync(run.policy):
+            with nullcontext() if k == len(items) - 1 else defer_step(rt, run.policy):
                 with rt.autocast():
                     if item is None:
                         loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
@@ -586,7 +677,7 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
             continue
         bad_in_a_row = 0
         grad_norm = rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
-        sums["grad_norm"] += float(grad_norm) / cfg.inner_updates
+        sums["grad_norm"] += float(grad_norm or 0.0) / cfg.inner_updates   # DeepSpeed: its own clip's norm
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
     run.sched.step()

@@ -169,3 +169,59 @@ def test_bf16_step_at_paper_lr_moves_fp32_master_weights(tiny_data, tiny_model_d
     assert {t.dtype for t in b.values()} == {torch.float32}        # the masters were saved, not a bf16 copy
     changed = sum(int((a[k] != b[k]).sum()) for k in a) / sum(t.numel() for t in a.values())
     assert changed > 0.99, changed
+
+
+SNAPSHOT_AT_STEP_2 = """import shutil
+import sys
+sys.path.insert(0, {root!r})
+import train
+real_end_step = train.end_step
+
+
+def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
+    real_end_step(cfg, rt, run, step, total, metrics, extra_state)
+    if step == 2 and rt.main:      # what a crash during step 3 would leave behind
+        shutil.copytree(train.stage_dir(cfg, run.name), {snapshot!r})
+
+
+train.end_step = end_step
+train.main(sys.argv[1:])
+"""
+
+
+def zero3_launch(script, tiny_data, tiny_model_dir, out):
+    """accelerate launch of configs/zero3.yaml with 2 CPU processes (DeepSpeed's CPU accelerator, gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/zero3.yaml",
+           "--num_processes=2", "--mixed_precision=no", script, "--stage=sft", f"--model={tiny_model_dir}",
+           f"--data_dir={tiny_data}", f"--out_dir={out}", "--batch_size=4", "--sft_epochs=1", "--save_every=2",
+           "--max_frames=8", "--dtype=float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_zero3_two_processes_train_save_a_loadable_checkpoint_and_resume(tiny_data, tiny_model_dir, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (setup.sh --deepspeed)")
+    script = tmp_path / "snapshot.py"
+    script.write_text(SNAPSHOT_AT_STEP_2.format(root=ROOT, snapshot=str(tmp_path / "crash" / "sft")))
+    full = zero3_launch(str(script), tiny_data, tiny_model_dir, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    shards = lambda d: sorted(os.listdir(d / "sft" / "optimizer_shards"))  # noqa: E731
+    assert shards(tmp_path / "crash") == ["step2.rank0.pt", "step2.rank1.pt"]   # one per rank, kept beside
+    assert shards(tmp_path / "full") == ["step3.rank0.pt", "step3.rank1.pt"]    # older ones dropped
+    last = tmp_path / "crash" / "sft" / "last"
+    assert train.load_trainer_state(str(last))["step"] == 2
+    resumed = zero3_launch("train.py", tiny_data, tiny_model_dir, tmp_path / "crash")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 2" in resumed.stdout
+    # the gathered save: every weight has its full shape (rank 0 alone would write empty partitions)
+    base, _, _ = model.load_policy(tiny_model_dir)
+    a, _, _ = model.load_policy(str(tmp_path / "full" / "sft" / "last"))
+    b, _, _ = model.load_policy(str(last))
+    for (n, p), (_, q), (_, r) in zip(base.named_parameters(), a.named_parameters(), b.named_parameters()):
+        assert p.shape == q.shape == r.shape, n
+        torch.testing.assert_close(q, r, atol=1e-6, rtol=0, msg=n)    # resumed = uninterrupted
+    assert not torch.equal(base.model.language_model.layers[0].mlp.up_proj.weight,
+                           a.model.language_model.layers[0].mlp.up_proj.weight)
+    losses = lambda d: [json.loads(l)["loss"] for l in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
+    assert len(losses(tmp_path / "crash")) == 3
+    assert losses(tmp_path / "crash")[-1] == pytest.approx(losses(tmp_path / "full")[-1], abs=1e-6)
