@@ -698,18 +698,30 @@ def finite_grads(rt, policy):
     return bool(rt.accelerator.reduce(ok, reduction="sum").item() == rt.world) if rt.world > 1 else bool(ok.item())
 
 
+@contextmanager
 def full_params(policy):
-    """Generation runs on the bare model: under FSDP / ZeRO-3 its shards are gathered first."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        if isinstance(policy, FSDP):
-            return FSDP.summon_full_params(policy, writeback=False, recurse=True)
-    except ImportError:
-        pass
-    if type(policy).__name__ == "DeepSpeedEngine":
+    """Generation calls the bare model's modules, not the wrapper's forward, so shards are gathered
+    first. FSDP2 (fully_shard): the root's own parameters are unsharded (each sharded layer unshards
+    itself in its own forward); FSDP1: the same through summon_full_params(recurse=False), as its docs
+    ask (recurse=True around a forward is unsupported); ZeRO-3: every parameter is gathered."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel as FSDP
+    if isinstance(policy, FSDPModule):
+        # FSDP2 sets up its hooks on the root's first forward; generation would make a layer the root
+        policy._get_fsdp_state()._lazy_init()
+        policy.unshard()
+        try:
+            yield
+        finally:
+            policy.reshard()
+    elif isinstance(policy, FSDP):
+        with FSDP.summon_full_params(policy, writeback=False, recurse=False):
+            yield
+    elif is_deepspeed(policy):
         import deepspeed
-        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
-    return nullcontext()
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def rl_metrics(cfg, rt, run, step, groups, coached, scalars):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 import config
 import data
@@ -225,3 +226,73 @@ def test_zero3_two_processes_train_save_a_loadable_checkpoint_and_resume(tiny_da
     losses = lambda d: [json.loads(l)["loss"] for l in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
     assert len(losses(tmp_path / "crash")) == 3
     assert losses(tmp_path / "crash")[-1] == pytest.approx(losses(tmp_path / "full")[-1], abs=1e-6)
+
+
+FSDP2_SCRIPT = """import copy
+import os
+import sys
+from types import SimpleNamespace
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import config, data, model, train
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model_dir, data_dir, out = sys.argv[1:4]
+vlm, tok, vision = model.load_policy(model_dir)
+rec = data.load_records(os.path.join(data_dir, "train.json"))[0]
+inputs = model.model_input(tok, vision, data.load_video_sample(rec, data.FrameConfig(max_frames=4)), rec["question"])
+greedy = lambda m: model.generate(m, inputs, 1, 8, model.stop_token_ids(m, tok), tok.pad_token_id, 0.0)[0]
+
+
+def one_step(policy, completion):
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    (-policy(inputs, completion, mode="shared").sum()).backward()
+    opt.step()
+    return opt
+
+
+with torch.no_grad():
+    want = greedy(vlm)
+plain = model.LogProbModule(copy.deepcopy(vlm))
+one_step(plain, want)                                  # the same step without sharding
+for layer in list(vlm.model.language_model.layers) + list(vlm.model.visual.blocks):
+    fully_shard(layer)
+policy = fully_shard(model.LogProbModule(vlm))
+with torch.no_grad(), train.full_params(policy):       # generation before any forward through the root
+    assert torch.equal(greedy(vlm), want)
+opt = one_step(policy, want)
+rt = config.Runtime(None, torch.device("cpu"), torch.float32, rank, 2)
+weights = train.full_state_dict(rt, policy)            # every rank takes part
+run = SimpleNamespace(policy=policy, opt=SimpleNamespace(optimizer=opt), name="sft")
+state = train.save_optimizer_state(None, rt, run, 1)   # gathered on rank 0
+if rank == 0:
+    vlm.save_pretrained(os.path.join(out, "fsdp"), state_dict=weights)
+    plain.model.save_pretrained(os.path.join(out, "plain"))
+    emb = vlm.model.language_model.embed_tokens.weight
+    assert state["state"]["model.model.language_model.embed_tokens.weight"]["exp_avg"].shape == emb.shape
+dist.broadcast_object_list(box := [state])
+train.load_optimizer_state(rt, policy, run.opt, {{"optimizer": box[0]}}, None)
+dist.barrier()
+print("fsdp2 ok", flush=True)
+"""
+
+
+def test_fsdp2_on_cpu_generates_saves_full_weights_and_gathers_the_optimizer(tiny_data, tiny_model_dir, tmp_path):
+    # torch's fully_shard with gloo (accelerate's FSDP needs GPUs): generation under train.full_params,
+    # a step equal to the unsharded one, the full state dict every rank takes part in
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           tiny_model_dir, tiny_data, str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.count("fsdp2 ok") == 2, r.stderr[-3000:]
+    load = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained
+    base, sharded, plain = load(tiny_model_dir), load(str(tmp_path / "fsdp")), load(str(tmp_path / "plain"))
+    for (n, p), (_, q), (_, r) in zip(base.named_parameters(), sharded.named_parameters(), plain.named_parameters()):
+        assert p.shape == q.shape, n
+        torch.testing.assert_close(q, r, atol=1e-6, rtol=0, msg=n)
+    assert not torch.equal(base.lm_head.weight, sharded.lm_head.weight)
