@@ -544,10 +544,11 @@ def stage_rl(cfg, rt, start_path):
         return ckpt
     # The frozen reference is the starting checkpoint; a resumed run reloads it from there.
     ref_path = state["reference_path"] if state else os.path.abspath(start_path)
+    records = load_train_records(cfg)
+    coach = make_coach(cfg, records)         # before the models: a missing selector stage fails in seconds
     loaded = load_policy(cfg, rt, ckpt if state else start_path)
     ref = load_policy(cfg, rt, ref_path, trainable=False)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
-    records = load_train_records(cfg)
-    rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
+    rl = RL(ref, records, coach, config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
     bad_in_a_row = 0
     bar = progress_bar(rt, run, cfg.rl_steps)
@@ -599,6 +600,7 @@ def rl_rollouts(cfg, rt, run, rl, step):
             continue
         if len(inputs) > cfg.max_prompt_tokens:
             counts["skipped/prompt_too_long"] += 1
+            warn_prompt_too_long(record, len(inputs), cfg)
             groups.append(None)
             continue
         # 1. G rollouts on the raw video and question, their rewards R, group-normalized advantages
@@ -630,6 +632,14 @@ def rl_rollouts(cfg, rt, run, rl, step):
                 sd_examples.append(distill.SDExample(condition, prompted.ids[keep], prompted.mask[keep]))
         counts["time/coach"] += time.time() - t
     return groups, sd_examples, coached, counts
+
+
+def warn_prompt_too_long(record, n_tokens, cfg):
+    """Loud, on every rank that skips one (metrics.jsonl counts them as skipped/prompt_too_long): a
+    pixel budget copied from a release can make most prompts too long, and RL would then learn nothing."""
+    print(f"[rl] WARNING: {data.origin(record)}: prompt of {n_tokens} tokens > --max_prompt_tokens="
+          f"{cfg.max_prompt_tokens}; skipped. Lower --max_pixels / --max_frames or raise --max_prompt_tokens.",
+          file=sys.stderr, flush=True)
 
 
 def reward_skips(group):
