@@ -151,6 +151,8 @@ def load_policy(cfg, rt, path, trainable=True):
     if cfg.max_pixels:
         vision.max_pixels = cfg.max_pixels
     vlm.model.visual.requires_grad_(cfg.train_vision)
+    if trainable and cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(vlm)
     return vlm, tokenizer, vision
 
 
