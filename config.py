@@ -264,6 +264,15 @@ class Runtime:
     def main(self):
         return self.rank == 0
 
+    def gather(self, obj):
+        """[obj of every rank], in rank order. torch.distributed's, which knows the world even where
+        accelerate counts one process (DeepSpeed on its CPU accelerator)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def autocast(self):
         """Matmuls in the compute dtype over fp32 master weights: a bf16 parameter stepped by AdamW at
         lr 1e-6 would drop almost every update below its resolution (REFERENCE.md section 8)."""

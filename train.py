@@ -230,6 +230,18 @@ def full_state_dict(rt, policy):
     return {k.removeprefix("model."): v for k, v in (weights or {}).items()}   # LogProbModule's prefix
 
 
+def frozen(rt, vlm):
+    """A frozen model every rank runs (the reference). Under ZeRO-3, from_pretrained has already
+    partitioned it, so it gets an engine of its own (no optimizer) whose hooks gather each layer."""
+    vlm.requires_grad_(False).eval()
+    plugin = rt.accelerator.state.deepspeed_plugin if rt.accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return vlm
+    import deepspeed
+    ds = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+    return deepspeed.initialize(model=vlm, config=ds)[0].module
+
+
 def shard_path(cfg, rt, name, step):
     """ZeRO-3 keeps each rank's optimizer partition (fp32 masters included) in its own file, beside
     the checkpoint: no rank could hold them all."""
@@ -549,7 +561,7 @@ def stage_rl(cfg, rt, start_path):
     records = load_train_records(cfg)
     coach = make_coach(cfg, records)         # before the models: a missing selector stage fails in seconds
     loaded = load_policy(cfg, rt, ckpt if state else start_path)
-    ref = load_policy(cfg, rt, ref_path, trainable=False)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
+    ref = frozen(rt, load_policy(cfg, rt, ref_path, trainable=False)[0]) if cfg.beta > 0 else None
     rl = RL(ref, records, coach, config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, state, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
     bad_in_a_row = 0
@@ -756,8 +768,7 @@ def rl_metrics(cfg, rt, run, step, groups, coached, scalars):
 
 def reduce_metrics(rt, row):
     """Average each metric over the ranks that have it (ranks may log different coach keys)."""
-    from accelerate.utils import gather_object
-    rows = gather_object([row])
+    rows = rt.gather(row)
     keys = {k for r in rows for k in r}
     out = {}
     for k in sorted(keys):
