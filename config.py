@@ -15,6 +15,7 @@ Test: python -m pytest tests/test_train.py -q -k "config or overrides or help"
 """
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from contextlib import nullcontext
@@ -43,9 +44,9 @@ class Config:
     model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
     seed: int = 0                 # seeds data order, rollouts, the synthetic set and the selector
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
-    dtype: str = "auto"           # compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16; trainable weights stay fp32
+    dtype: str = "auto"           # compute: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 (weights trained stay fp32)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package and a GPU)
-    gradient_checkpointing: bool = False  # recompute the policy's activations in backward (less memory, ~1/3 more compute)
+    gradient_checkpointing: bool = False  # recompute the policy's activations in backward (less memory, more compute)
     # ---- frames: what the model is shown (data.py samples them, model.py resizes them) ----
     fps: float = data.FrameConfig.fps  # frames per second sampled from a video
     min_frames: int = data.FrameConfig.min_frames  # a short video still shows this many frames
@@ -284,9 +285,11 @@ class Runtime:
 def setup_runtime(cfg):
     """torchrun / accelerate launch, or one plain process. Seeds torch per rank."""
     from accelerate import Accelerator   # heavy; only entry points that run a model need it
-    # --device=auto lets accelerate choose (the GPU, else the CPU); cpu=True would also switch off a
-    # DeepSpeed launch config, which runs on DeepSpeed's CPU accelerator too
-    acc = Accelerator(cpu=cfg.device == "cpu")
+    # cpu=True also makes torchrun on CPUs a gloo process group; it would switch off a DeepSpeed launch
+    # config, though, which runs on DeepSpeed's CPU accelerator as well
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available() and not deepspeed)
+    acc = Accelerator(cpu=cpu)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16

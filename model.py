@@ -15,6 +15,9 @@ h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few l
 frames into patches are written here with einops (tests check them against the PIL image
 processor on still images).
 
+Gradient checkpointing (enable_gradient_checkpointing) is our own, per layer: transformers' switch
+drops the KV cache in training, which the shared-prefix path reads.
+
 Many prompts at once (generate_groups, groups_logprobs, the last section): each prompt prefilled
 once, all groups' rows decoded or scored together; batch size 1 is the one-prompt path above.
 

@@ -7,7 +7,8 @@
     accelerate launch --config_file configs/fsdp.yaml train.py --stage=rl ...   # FSDP / ZeRO-3 for 7B
 
 Owns every loop, top to bottom: checkpoints (atomic, with optimizer, schedule and RNG state; exact
-resume) and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
+resume; under FSDP / ZeRO-3 the full weights gathered on every rank and the sharded optimizer state)
+and the skeleton both training stages share, the SFT loop, the VP-Selector's label-making
 and prediction loops, the RL step (`rl_rollouts` reads as the paper's Algorithm 1, `rl_update` is
 the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
 (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
@@ -271,7 +272,8 @@ def load_optimizer_state(rt, policy, opt, state, shard):
         opt.load_state_dict([torch.load(shard, weights_only=False)] * rt.world)   # ZeRO reads entry [rank]
     elif is_fsdp(policy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(policy, opt.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(policy, opt.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state["optimizer"])
 
