@@ -711,6 +711,12 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
 
 
 def zero_loss(policy):
+    """A backward with no sample, so every rank runs the same number. Under ZeRO-3 the parameters are
+    empty partitions outside a forward and its hooks reduce per layer, so there is none to make."""
+    if is_deepspeed(policy) and policy.zero_optimization_stage() == 3:
+        raise RuntimeError("ZeRO-3: a rank has no sample for this backward (a prompt over --max_prompt_tokens "
+                           "or media that failed to decode, see the warnings above); raise --max_prompt_tokens, "
+                           "fix the record, or run this data with DDP / FSDP")
     return sum(p.reshape(-1)[0] for p in policy.parameters() if p.requires_grad) * 0.0
 
 
