@@ -274,6 +274,9 @@ def load_optimizer_state(rt, policy, opt, state, shard):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(policy, opt.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
+    elif state["optimizer"] is None:
+        raise SystemExit(f"resume: {os.path.dirname(os.path.dirname(shard))} was saved under ZeRO-3 (its optimizer "
+                         f"state is in per-rank shards); resume it with the same accelerate config and world size")
     else:
         opt.load_state_dict(state["optimizer"])
 
