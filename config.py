@@ -16,8 +16,10 @@ Test: python -m pytest tests/test_train.py -q -k "config or overrides or help"
 import dataclasses
 import importlib.util
 import inspect
+import os
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +45,9 @@ class Config:
     model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
     seed: int = 0                 # seeds data order, rollouts, the synthetic set and the selector
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
-    dtype: str = "auto"           # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"           # compute: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 (weights trained stay fp32)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn package and a GPU)
+    gradient_checkpointing: bool = False  # recompute the policy's activations in backward (less memory, more compute)
     # ---- frames: what the model is shown (data.py samples them, model.py resizes them) ----
     fps: float = data.FrameConfig.fps  # frames per second sampled from a video
     min_frames: int = data.FrameConfig.min_frames  # a short video still shows this many frames
@@ -125,6 +129,7 @@ STAGES = ("data", "sft", "selector", "rl", "eval")
 CHOICES = {
     "stage": ("all",) + STAGES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,
     "sd_condition": distill.SD_CONDITIONS,
@@ -262,7 +267,7 @@ def rl_warmup(cfg):
 class Runtime:
     accelerator: object
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype            # compute dtype; frozen models are loaded in it, trainable ones in fp32
     rank: int
     world: int
 
@@ -270,17 +275,53 @@ class Runtime:
     def main(self):
         return self.rank == 0
 
+    def gather(self, obj):
+        """[obj of every rank], in rank order. torch.distributed's, which knows the world even where
+        accelerate counts one process (DeepSpeed on its CPU accelerator)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def autocast(self):
+        """Matmuls in the compute dtype over fp32 master weights: a bf16 parameter stepped by AdamW at
+        lr 1e-6 would drop almost every update below its resolution (REFERENCE.md section 8)."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
 
 def setup_runtime(cfg):
     """torchrun / accelerate launch, or one plain process. Seeds torch per rank."""
     from accelerate import Accelerator   # heavy; only entry points that run a model need it
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    # cpu=True also makes torchrun on CPUs a gloo process group; it would switch off a DeepSpeed launch
+    # config, though, which runs on DeepSpeed's CPU accelerator as well
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available() and not deepspeed)
     acc = Accelerator(cpu=cpu, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.out_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.float32 if acc.device.type == "cpu" else torch.bfloat16
-    torch.manual_seed(cfg.seed + acc.process_index)
-    return Runtime(acc, acc.device, dtype, acc.process_index, acc.num_processes)
+    if acc.state.deepspeed_plugin is not None:
+        configure_deepspeed(acc.state.deepspeed_plugin.deepspeed_config, cfg)
+    rank, world = acc.process_index, acc.num_processes
+    if torch.distributed.is_initialized():
+        # DeepSpeed on its CPU accelerator starts the process group itself and accelerate then counts
+        # one process; torch.distributed knows the real rank and world (on GPUs the two agree)
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    return Runtime(acc, acc.device, dtype, rank, world)
+
+
+def configure_deepspeed(ds, cfg):
+    """What accelerate cannot infer for DeepSpeed when no DataLoader is prepared. Our loops run their own
+    micro-batches (one backward per sample or group) and step once per optimizer step, so DeepSpeed
+    sees micro batch 1 and no accumulation of its own; it clips gradients itself, at --grad_clip."""
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds.pop("train_batch_size", None)     # "auto" would be recomputed from the two above
 
 
 def log(rt, *args):

@@ -14,7 +14,8 @@ a time (prompts differ in length; the tiny default runs at ~0.1 s a sample here,
 is generation-bound anyway). The settings are the one config's (config.py): --data, --kind, --out,
 --limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
 eval_data, benchmark, eval_out, eval_samples, eval_max_new_tokens, eval_temperature and
-eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames) are the training run's fields.
+eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames, --max_pixels) are the training
+run's fields, read the same way (--max_pixels=0: the checkpoint's own preprocessor_config budget).
 The metrics themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
@@ -54,7 +55,8 @@ def _input_for(bundle, video, questions, answers, cfg, where, rt):
     """A multi-turn model input: the video with questions[0], then earlier answers and later
     questions. A prompt over eval_max_prompt_tokens is an error naming the sample (`where`)."""
     _, tokenizer, vision = bundle
-    inputs = model.model_input(tokenizer, vision, video, questions[0], turns=list(zip(answers, questions[1:])))
+    inputs = model.model_input(tokenizer, vision, video, questions[0], cfg.max_pixels or None,
+                               turns=list(zip(answers, questions[1:])))
     data.check_prompt_length(len(inputs), cfg.eval_max_prompt_tokens, where)
     return inputs.to(rt.device, rt.dtype)
 
@@ -225,7 +227,7 @@ def main(argv):
         return
     cfg = parse_eval_args(argv)
     rt = config.setup_runtime(cfg)
-    bundle = model.load_policy(cfg.model, rt.device, rt.dtype)
+    bundle = model.load_policy(cfg.model, rt.device, rt.dtype, cfg.attn_implementation)
     bundle[0].eval()
     with torch.no_grad():
         summary = evaluate(cfg, bundle, rt)

@@ -16,6 +16,9 @@ h*w/4 tokens. transformers' Qwen2.5-VL processor needs torchvision, so the few l
 frames into patches are written here with einops (tests check them against the PIL image
 processor on still images).
 
+Gradient checkpointing (enable_gradient_checkpointing) is our own, per layer: transformers' switch
+drops the KV cache in training, which the shared-prefix path reads.
+
 Many prompts at once (generate_groups, groups_logprobs, the last section): each prompt prefilled
 once, all groups' rows decoded or scored together; batch size 1 is the one-prompt path above.
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -163,12 +167,13 @@ def _mrope_section(head_dim):
     return [t, h, half - t - h]
 
 
-def load_policy(path, device="cpu", dtype=torch.float32):
+def load_policy(path, device="cpu", dtype=torch.float32, attn_implementation="sdpa"):
     """Any Qwen2.5-VL checkpoint directory (ours or a real 3B/7B) -> (model, tokenizer, vision)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json; not a model directory (run the main job, "
                                 f"or pass --model a Qwen2.5-VL checkpoint directory)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attn_implementation).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, VisionProcessor.load(path)
 
@@ -497,6 +502,66 @@ class LogProbModule(torch.nn.Module):
         if mode == "multi":
             return multi_prefix_logprobs(self.model, prompts, completions)
         return plain_logprobs(self.model, prompts, completions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing that keeps the shared prefix's KV cache
+# ---------------------------------------------------------------------------------------------
+
+class _LayerCache:
+    """What one checkpointed text layer reads and appends to instead of the model's KV cache: its
+    cached keys/values as they were when the layer ran. The backward's recompute then sees the same
+    prefix and does not append to the real cache a second time."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+    def update(self, keys, values, layer_idx, **kwargs):
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+def _cached_kv(cache, idx):
+    if cache is None or len(cache.layers) <= idx or not cache.layers[idx].is_initialized:
+        return None, None
+    return cache.layers[idx].keys, cache.layers[idx].values
+
+
+def _checkpointed(layer, forward):
+    """layer.forward, its activations recomputed in backward (non-reentrant torch checkpoint). The
+    layer's new keys/values are outputs of the checkpointed function and are appended to the real
+    cache outside it, so gradients reach the prompt through the cache as without checkpointing.
+    Vision blocks have no cache: they are plainly checkpointed."""
+    def run(hidden_states, *args, cache=None, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(hidden_states, *args, cache=cache, **kwargs)
+        idx = layer.self_attn.layer_idx if cache is not None else None
+        past_k, past_v = _cached_kv(cache, idx)
+
+        def recomputable(h):
+            view = _LayerCache(past_k, past_v)
+            return forward(h, *args, cache=view, **kwargs), view.keys, view.values
+
+        if cache is None:
+            return torch.utils.checkpoint.checkpoint(lambda h: forward(h, *args, **kwargs), hidden_states,
+                                                     use_reentrant=False)
+        out, keys, values = torch.utils.checkpoint.checkpoint(recomputable, hidden_states, use_reentrant=False)
+        if cache is not None:
+            n = 0 if past_k is None else past_k.shape[-2]
+            cache.update(keys[..., n:, :], values[..., n:, :], idx)     # (B, H, new, D) appended once
+        return out
+    return run
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute the policy's activations in backward, one text layer or vision block at a time.
+    Not transformers' gradient_checkpointing_enable: in training it drops the KV cache, and the
+    shared-prefix path would silently lose its prompt."""
+    for layer in list(model.model.language_model.layers) + list(model.model.visual.blocks):
+        layer.forward = _checkpointed(layer, layer.forward)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

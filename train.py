@@ -8,7 +8,8 @@
 
 Owns every loop, top to bottom: checkpoints (a step checkpoint committed by one rename, so a kill at
 any instant leaves the newest complete one; the model folder apart from the optimizer, schedule and
-RNG state; exact resume) and the skeleton both training stages share, the SFT loop, the
+RNG state; exact resume; under FSDP / ZeRO-3 the full weights
+gathered on every rank and the sharded optimizer state) and the skeleton both training stages share, the SFT loop, the
 VP-Selector's label-making and prediction loops, the RL step (`rl_rollouts` reads as the paper's
 Algorithm 1, `rl_update` is the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
 (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
@@ -27,7 +28,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -188,16 +189,22 @@ def warmup_cosine(step, total, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(cfg, vlm, lr, total_steps, warmup):
-    """AdamW (weight decay on matrices only) with a warmup-cosine schedule."""
+def make_optimizer(cfg, vlm, lr):
+    """AdamW, weight decay on matrices only."""
     params = [p for p in vlm.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
-    return opt, sched
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def make_schedule(opt, total_steps, warmup):
+    """Warmup-cosine on the optimizer accelerate prepared. It is built after prepare because DeepSpeed
+    rebuilds the param groups (a schedule made before would set learning rates on groups that are gone)."""
+    while hasattr(opt, "optimizer"):          # accelerate's and DeepSpeed's wrappers -> the torch optimizer
+        opt = opt.optimizer
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total_steps, warmup))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +251,17 @@ def stage_model(cfg, name):
     return os.path.join(stage_dir(cfg, name), "last")
 
 
-def load_policy(cfg, rt, path):
-    """A checkpoint as the trainable policy: (model, tokenizer, vision) with cfg's pixel budget."""
-    vlm, tokenizer, vision = model.load_policy(path, rt.device, rt.dtype)
+def load_policy(cfg, rt, path, trainable=True):
+    """A checkpoint as (model, tokenizer, vision) with cfg's pixel budget and attention. A trainable
+    policy keeps fp32 master weights whatever the compute dtype (rt.autocast runs it in bf16; DeepSpeed
+    and FSDP keep their own fp32 masters from these); a frozen one is loaded in the compute dtype."""
+    dtype = torch.float32 if trainable else rt.dtype
+    vlm, tokenizer, vision = model.load_policy(path, rt.device, dtype, cfg.attn_implementation)
     if cfg.max_pixels:
         vision.max_pixels = cfg.max_pixels
     vlm.model.visual.requires_grad_(cfg.train_vision)
+    if trainable and cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(vlm)
     return vlm, tokenizer, vision
 
 
@@ -257,15 +269,16 @@ def start_run(cfg, rt, name, loaded, resumed, lr, total, warmup):
     """Optimizer and schedule for the loaded policy, wrapped for the processes; resumed from
     `resumed` = (checkpoint, trainer state) when there is one. Trackers start here."""
     (vlm, tokenizer, vision), (ckpt, state) = loaded, resumed
-    opt, sched = make_optimizer(cfg, vlm, lr, total, warmup)
-    policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), opt)
+    policy, opt = rt.accelerator.prepare(model.LogProbModule(vlm), make_optimizer(cfg, vlm, lr))
+    sched = make_schedule(opt, total, warmup)   # after prepare: DeepSpeed rebuilds the param groups
     start = 0
     if state:
         if state["step"] >= total:
             raise SystemExit(f"[{name}] {ckpt} has done {state['step']} steps, but this config's schedule has "
                              f"{total} in all: to resume, give a schedule longer than the steps done "
                              f"(--sft_epochs / --rl_steps), or start anew with another --out_dir")
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        load_optimizer_state(rt, policy, opt, state, shard_path(cfg, rt, name, state["step"]))
+        sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
         log(rt, f"[{name}] resumed at step {start} from {ckpt}")
@@ -287,17 +300,21 @@ def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
     if cfg.report_to != "none":
         rt.accelerator.log({f"{run.name}/{k}": v for k, v in metrics.items() if is_number(v)}, step=step)
     if step % cfg.save_every == 0 or step == total:
-        save_run(cfg, rt, run, {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        save_run(cfg, rt, run, {"step": step, "scheduler": run.sched.state_dict(),
                                 "rng": rng_state(), "done": step == total, "skipped": dict(run.skipped),
                                 "config": dataclasses.asdict(cfg), **(extra_state or {})})
 
 
 def save_run(cfg, rt, run, state):
-    """The one place a training checkpoint is saved: every rank calls it, rank 0 writes."""
+    """The one place a training checkpoint is saved. Every rank calls it: FSDP / ZeRO-3 gather the full
+    weights, and ZeRO-3 ranks each write their optimizer shard; then rank 0 writes the checkpoint."""
+    weights = full_state_dict(rt, run.policy)
+    state = {**state, "optimizer": save_optimizer_state(cfg, rt, run, state["step"])}
     if rt.main:
         save_checkpoint(stage_dir(cfg, run.name), state["step"], unwrap(rt, run.policy).model, run.tokenizer,
-                        run.vision, state, cfg.keep_checkpoints)
+                        run.vision, state, cfg.keep_checkpoints, weights)
     rt.accelerator.wait_for_everyone()
+    drop_old_shards(cfg, rt, run.name, state["step"])   # after the commit: a kill before it keeps the older shard
 
 
 def start_trackers(cfg, rt, name):
@@ -327,6 +344,108 @@ def epoch_order(n, epoch, seed):
     """The sample order of an epoch: a function of (seed, epoch) only, so resume replays it exactly."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded policies (FSDP, DeepSpeed ZeRO-3): full weights, optimizer state, deferred steps
+# ---------------------------------------------------------------------------------------------
+
+def is_fsdp(policy):
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    return isinstance(policy, (FSDPModule, FullyShardedDataParallel))
+
+
+def is_deepspeed(policy):
+    return type(policy).__name__ == "DeepSpeedEngine"
+
+
+def full_state_dict(rt, policy):
+    """The policy's full weights, named as in the checkpoint (save_pretrained's state_dict). Every rank
+    must call it: FSDP and ZeRO-3 gather the shards (a rank-0-only save would hang, or write empty
+    partitions). Rank 0 gets the tensors on the CPU; the others may get an empty dict."""
+    if is_fsdp(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:   # ZeRO-3: the gathered "16-bit" state dict (the parameters' own dtype); DDP / one process: unwrapped
+        weights = rt.accelerator.get_state_dict(policy)
+    return {k.removeprefix("model."): v for k, v in (weights or {}).items()}   # LogProbModule's prefix
+
+
+def frozen(rt, vlm):
+    """A frozen model every rank runs (the reference). Under ZeRO-3, from_pretrained has already
+    partitioned it, so it gets an engine of its own (no optimizer) whose hooks gather each layer."""
+    vlm.requires_grad_(False).eval()
+    plugin = rt.accelerator.state.deepspeed_plugin if rt.accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return vlm
+    import deepspeed
+    ds = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+    return deepspeed.initialize(model=vlm, config=ds)[0].module
+
+
+def shard_path(cfg, rt, name, step):
+    """ZeRO-3 keeps each rank's optimizer partition (fp32 masters included) in its own file, beside
+    the checkpoint: no rank could hold them all."""
+    return os.path.join(stage_dir(cfg, name), "optimizer_shards", f"step{step}.rank{rt.rank}.pt")
+
+
+def save_optimizer_state(cfg, rt, run, step):
+    """Every rank calls it. -> the optimizer state for trainer_state.pt (None under ZeRO-3, whose
+    ranks each write their shard_path here)."""
+    if is_deepspeed(run.policy):
+        path = shard_path(cfg, rt, run.name, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(run.opt.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return None
+    if is_fsdp(run.policy):   # gathered to rank 0 (full_state_dict + cpu_offload), as PyTorch documents
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(run.policy, run.opt.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.opt.state_dict()
+
+
+def load_optimizer_state(rt, policy, opt, state, shard):
+    if is_deepspeed(policy):
+        if not os.path.isfile(shard):
+            raise SystemExit(f"resume: {shard} missing (ZeRO-3 resumes with the world size it saved with)")
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        # weights_only, so a planted file cannot run code; the two DeepSpeed types a shard holds besides
+        # tensors (an enum, a plain attribute holder) are allowed by name
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            shard_state = torch.load(shard, weights_only=True)
+        opt.load_state_dict([shard_state] * rt.world)   # ZeRO reads entry [rank]
+    elif is_fsdp(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, opt.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    elif state["optimizer"] is None:
+        raise SystemExit(f"resume: {os.path.dirname(os.path.dirname(shard))} was saved under ZeRO-3 (its optimizer "
+                         f"state is in per-rank shards); resume it with the same accelerate config and world size")
+    else:
+        opt.load_state_dict(state["optimizer"])
+
+
+def drop_old_shards(cfg, rt, name, step):
+    """After checkpoint `step` is in place, this rank's older optimizer shards go."""
+    folder = os.path.join(stage_dir(cfg, name), "optimizer_shards")
+    mine = f".rank{rt.rank}.pt"
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        if f.endswith(mine) and f != os.path.basename(shard_path(cfg, rt, name, step)):
+            os.remove(os.path.join(folder, f))
+
+
+@contextmanager
+def defer_step(rt, policy):
+    """A backward whose gradients add to the next one's: DDP skips its all-reduce (no_sync), and
+    DeepSpeed, which steps inside accelerator.backward, waits for the step's last backward."""
+    with rt.accelerator.no_sync(policy):
+        rt.accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            rt.accelerator.gradient_state._set_sync_gradients(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +576,10 @@ def sft_step(cfg, rt, run, records, step):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
-        with rt.accelerator.no_sync(run.policy) if k < cfg.grad_accum - 1 else nullcontext():
+        with defer_step(rt, run.policy) if k < cfg.grad_accum - 1 else nullcontext():
             # a micro-batch left empty still runs a backward, so every rank reduces the same number
-            loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
+            with rt.autocast():
+                loss = sft_loss(run.policy, batch) if batch else zero_loss(run.policy)
             rt.accelerator.backward(loss / cfg.grad_accum)
         total_loss += loss.item() / cfg.grad_accum
     rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
@@ -484,7 +604,7 @@ def stage_selector(cfg, rt, proxy_path):
         log(rt, f"[selector] cached predictions found in {out}; skipping")
         return
     if rt.main:
-        proxy = load_policy(cfg, rt, proxy_path)
+        proxy = load_policy(cfg, rt, proxy_path, trainable=False)
         proxy[0].eval().requires_grad_(False)
         records = load_train_records(cfg)
         os.makedirs(out, exist_ok=True)
@@ -593,10 +713,11 @@ def stage_rl(cfg, rt, start_path):
     # The frozen reference is the starting checkpoint (its real folder, not the moving last link);
     # a resumed run reloads it from there.
     ref_path = state["reference_path"] if state else os.path.realpath(start_path)
-    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
-    ref = model.load_policy(ref_path, rt.device, rt.dtype)[0].requires_grad_(False).eval() if cfg.beta > 0 else None
     records = load_train_records(cfg)
-    rl = RL(ref, records, make_coach(cfg, records), config.reward_config(cfg))
+    coach = make_coach(cfg, records)         # before the models: a missing selector stage fails in seconds
+    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
+    ref = frozen(rt, load_policy(cfg, rt, ref_path, trainable=False)[0]) if cfg.beta > 0 else None
+    rl = RL(ref, records, coach, config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, resumed, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))
     bad_in_a_row = 0
     bar = progress_bar(rt, run, cfg.rl_steps)
@@ -604,7 +725,7 @@ def stage_rl(cfg, rt, start_path):
         t0 = time.time()
         vlm = unwrap(rt, run.policy).model
         vlm.eval()
-        with full_params(run.policy):
+        with full_params(run.policy), rt.autocast():
             groups, sd_examples, coached, counts = rl_rollouts(cfg, rt, run, rl, step)
         vlm.train()
         t = time.time()
@@ -649,6 +770,7 @@ def rl_rollouts(cfg, rt, run, rl, step):
             continue
         if len(inputs) > cfg.max_prompt_tokens:
             counts["skipped/prompt_too_long"] += 1
+            warn_prompt_too_long(record, len(inputs), cfg)
             groups.append(None)
             continue
         # 1. G rollouts on the raw video and question, their rewards R, group-normalized advantages
@@ -682,6 +804,14 @@ def rl_rollouts(cfg, rt, run, rl, step):
     return groups, sd_examples, coached, counts
 
 
+def warn_prompt_too_long(record, n_tokens, cfg):
+    """Loud, on every rank that skips one (metrics.jsonl counts them as skipped/prompt_too_long): a
+    pixel budget copied from a release can make most prompts too long, and RL would then learn nothing."""
+    print(f"[rl] WARNING: {data.origin(record)}: prompt of {n_tokens} tokens > --max_prompt_tokens="
+          f"{cfg.max_prompt_tokens}; skipped. Lower --max_pixels / --max_frames or raise --max_prompt_tokens.",
+          file=sys.stderr, flush=True)
+
+
 def reward_skips(group):
     """Rewards that could not read their record, by reason (rewards.skip_reasons), as metric keys."""
     return Counter({f"reward_skipped/{k}": v for k, v in rewards.skip_reasons(group.rewards).items()})
@@ -694,7 +824,7 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
     scale = rt.world / cfg.batch_size      # DDP averages over ranks; every prompt weighs 1 / batch_size
     reference = model.LogProbModule(ref) if ref is not None else None
-    with torch.no_grad():                  # pi_ref, and pi_old when it must outlive the first update
+    with torch.no_grad(), rt.autocast():   # pi_ref, and pi_old when it must outlive the first update
         groups = [None if g is None else dataclasses.replace(
             g, ref_logp=grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None,
             old_logp=grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None)
@@ -703,17 +833,19 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     items = groups + sd_examples
     for _ in range(cfg.inner_updates):
         for k, item in enumerate(items):
-            with nullcontext() if k == len(items) - 1 else rt.accelerator.no_sync(run.policy):
-                if item is None:
-                    loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
-                elif isinstance(item, grpo.Group):
-                    loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio, cfg.shared_prefix)
-                    sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
-                    loss = loss * scale
-                else:
-                    nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
-                    sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
-                    loss = cfg.alpha * nll * scale
+            with nullcontext() if k == len(items) - 1 else defer_step(rt, run.policy):
+                with rt.autocast():
+                    if item is None:
+                        loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
+                    elif isinstance(item, grpo.Group):
+                        loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio,
+                                                  cfg.shared_prefix)
+                        sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
+                        loss = loss * scale
+                    else:
+                        nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
+                        sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
+                        loss = cfg.alpha * nll * scale
                 rt.accelerator.backward(loss)
         if not finite_grads(rt, run.policy):
             run.opt.zero_grad(set_to_none=True)
@@ -725,7 +857,7 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
             continue
         bad_in_a_row = 0
         grad_norm = rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
-        sums["grad_norm"] += float(grad_norm) / cfg.inner_updates
+        sums["grad_norm"] += float(grad_norm or 0.0) / cfg.inner_updates   # DeepSpeed: its own clip's norm
         run.opt.step()
         run.opt.zero_grad(set_to_none=True)
     run.sched.step()
@@ -733,6 +865,12 @@ def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
 
 
 def zero_loss(policy):
+    """A backward with no sample, so every rank runs the same number. Under ZeRO-3 the parameters are
+    empty partitions outside a forward and its hooks reduce per layer, so there is none to make."""
+    if is_deepspeed(policy) and policy.zero_optimization_stage() == 3:
+        raise RuntimeError("ZeRO-3: a rank has no sample for this backward (a prompt over --max_prompt_tokens "
+                           "or media that failed to decode, see the warnings above); raise --max_prompt_tokens, "
+                           "fix the record, or run this data with DDP / FSDP")
     return sum(p.reshape(-1)[0] for p in policy.parameters() if p.requires_grad) * 0.0
 
 
@@ -746,18 +884,30 @@ def finite_grads(rt, policy):
     return bool(rt.accelerator.reduce(ok, reduction="sum").item() == rt.world) if rt.world > 1 else bool(ok.item())
 
 
+@contextmanager
 def full_params(policy):
-    """Generation runs on the bare model: under FSDP / ZeRO-3 its shards are gathered first."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        if isinstance(policy, FSDP):
-            return FSDP.summon_full_params(policy, writeback=False, recurse=True)
-    except ImportError:
-        pass
-    if type(policy).__name__ == "DeepSpeedEngine":
+    """Generation calls the bare model's modules, not the wrapper's forward, so shards are gathered
+    first. FSDP2 (fully_shard): the root's own parameters are unsharded (each sharded layer unshards
+    itself in its own forward); FSDP1: the same through summon_full_params(recurse=False), as its docs
+    ask (recurse=True around a forward is unsupported); ZeRO-3: every parameter is gathered."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel as FSDP
+    if isinstance(policy, FSDPModule):
+        # FSDP2 sets up its hooks on the root's first forward; generation would make a layer the root
+        policy._get_fsdp_state()._lazy_init()
+        policy.unshard()
+        try:
+            yield
+        finally:
+            policy.reshard()
+    elif isinstance(policy, FSDP):
+        with FSDP.summon_full_params(policy, writeback=False, recurse=False):
+            yield
+    elif is_deepspeed(policy):
         import deepspeed
-        return deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None)
-    return nullcontext()
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def rl_metrics(cfg, rt, run, step, groups, coached, scalars):
@@ -780,8 +930,7 @@ def rl_metrics(cfg, rt, run, step, groups, coached, scalars):
 
 def reduce_metrics(rt, row):
     """Average each metric over the ranks that have it (ranks may log different coach keys)."""
-    from accelerate.utils import gather_object
-    rows = gather_object([row])
+    rows = rt.gather(row)
     keys = {k for r in rows for k in r}
     out = {}
     for k in sorted(keys):
@@ -802,7 +951,7 @@ def is_count(key):
 
 def stage_eval(cfg, rt, path):
     """The main job's last stage: the checkpoint on the synthetic test split and its V-STAR set."""
-    bundle = model.load_policy(path, rt.device, rt.dtype)
+    bundle = load_policy(cfg, rt, path, trainable=False)
     bundle[0].eval()
     tables = {}
     for benchmark, name in (("stgr", "test.json"), ("vstar", "vstar_test.json")):

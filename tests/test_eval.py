@@ -115,3 +115,18 @@ def test_eval_flags_keep_their_names_and_help_lists_every_field(capsys):
     assert "--eval_samples=0 " in text and "--kind (= --benchmark)" in text
     for f in dataclasses.fields(train.Config):
         assert f"--{f.name}=" in text, f.name
+
+
+def test_eval_takes_the_training_pixel_budget(tiny_data, tiny_policy):
+    import config
+    import data
+    _, tokenizer, vision = tiny_policy
+    rec = data.load_records(os.path.join(tiny_data, "test.json"))[0]
+    cfg = train.Config(max_frames=4, max_pixels=56 * 56)
+    video = data.load_video_sample(rec, config.frames(dataclasses.replace(cfg, max_pixels=0)))   # full-size frames
+    small = eval._input_for(tiny_policy, video, [rec["question"]], [], cfg, "rec", eval.one_process())
+    full = eval._input_for(tiny_policy, video, [rec["question"]], [], dataclasses.replace(cfg, max_pixels=0), "rec",
+                           eval.one_process())
+    trained = train.model_input(cfg, eval.one_process(), tokenizer, vision, video, rec["question"])
+    assert small.frame_size == trained.frame_size and small.frame_size[0] * small.frame_size[1] <= 56 * 56
+    assert len(small) < len(full)

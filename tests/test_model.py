@@ -207,3 +207,34 @@ def test_model_input_multi_turn_keeps_chat_tokens_in_answers_and_questions_as_te
     im_end, pad = tok.convert_tokens_to_ids(D.IM_END), tok.convert_tokens_to_ids(D.IMAGE_PAD)
     assert ids.count(im_end) == 4                            # system, user, assistant, user: the template's only
     assert ids.count(pad) == int(two.mm_token_type_ids.sum()) == int(one.mm_token_type_ids.sum())
+
+
+def test_gradient_checkpointing_keeps_shared_prefix_values_and_gradients(tiny_data, tiny_model_dir):
+    # a fresh copy (the session's tiny_policy stays un-checkpointed), in train mode as the RL update runs
+    model, tok, vision = M.load_policy(tiny_model_dir)
+    p = _prompt(tiny_data, (model, tok, vision), 1)
+    g = torch.Generator().manual_seed(0)
+    normal = torch.tensor(sorted(set(range(len(tok))) - set(M.vision_token_ids(tok))))
+    comps = normal[torch.randint(0, len(normal), (4, 9), generator=g)]
+    weights = torch.randn(4, 9, generator=g)
+    q_calls = []
+    model.model.language_model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: q_calls.append(1))
+
+    def run():
+        model.zero_grad()
+        logp = M.shared_prefix_logprobs(model, p, comps)
+        (logp * weights).sum().backward()
+        return logp.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    model.train()
+    plain, g_plain = run()
+    calls_plain = len(q_calls)
+    M.enable_gradient_checkpointing(model)
+    ckpt, g_ckpt = run()
+    assert len(q_calls) - calls_plain == 2 * calls_plain        # each layer ran again in backward (recompute)
+    torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-6)
+    assert g_ckpt.keys() == g_plain.keys() and any("visual" in n for n in g_ckpt)
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():                                         # generation: no recompute, the cache as usual
+        torch.testing.assert_close(M.shared_prefix_logprobs(model, p, comps), plain, atol=1e-6, rtol=1e-6)

@@ -151,3 +151,18 @@ def test_nonfinite_updates_are_skipped_then_stop_with_a_clear_error(tiny_data, t
     monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("inf"), {}))
     with pytest.raises(RuntimeError, match="5 updates in a row had NaN/inf"):
         run_rl(rl_cfg(tiny_data, tmp_path / "b", rl_steps=6), tiny_model_dir, monkeypatch)
+
+
+def test_prompts_over_max_prompt_tokens_are_skipped_loudly(tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import json
+    run_rl(rl_cfg(tiny_data, tmp_path, rl_steps=1, max_prompt_tokens=20), tiny_model_dir, monkeypatch)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 2 and "> --max_prompt_tokens=20; skipped" in err and "--max_pixels" in err
+    row = json.loads(open(tmp_path / "rl" / "metrics.jsonl").readline())
+    assert row["skipped/prompt_too_long"] == 2
+
+
+def test_rl_without_the_selector_stage_fails_before_loading_models(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "load_policy", lambda *a, **k: pytest.fail("loaded a model first"))
+    with pytest.raises(SystemExit, match="run --stage=selector first"):
+        run_rl(rl_cfg(tiny_data, tmp_path, coach="selector"), str(tmp_path / "no_model"), monkeypatch)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from accelerate.tracking import GeneralTracker
+import transformers
 
 import config
 import data
@@ -356,3 +358,141 @@ def test_tensorboard_gets_the_metrics(tiny_data, tiny_model_dir, tmp_path):
     runs = EventAccumulator(str(tmp_path / "visioncoach"))
     runs.Reload()
     assert [e.step for e in runs.Scalars("sft/loss")] == [1, 2]
+
+
+def test_bf16_step_at_paper_lr_moves_fp32_master_weights(tiny_data, tiny_model_dir, tmp_path):
+    # one SFT step at the paper's lr 1e-6 in bf16 compute: bf16 parameters would drop nearly every
+    # update (their resolution is ~4e-3 relative); fp32 masters under autocast keep them
+    cfg = sft_cfg(tiny_data, tmp_path, dtype="bfloat16", lr=1e-6, sft_epochs=0.34)
+    ckpt = train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    assert train.load_trainer_state(newest(cfg.out_dir))["step"] == 1
+    a, b = (safetensors.torch.load_file(os.path.join(d, "model.safetensors")) for d in (tiny_model_dir, ckpt))
+    assert {t.dtype for t in b.values()} == {torch.float32}        # the masters were saved, not a bf16 copy
+    changed = sum(int((a[k] != b[k]).sum()) for k in a) / sum(t.numel() for t in a.values())
+    assert changed > 0.99, changed
+
+
+SNAPSHOT_AT_STEP_2 = """import shutil
+import sys
+sys.path.insert(0, {root!r})
+import train
+real_end_step = train.end_step
+
+
+def end_step(cfg, rt, run, step, total, metrics, extra_state=None):
+    real_end_step(cfg, rt, run, step, total, metrics, extra_state)
+    if step == 2 and rt.main:      # what a crash during step 3 would leave behind
+        shutil.copytree(train.stage_dir(cfg, run.name), {snapshot!r}, symlinks=True)  # last stays a link
+
+
+train.end_step = end_step
+train.main(sys.argv[1:])
+"""
+
+
+def zero3_launch(script, tiny_data, tiny_model_dir, out):
+    """accelerate launch of configs/zero3.yaml with 2 CPU processes (DeepSpeed's CPU accelerator, gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/zero3.yaml",
+           "--num_processes=2", "--mixed_precision=no", script, "--stage=sft", f"--model={tiny_model_dir}",
+           f"--data_dir={tiny_data}", f"--out_dir={out}", "--batch_size=4", "--sft_epochs=1", "--save_every=2",
+           "--max_frames=8", "--dtype=float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_zero3_two_processes_train_save_a_loadable_checkpoint_and_resume(tiny_data, tiny_model_dir, tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra (setup.sh --deepspeed)")
+    script = tmp_path / "snapshot.py"
+    script.write_text(SNAPSHOT_AT_STEP_2.format(root=ROOT, snapshot=str(tmp_path / "crash" / "sft")))
+    full = zero3_launch(str(script), tiny_data, tiny_model_dir, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    shards = lambda d: sorted(os.listdir(d / "sft" / "optimizer_shards"))  # noqa: E731
+    assert shards(tmp_path / "crash") == ["step2.rank0.pt", "step2.rank1.pt"]   # one per rank, kept beside
+    assert shards(tmp_path / "full") == ["step3.rank0.pt", "step3.rank1.pt"]    # older ones dropped
+    last = tmp_path / "crash" / "sft" / "last"
+    assert train.load_trainer_state(newest(tmp_path / "crash"))["step"] == 2
+    resumed = zero3_launch("train.py", tiny_data, tiny_model_dir, tmp_path / "crash")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 2" in resumed.stdout
+    # the gathered save: every weight has its full shape (rank 0 alone would write empty partitions)
+    base, _, _ = model.load_policy(tiny_model_dir)
+    a, _, _ = model.load_policy(str(tmp_path / "full" / "sft" / "last"))
+    b, _, _ = model.load_policy(str(last))
+    for (n, p), (_, q), (_, r) in zip(base.named_parameters(), a.named_parameters(), b.named_parameters()):
+        assert p.shape == q.shape == r.shape, n
+        torch.testing.assert_close(q, r, atol=1e-6, rtol=0, msg=n)    # resumed = uninterrupted
+    assert not torch.equal(base.model.language_model.layers[0].mlp.up_proj.weight,
+                           a.model.language_model.layers[0].mlp.up_proj.weight)
+    losses = lambda d: [json.loads(l)["loss"] for l in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
+    assert len(losses(tmp_path / "crash")) == 3
+    assert losses(tmp_path / "crash")[-1] == pytest.approx(losses(tmp_path / "full")[-1], abs=1e-6)
+
+
+FSDP2_SCRIPT = """import copy
+import os
+import sys
+from types import SimpleNamespace
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import config, data, model, train
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model_dir, data_dir, out = sys.argv[1:4]
+vlm, tok, vision = model.load_policy(model_dir)
+rec = data.load_records(os.path.join(data_dir, "train.json"))[0]
+inputs = model.model_input(tok, vision, data.load_video_sample(rec, data.FrameConfig(max_frames=4)), rec["question"])
+greedy = lambda m: model.generate(m, inputs, 1, 8, model.stop_token_ids(m, tok), tok.pad_token_id, 0.0)[0]
+
+
+def one_step(policy, completion):
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    (-policy(inputs, completion, mode="shared").sum()).backward()
+    opt.step()
+    return opt
+
+
+with torch.no_grad():
+    want = greedy(vlm)
+plain = model.LogProbModule(copy.deepcopy(vlm))
+one_step(plain, want)                                  # the same step without sharding
+for layer in list(vlm.model.language_model.layers) + list(vlm.model.visual.blocks):
+    fully_shard(layer)
+policy = fully_shard(model.LogProbModule(vlm))
+with torch.no_grad(), train.full_params(policy):       # generation before any forward through the root
+    assert torch.equal(greedy(vlm), want)
+opt = one_step(policy, want)
+rt = config.Runtime(None, torch.device("cpu"), torch.float32, rank, 2)
+weights = train.full_state_dict(rt, policy)            # every rank takes part
+run = SimpleNamespace(policy=policy, opt=SimpleNamespace(optimizer=opt), name="sft")
+state = train.save_optimizer_state(None, rt, run, 1)   # gathered on rank 0
+if rank == 0:
+    vlm.save_pretrained(os.path.join(out, "fsdp"), state_dict=weights)
+    plain.model.save_pretrained(os.path.join(out, "plain"))
+    emb = vlm.model.language_model.embed_tokens.weight
+    assert state["state"]["model.model.language_model.embed_tokens.weight"]["exp_avg"].shape == emb.shape
+dist.broadcast_object_list(box := [state])
+train.load_optimizer_state(rt, policy, run.opt, {{"optimizer": box[0]}}, None)
+dist.barrier()
+print("fsdp2 ok", flush=True)
+"""
+
+
+def test_fsdp2_on_cpu_generates_saves_full_weights_and_gathers_the_optimizer(tiny_data, tiny_model_dir, tmp_path):
+    # torch's fully_shard with gloo (accelerate's FSDP needs GPUs): generation under train.full_params,
+    # a step equal to the unsharded one, the full state dict every rank takes part in
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           tiny_model_dir, tiny_data, str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.count("fsdp2 ok") == 2, r.stderr[-3000:]
+    load = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained
+    base, sharded, plain = load(tiny_model_dir), load(str(tmp_path / "fsdp")), load(str(tmp_path / "plain"))
+    for (n, p), (_, q), (_, r) in zip(base.named_parameters(), sharded.named_parameters(), plain.named_parameters()):
+        assert p.shape == q.shape, n
+        torch.testing.assert_close(q, r, atol=1e-6, rtol=0, msg=n)
+    assert not torch.equal(base.lm_head.weight, sharded.lm_head.weight)
