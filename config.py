@@ -80,7 +80,7 @@ class Config:
     inner_updates: int = 1        # optimizer updates per batch of rollouts
     shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)
     batch_prompts: int = 8        # prompts decoded together (rollouts, coach, selector labels, eval); 1: one at a time
-    logprob_batch: int = 8        # groups per log-prob forward (policy, reference, distillation); 1: one per forward
+    logprob_batch: int = 1        # groups per log-prob forward (policy, reference, distillation); more: more memory
     max_prompt_tokens: int = 4096  # a longer prompt (frames + text) is skipped and counted
     max_bad_updates: int = 5      # stop after this many updates in a row with NaN/inf loss or gradients
     reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none

@@ -81,8 +81,8 @@ def test_distillation_off_equals_plain_grpo_and_on_differs(tiny_data, tiny_model
 
 
 def test_resume_equals_uninterrupted(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
-    full = params(run_rl(rl_cfg(tiny_data, tmp_path / "full", rl_steps=3), tiny_model_dir, monkeypatch))
-    cfg = rl_cfg(tiny_data, tmp_path / "crash", rl_steps=3, save_every=1)
+    full = params(run_rl(rl_cfg(tiny_data, tmp_path / "full", rl_steps=3, logprob_batch=2), tiny_model_dir, monkeypatch))
+    cfg = rl_cfg(tiny_data, tmp_path / "crash", rl_steps=3, save_every=1, logprob_batch=2)
     real = train.rl_rollouts
 
     def crash(cfg, rt, run, rl, step):
@@ -151,11 +151,12 @@ def test_two_processes_give_the_same_update_as_one(tiny_data, tiny_model_dir, tm
     outs = {}
     for n in (1, 2):
         out = tmp_path / f"np{n}"
-        # Two ranks hold one group each, so each log-prob forward holds one group: the one process
-        # does the same (--logprob_batch=1), so float summation, hence Adam's update, matches.
-        one_group = ["--logprob_batch=1"] if n == 1 else []
+        # Each rank of two holds one group, so its batched log-prob forward (--logprob_batch=2, through
+        # DDP) holds one group; one process runs one group per forward, so float summation, hence
+        # Adam's update, matches (the batched-run test covers several groups per forward).
+        per_forward = ["--logprob_batch=2"] if n == 2 else ["--logprob_batch=1"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(script), *args, *one_group, f"--out_dir={out}"]
+               str(script), *args, *per_forward, f"--out_dir={out}"]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[n] = params(str(out / "rl" / "last"))
