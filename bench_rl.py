@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--coach", default="random", help="--ckpt mode: the RL step's --coach (selector needs --selector_dir)")
     p.add_argument("--selector_dir", default="", help="--ckpt mode: where the selector's predictions.json is")
     p.add_argument("--steps", type=int, default=3, help="--ckpt mode: RL steps per arm (the first is a warm-up)")
-    p.add_argument("--eval_n", type=int, default=24, help="--ckpt mode: STGR and V-STAR test samples evaluated")
+    p.add_argument("--eval_n", type=int, default=24, help="--ckpt mode: STGR and V-STAR test samples evaluated (0: no eval)")
     p.add_argument("--eval_batches", default="1,8", help="--ckpt mode: batch_prompts values for eval")
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)     # set in the child processes
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -529,7 +529,8 @@ def main_run(args):
               ", ".join(f"{k} {o[k] / max(b[k], 1e-9):.2f}x" for k in RL_PARTS))
         same = all(abs(x[1] - y[1]) < 1e-6 and x[2] == y[2] for x, y in zip(res["one"], res["batched"]))
         print(f"same rewards and SD examples every step: {same}")
-        main_run_eval(args, base, rt, sft, tmp)
+        if args.eval_n:
+            main_run_eval(args, base, rt, sft, tmp)
 
 
 def main_run_eval(args, base, rt, sft, tmp):
