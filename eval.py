@@ -10,11 +10,11 @@ Owns inference: raw video, no visual prompt, no hint, greedy by default; each ra
 world-th sample and the results are gathered in the original order; rank 0 writes
 {benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md. --batch_prompts
 samples are decoded together (model.generate_groups: each prompt prefilled once, rows decoded as
-one batch; 1 is one prompt at a time, and both give the same greedy answers). The settings are the one config's (config.py): --data, --kind, --out,
---limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
-eval_data, benchmark, eval_out, eval_samples, eval_max_new_tokens, eval_temperature and
-eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames) are the training run's fields.
-The metrics themselves are pure and live in metrics.py.
+one batch; 1 is one prompt at a time, and both give the same greedy answers). The settings are
+the one config's (config.py): --data, --kind, --out, --limit, --max_new_tokens, --temperature and
+--max_prompt_tokens are eval.py's names for eval_data, benchmark, eval_out, eval_samples,
+eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; frames (--fps, --min_frames,
+--max_frames) are the training run's fields. The metrics themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """

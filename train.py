@@ -553,11 +553,11 @@ def rl_coach(cfg, rt, run, rl, step, hard, counts):
     vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
     # 3. a visual prompt on the key frames + its hint; G prompted rollouts, rewards R'
     choices = [rl.coach.choose(g.record, (cfg.seed, step, idx)) for idx, _, g in hard]     # (vp, fallback)
-    inputs = [vp_input(cfg, rt, tokenizer, vision, g.record, video, vp) for (_, video, g), (vp, _) in zip(hard, choices)]
+    inputs = [vp_input(cfg, rt, tokenizer, vision, g.record, video, vp)
+              for (_, video, g), (vp, _) in zip(hard, choices)]
+    gens = [grpo.sample_generator(cfg.seed, step, idx, "coach", device=rt.device) for idx, _, _ in hard]
     prompted = grpo.rollouts(vlm, tokenizer, inputs, [g.record for _, _, g in hard], config.sampling(cfg),
-                             rl.reward_cfg, step / max(1, cfg.rl_steps),
-                             [grpo.sample_generator(cfg.seed, step, idx, "coach", device=rt.device) for idx, _, _ in hard],
-                             cfg.batch_prompts)
+                             rl.reward_cfg, step / max(1, cfg.rl_steps), gens, cfg.batch_prompts)
     sd_examples, coached = [], Counter()
     for (_, _, group), (vp, fallback), p_inputs, p in zip(hard, choices, inputs, prompted):
         counts.update(reward_skips(p))

@@ -81,7 +81,8 @@ def test_distillation_off_equals_plain_grpo_and_on_differs(tiny_data, tiny_model
 
 
 def test_resume_equals_uninterrupted(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
-    full = params(run_rl(rl_cfg(tiny_data, tmp_path / "full", rl_steps=3, logprob_batch=2), tiny_model_dir, monkeypatch))
+    full = params(run_rl(rl_cfg(tiny_data, tmp_path / "full", rl_steps=3, logprob_batch=2), tiny_model_dir,
+                         monkeypatch))
     cfg = rl_cfg(tiny_data, tmp_path / "crash", rl_steps=3, save_every=1, logprob_batch=2)
     real = train.rl_rollouts
 
