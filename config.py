@@ -63,7 +63,7 @@ class Config:
     # ---- SFT (train.py) ----
     sft_epochs: float = 1.0       # passes over the training records
     batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
-    grad_accum: int = 1           # SFT micro-batches per step (RL already runs one backward per group)
+    grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
     # ---- RL (train.py runs the loop, grpo.py the math) ----
