@@ -4,6 +4,7 @@
     python bench_rl.py --repeats=2 --device=cuda         # bf16 on a GPU
     python bench_rl.py --prompts=8 --repeats=2           # a whole step over P=8 prompts x G (see below)
     python bench_rl.py --eval_prompts=16                 # eval-style greedy decoding, batched vs one by one
+    python bench_rl.py --ckpt=runs/default/sft/last --data_dir=data/synth   # the main job's RL step and eval
 
 Builds a random tiny Qwen2.5-VL (model.build_tiny_model, sized by --layers / --hidden) in a temp
 dir and one long prompt: --frames noise frames of --size x --size pixels (16 x 224x224 -> 1,024
@@ -36,8 +37,16 @@ completions (they must agree).
 tiny model (or --model, any checkpoint), greedy decoding of up to --max_new tokens, model.generate_groups
 with batch_prompts=1 and =N alternately in one process; samples per second and whether both give
 the same tokens.
+
+--ckpt=DIR (a checkpoint, e.g. runs/default/sft/last; --data_dir the main job's data): the main
+job's own RL step (train.rl_rollouts + train.rl_update, the default config but --coach) with
+--batch_prompts=1 --logprob_batch=1 and with the defaults, as two runs from the same checkpoint,
+alternating step by step in one process; then eval.evaluate on --eval_n STGR and V-STAR test
+samples with each --eval_batches value, alternating. Prints each part of the step (inputs,
+generation, coach, update), CPU seconds, samples per second, and whether the arms agree.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -50,10 +59,13 @@ import time
 import torch
 import transformers
 
+import config
 import data
+import eval
 import grpo
 import model
 import synth
+import train
 
 CORPUS = [data.SYSTEM_PROMPT, "Frame 1 at 0.0s: The video is in total 8.0 seconds.",
           "<think>The <obj>red ball</obj><box>[10,20,60,90]</box>at<t>2.5</t>s rolls left.</think>",
@@ -83,6 +95,13 @@ def parse_args(argv=None):
     p.add_argument("--eval_prompts", type=int, default=0, help="N > 0: eval-style greedy decoding of N STGR prompts")
     p.add_argument("--max_new", type=int, default=128, help="eval mode: max new tokens (eval.py's default)")
     p.add_argument("--model", default="", help="eval mode: a checkpoint directory (default: random tiny model)")
+    p.add_argument("--ckpt", default="", help="a checkpoint: time the main job's RL step and eval with it, batched vs one")
+    p.add_argument("--data_dir", default="data/synth", help="--ckpt mode: the main job's data folder")
+    p.add_argument("--coach", default="random", help="--ckpt mode: the RL step's --coach (selector needs --selector_dir)")
+    p.add_argument("--selector_dir", default="", help="--ckpt mode: where the selector's predictions.json is")
+    p.add_argument("--steps", type=int, default=3, help="--ckpt mode: RL steps per arm (the first is a warm-up)")
+    p.add_argument("--eval_n", type=int, default=24, help="--ckpt mode: STGR and V-STAR test samples evaluated (0: no eval)")
+    p.add_argument("--eval_batches", default="1,8", help="--ckpt mode: batch_prompts values for eval")
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)     # set in the child processes
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -365,7 +384,8 @@ def run_multi_path(args):
     adv = [a.to(args.device) for a in saved["adv"]]
     run = MultiStep(args, policy, ref, tokenizer, prompts, adv)
     loss = run.policy_backward(ids, run.reference(ids))      # before any optimizer step
-    steps = [run.step(k) for k in range(args.repeats + 1)][1:]
+    steps = [run.step(k) for k in range(args.repeats + 1)]
+    steps = steps[1:] or steps                                # --repeats=0: one step, no warm-up (memory only)
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     tokens = len(prompts) * args.group * args.completion
     print(json.dumps({"path": args.path, **med, "gen_tok_s": tokens / med["generate"],
@@ -378,7 +398,8 @@ def main_multi(args):
         print(f"P = {args.prompts} prompts of {min(lengths)}..{max(lengths)} tokens ({args.frames} frames of "
               f"{args.size}x{args.size}); G = {args.group}, completions of {args.completion} tokens (no stop); "
               f"{args.layers} layers x {args.hidden} wide; logprob_batch {args.logprob_batch or args.prompts}; "
-              f"device {args.device}, {args.threads} threads, median of {args.repeats} steps after 1 warm-up")
+              f"device {args.device}, {args.threads} threads, " +
+              (f"median of {args.repeats} steps after 1 warm-up" if args.repeats else "one step, no warm-up"))
         res = {}
         for path in args.paths.split(","):
             res[path] = run_child(path, workdir)
@@ -453,6 +474,92 @@ def main_eval(args):
     print(f"\nspeed-up {one / many:.1f}x; identical completions: {same} of {N}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Run mode: the main job's RL step and eval, batched vs one prompt at a time, in one process
+# ---------------------------------------------------------------------------------------------
+
+RL_PARTS = ("inputs", "generate", "coach", "update")
+
+
+def rl_arm_step(cfg, rt, run, rl, step):
+    """One RL step of the main job (rollouts, coach, update) -> wall seconds of each part, CPU
+    seconds, and the step's mean raw reward."""
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    vlm = train.unwrap(rt, run.policy).model
+    vlm.eval()
+    groups, sd, _, counts = train.rl_rollouts(cfg, rt, run, rl, step)
+    vlm.train()
+    t = time.perf_counter()
+    train.rl_update(cfg, rt, run, rl.ref, groups, sd, 0, step)
+    parts = {k: counts[f"time/{k}"] for k in RL_PARTS[:3]}
+    parts.update(update=time.perf_counter() - t, step=time.perf_counter() - t0, cpu=time.process_time() - cpu0)
+    rewards = [r for g in groups if g is not None for r in g.rewards["total"]]
+    return parts, sum(rewards) / len(rewards), len(sd)
+
+
+def main_run(args):
+    torch.set_num_threads(args.threads)
+    sft = args.ckpt
+    with tempfile.TemporaryDirectory() as tmp:
+        base = train.Config(stage="rl", out_dir=tmp, data_dir=args.data_dir, resume=False, coach=args.coach,
+                            selector_dir=args.selector_dir)
+        arms = {"one": dataclasses.replace(base, batch_prompts=1, logprob_batch=1), "batched": base}
+        rt = train.setup_runtime(base)
+        records = train.load_train_records(base)
+        ref = model.load_policy(sft, rt.device, rt.dtype)[0].requires_grad_(False).eval()
+        rl = train.RL(ref, records, train.make_coach(base, records), config.reward_config(base))
+        runs = {arm: train.start_run(cfg, rt, "rl", train.load_policy(cfg, rt, sft), None, cfg.rl_lr, cfg.rl_steps,
+                                     config.rl_warmup(cfg)) for arm, cfg in arms.items()}
+        res = {arm: [] for arm in arms}
+        for step in range(args.steps):
+            for arm, cfg in arms.items():
+                res[arm].append(rl_arm_step(cfg, rt, runs[arm], rl, step))
+                parts, reward, n_sd = res[arm][-1]
+                print(f"step {step} {arm}: {json.dumps({k: round(v, 3) for k, v in parts.items()})} "
+                      f"reward {reward:.6f}, {n_sd} SD examples", flush=True)
+        print(f"\nRL step: batch_size {base.batch_size} x G = {base.group_size}, up to {base.max_new_tokens} new tokens, "
+              f"coach {base.coach}; batched: batch_prompts {base.batch_prompts}, logprob_batch {base.logprob_batch}; "
+              f"{args.threads} threads; median of steps 1..{args.steps - 1} (step 0 is a warm-up)")
+        print("\n| arm | step s | " + " | ".join(f"{k} s" for k in RL_PARTS) + " | step CPU s |\n|---|---|---|---|---|---|---|")
+        med = {arm: {k: statistics.median(p[k] for p, _, _ in rows[1:]) for k in rows[0][0]} for arm, rows in res.items()}
+        for arm, m in med.items():
+            print(f"| {arm} | {m['step']:.2f} | " + " | ".join(f"{m[k]:.2f}" for k in RL_PARTS) + f" | {m['cpu']:.2f} |")
+        o, b = med["one"], med["batched"]
+        print(f"\nbatched vs one: step {o['step'] / b['step']:.2f}x (CPU {o['cpu'] / b['cpu']:.2f}x), " +
+              ", ".join(f"{k} {o[k] / max(b[k], 1e-9):.2f}x" for k in RL_PARTS))
+        same = all(abs(x[1] - y[1]) < 1e-6 and x[2] == y[2] for x, y in zip(res["one"], res["batched"]))
+        print(f"same rewards and SD examples every step: {same}")
+        if args.eval_n:
+            main_run_eval(args, base, rt, sft, tmp)
+
+
+def main_run_eval(args, base, rt, sft, tmp):
+    """eval.evaluate on the run's STGR and V-STAR test files with each --eval_batches value, alternating."""
+    bundle = model.load_policy(sft, rt.device, rt.dtype)
+    bundle[0].eval()
+    batches = [int(b) for b in args.eval_batches.split(",")]
+    print(f"\neval: {args.eval_n} samples of each file, greedy, up to {base.eval_max_new_tokens} new tokens; "
+          f"median of {args.repeats} rounds after 1 warm-up (alternating)")
+    print("\n| file | batch_prompts | s | samples/s | speed-up | same summary |\n|---|---|---|---|---|---|")
+    for name in ("test.json", "vstar_test.json"):
+        times, summaries = {b: [] for b in batches}, {}
+        for k in range(args.repeats + 1):
+            for bp in batches:
+                ecfg = dataclasses.replace(base, model=sft, eval_data=os.path.join(args.data_dir, name),
+                                           eval_out=os.path.join(tmp, "eval"), eval_samples=args.eval_n,
+                                           batch_prompts=bp)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    summaries[bp] = eval.evaluate(ecfg, bundle, rt)
+                if k:
+                    times[bp].append(time.perf_counter() - t)
+        one = statistics.median(times[batches[0]])
+        for bp in batches:
+            s = statistics.median(times[bp])
+            print(f"| {name} | {bp} | {s:.2f} | {summaries[bp]['n'] / s:.2f} | {one / s:.2f}x | "
+                  f"{summaries[bp] == summaries[batches[0]]} |", flush=True)
+
+
 def main():
     args = parse_args()
     transformers.utils.logging.disable_progress_bar()
@@ -460,6 +567,8 @@ def main():
         return run_multi_path(args) if args.prompts > 1 else run_path(args)
     if args.eval_prompts:
         return main_eval(args)
+    if args.ckpt:
+        return main_run(args)
     return main_multi(args) if args.prompts > 1 else main_single(args)
 
 

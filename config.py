@@ -68,7 +68,7 @@ class Config:
     # ---- SFT (train.py) ----
     sft_epochs: float = 1.0       # passes over the training records
     batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
-    grad_accum: int = 1           # SFT micro-batches per step (RL already runs one backward per group)
+    grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
     # ---- RL (train.py runs the loop, grpo.py the math) ----
@@ -84,6 +84,8 @@ class Config:
     ratio: str = "sequence"       # sequence (GSPO) | token (GRPO)
     inner_updates: int = 1        # optimizer updates per batch of rollouts
     shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)
+    batch_prompts: int = 8        # prompts decoded together (rollouts, coach, selector labels, eval); 1: one at a time
+    logprob_batch: int = 1        # groups per log-prob forward (policy, reference, distillation); more: more memory
     max_prompt_tokens: int = 4096  # a longer prompt (frames + text) is skipped and counted
     max_bad_updates: int = 5      # stop after this many updates in a row with NaN/inf loss or gradients
     reward_identity: str = "soft"  # object-name matching in the spatial reward: soft | strict | none
@@ -218,6 +220,9 @@ def check(cfg):
         raise SystemExit(f"frame settings: {e}") from None
     if not 0.0 <= cfg.difficulty <= 1.0:
         raise SystemExit(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
+    for key in ("batch_prompts", "logprob_batch"):
+        if getattr(cfg, key) < 1:
+            raise SystemExit(f"--{key} must be at least 1 (1: one at a time), got {getattr(cfg, key)}")
     if not 0.0 < cfg.selector_train_share <= 1.0:
         raise SystemExit(f"--selector_train_share must be in (0, 1], got {cfg.selector_train_share}")
     if cfg.keep_checkpoints < 0 or cfg.save_every < 1:

@@ -7,7 +7,7 @@ train.py's `rl_rollouts` calls them in this order:
    (selector.py), a random non-raw type, one fixed type (fixed:darken ...), or none (plain
    GRPO/GSPO): `Coach.choose`.
 3. The vp is drawn on the key frames (`draw_vp`, prompt.py's drawing), its hint is appended to
-   the question, and G new rollouts are sampled and scored (grpo.rollout).
+   the question, and G new rollouts are sampled and scored (grpo.rollouts, all hard groups in one call).
 4. Candidates are the prompted rollouts whose total reward beats Rbar; the top N by answer reward
    are kept (`select_candidates`), and alpha times their length-normalized NLL (`sd_nll`) is
    added to the GSPO loss in train.py's `rl_update`. The GSPO loss itself always stays on the raw

@@ -9,14 +9,15 @@
 Owns inference: raw video, no visual prompt, no hint, greedy by default; each rank takes every
 world-th sample and the results are gathered in the original order; rank 0 writes
 {benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md into --out, by
-default the run's {out_dir}/eval (never into the checkpoint folder, which is what gets uploaded). One prompt at
-a time (prompts differ in length; the tiny default runs at ~0.1 s a sample here, and a real model
-is generation-bound anyway). The settings are the one config's (config.py): --data, --kind, --out,
---limit, --max_new_tokens, --temperature and --max_prompt_tokens are eval.py's names for
-eval_data, benchmark, eval_out, eval_samples, eval_max_new_tokens, eval_temperature and
-eval_max_prompt_tokens; frames (--fps, --min_frames, --max_frames, --max_pixels) are the training
-run's fields, read the same way (--max_pixels=0: the checkpoint's own preprocessor_config budget).
-The metrics themselves are pure and live in metrics.py.
+default the run's {out_dir}/eval (never into the checkpoint folder, which is what gets uploaded).
+--batch_prompts samples are decoded together (model.generate_groups: each prompt prefilled once,
+rows decoded as one batch; 1 is one prompt at a time, and both give the same greedy answers). The
+settings are the one config's (config.py): --data, --kind, --out, --limit, --max_new_tokens,
+--temperature and --max_prompt_tokens are eval.py's names for eval_data, benchmark, eval_out,
+eval_samples, eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; frames (--fps,
+--min_frames, --max_frames, --max_pixels) are the training run's fields, read the same way
+(--max_pixels=0: the checkpoint's own preprocessor_config budget). The metrics themselves are pure
+and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 import config
 import data
+import grpo
 import metrics
 import model
 import rewards
@@ -39,11 +41,15 @@ EVAL_FLAGS = {"data": "eval_data", "kind": "benchmark", "out": "eval_out", "limi
               "max_prompt_tokens": "eval_max_prompt_tokens"}
 
 
-def generate_text(vlm, tokenizer, inputs, cfg):
-    ids, mask, _ = model.generate(vlm, inputs, 1, cfg.eval_max_new_tokens, model.stop_token_ids(vlm, tokenizer),
-                                  tokenizer.pad_token_id, cfg.eval_temperature, 1.0,
-                                  banned_ids=model.vision_token_ids(tokenizer))
-    return tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
+def generate_texts(vlm, tokenizer, inputs, cfg, keys):
+    """One answer to each prompt in `inputs`, --batch_prompts of them decoded together. Greedy by
+    default; with --eval_temperature > 0 each prompt draws from its own generator, seeded from
+    (seed, its key), so an answer does not depend on the batching. -> list of str."""
+    how = model.Sampling(cfg.eval_max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id,
+                         cfg.eval_temperature, 1.0, tuple(model.vision_token_ids(tokenizer)))
+    gens = [grpo.sample_generator(cfg.seed, "eval", *key, device=inputs[0].input_ids.device) for key in keys]
+    outs = model.generate_groups(vlm, inputs, 1, how, gens, cfg.batch_prompts)
+    return [tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True) for ids, mask, _ in outs]
 
 
 def one_process():
@@ -61,40 +67,62 @@ def _input_for(bundle, video, questions, answers, cfg, where, rt):
     return inputs.to(rt.device, rt.dtype)
 
 
+def my_chunks(n, cfg, rt, desc):
+    """This rank's sample indices (every world-th of n), in chunks of --batch_prompts, with a progress bar."""
+    mine = list(range(rt.rank, n, rt.world))
+    bar = tqdm(total=len(mine), desc=desc, disable=not rt.main)
+    for chunk in model.chunks(mine, cfg.batch_prompts):
+        yield chunk
+        bar.update(len(chunk))
+    bar.close()
+
+
 def infer_stgr(bundle, records, cfg, rt):
     """Completions for this rank's share of STGR records: [(index, completion, frame_size)]."""
     vlm, tokenizer, _ = bundle
     out = []
-    for i in tqdm(range(rt.rank, len(records), rt.world), desc="eval", disable=not rt.main):
-        video = data.load_video_sample(records[i], config.frames(cfg))
-        inputs = _input_for(bundle, video, [records[i]["question"]], [], cfg, data.origin(records[i]), rt)
-        out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
+    for chunk in my_chunks(len(records), cfg, rt, "eval"):
+        inputs = [_input_for(bundle, data.load_video_sample(records[i], config.frames(cfg)),
+                             [records[i]["question"]], [], cfg, data.origin(records[i]), rt) for i in chunk]
+        texts = generate_texts(vlm, tokenizer, inputs, cfg, [(i,) for i in chunk])
+        out += [(i, t, x.frame_size) for i, t, x in zip(chunk, texts, inputs)]
     return out
 
 
 def infer_vstar(bundle, samples, video_root, cfg, rt):
-    """Five answers per V-STAR sample: What; chain 1 When -> Where; chain 2 Where -> When."""
-    out = []
-    for i in tqdm(range(rt.rank, len(samples), rt.world), desc="eval v-star", disable=not rt.main):
-        s, where = samples[i], f"{cfg.eval_data}: sample {i} (vid={samples[i].vid!r})"
-        rec = {"id": s.vid, "_origin": where, "key_frames": [],
-               "video_path": data.resolve_media(video_root, f"videos/{s.vid}.mp4", where, "vid")}
-        video = data.load_video_sample(rec, config.frames(cfg))
-        ask = lambda qs: _chain(bundle, video, qs, cfg, where, rt)  # noqa: E731
-        what, when1, where1 = ask([s.question, s.temporal_question, s.spatial_question])
-        _, where2, when2 = ask([s.question, s.spatial_question_2, s.temporal_question])
-        out.append((i, {"what": what, "when1": when1, "where1": where1, "where2": where2, "when2": when2},
-                     (video.frames.shape[-1], video.frames.shape[-2])))
-    return out
+    """Five answers per V-STAR sample: What; chain 1 When -> Where; chain 2 Where -> When.
 
-
-def _chain(bundle, video, questions, cfg, where, rt):
+    Batched by turn: turn 1 (What) of a chunk of samples together, then both chains' turn 2, then
+    both chains' turn 3. The What turn opens both chains with the same prompt, so it is asked once
+    and its answer carried into both."""
     vlm, tokenizer, _ = bundle
-    answers = []
-    for k in range(len(questions)):
-        inputs = _input_for(bundle, video, questions[:k + 1], answers, cfg, where, rt)
-        answers.append(generate_text(vlm, tokenizer, inputs, cfg))
-    return answers
+    out = []
+    for chunk in my_chunks(len(samples), cfg, rt, "eval v-star"):
+        videos, wheres = [], []
+        for i in chunk:
+            s, where = samples[i], f"{cfg.eval_data}: sample {i} (vid={samples[i].vid!r})"
+            rec = {"id": s.vid, "_origin": where, "key_frames": [],
+                   "video_path": data.resolve_media(video_root, f"videos/{s.vid}.mp4", where, "vid")}
+            videos.append(data.load_video_sample(rec, config.frames(cfg)))
+            wheres.append(where)
+
+        def turn(name, questions, answers):
+            """One turn of every sample in the chunk: questions(s) so far, answers(k) so far -> texts."""
+            inputs = [_input_for(bundle, v, questions(samples[i]), answers(k), cfg, w, rt)
+                      for k, (i, v, w) in enumerate(zip(chunk, videos, wheres))]
+            return generate_texts(vlm, tokenizer, inputs, cfg, [(i, name) for i in chunk])
+
+        what = turn("what", lambda s: [s.question], lambda k: [])
+        when1 = turn("when1", lambda s: [s.question, s.temporal_question], lambda k: [what[k]])
+        where2 = turn("where2", lambda s: [s.question, s.spatial_question_2], lambda k: [what[k]])
+        where1 = turn("where1", lambda s: [s.question, s.temporal_question, s.spatial_question],
+                      lambda k: [what[k], when1[k]])
+        when2 = turn("when2", lambda s: [s.question, s.spatial_question_2, s.temporal_question],
+                     lambda k: [what[k], where2[k]])
+        for k, (i, v) in enumerate(zip(chunk, videos)):
+            out.append((i, {"what": what[k], "when1": when1[k], "where1": where1[k], "where2": where2[k],
+                            "when2": when2[k]}, (v.frames.shape[-1], v.frames.shape[-2])))
+    return out
 
 
 def _video_record(row, root, keys=("video_path", "video", "videoID", "video_id")):
@@ -109,11 +137,12 @@ def infer_questions(bundle, rows, root, questions, cfg, rt):
     """One completion per row for the question text `questions(row)` on the row's raw video."""
     vlm, tokenizer, _ = bundle
     out = []
-    for i in tqdm(range(rt.rank, len(rows), rt.world), desc="eval", disable=not rt.main):
-        rec = _video_record(rows[i], root)
-        video = data.load_video_sample(rec, config.frames(cfg))
-        inputs = _input_for(bundle, video, [questions(rows[i])], [], cfg, data.origin(rec), rt)
-        out.append((i, generate_text(vlm, tokenizer, inputs, cfg), inputs.frame_size))
+    for chunk in my_chunks(len(rows), cfg, rt, "eval"):
+        recs = [_video_record(rows[i], root) for i in chunk]
+        inputs = [_input_for(bundle, data.load_video_sample(rec, config.frames(cfg)), [questions(rows[i])], [], cfg,
+                             data.origin(rec), rt) for i, rec in zip(chunk, recs)]
+        texts = generate_texts(vlm, tokenizer, inputs, cfg, [(i,) for i in chunk])
+        out += [(i, t, x.frame_size) for i, t, x in zip(chunk, texts, inputs)]
     return out
 
 

@@ -30,6 +30,9 @@ What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and wher
 - Shared prefix: the prompt (thousands of visual tokens) is run once per group in generation and
   in the policy and reference forwards; the G completions attend to its expanded KV cache
   (model.shared_prefix_logprobs). --shared_prefix=false runs the plain repeated computation.
+- Many groups at once: a step's prompts are decoded together (`rollouts`, --batch_prompts) and
+  several groups share one log-prob forward (`groups_loss`, --logprob_batch); each prompt is still
+  run once, and with per-prompt generators a group's tokens do not depend on its batch mates.
 
 Pure pieces (tested with hand-computed values): `group_advantages`, `k3_kl`, `policy_loss`.
 """
@@ -125,15 +128,28 @@ def sample_generator(*keys, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(digest[:15], 16))
 
 
-def rollout(vlm, tokenizer, prompt, record, sampling, reward_cfg, progress, generator=None):
-    """Sample sampling.n completions of `prompt` and score them against `record` -> Group.
+def rollouts(vlm, tokenizer, prompts, records, sampling, reward_cfg, progress, generators=None, batch_prompts=1):
+    """Sample sampling.n completions of every prompt and score them against its record -> list of Group.
 
-    progress (training progress in [0, 1]) drives the temporal-point reward's sigma.
+    One generation call (model.generate_groups): batch_prompts prompts are decoded together, 1 is
+    one prompt at a time. generators: one per prompt (or None); with them a prompt's completions do
+    not depend on which prompts share its batch. progress (training progress in [0, 1]) drives the
+    temporal-point reward's sigma.
     """
-    stop = model.stop_token_ids(vlm, tokenizer)
-    ids, mask, truncated = model.generate(vlm, prompt, sampling.n, sampling.max_new_tokens, stop,
-                                          tokenizer.pad_token_id, sampling.temperature, sampling.top_p, generator,
-                                          banned_ids=model.vision_token_ids(tokenizer))
+    how = model.Sampling(sampling.max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id,
+                         sampling.temperature, sampling.top_p, tuple(model.vision_token_ids(tokenizer)))
+    outs = model.generate_groups(vlm, prompts, sampling.n, how, generators, batch_prompts)
+    return [score_rollouts(tokenizer, p, r, out, reward_cfg, progress) for p, r, out in zip(prompts, records, outs)]
+
+
+def rollout(vlm, tokenizer, prompt, record, sampling, reward_cfg, progress, generator=None):
+    """rollouts of one prompt -> Group."""
+    return rollouts(vlm, tokenizer, [prompt], [record], sampling, reward_cfg, progress, [generator])[0]
+
+
+def score_rollouts(tokenizer, prompt, record, generated, reward_cfg, progress):
+    """One prompt's (ids (G, C), mask (G, C), truncated (G,)), decoded and scored -> Group."""
+    ids, mask, truncated = generated
     texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
     ctx = rewards.RewardContext(frame_width=prompt.frame_size[0], frame_height=prompt.frame_size[1],
                                 progress=progress)
@@ -149,12 +165,32 @@ def group_logprobs(policy, group, shared_prefix):
     return torch.stack(rows)
 
 
+def groups_logprobs(policy, groups, shared_prefix, logprob_batch=1):
+    """[(G_i, C_i)] log-probs of many groups (or distill.SDExample: anything with .prompt and .ids),
+    logprob_batch groups per forward; 1 (or the plain path) is group_logprobs per group."""
+    if logprob_batch <= 1 or not shared_prefix:
+        return [group_logprobs(policy, g, shared_prefix) for g in groups]
+    return [lp for chunk in model.chunks(groups, logprob_batch)
+            for lp in policy([g.prompt for g in chunk], [g.ids for g in chunk], mode="multi")]
+
+
 def group_loss(policy, group, clip_eps, beta, ratio, shared_prefix):
     """policy_loss of one group under `policy`; pi_old is the group's old_logp when kept (more than
     one inner update), else the current log-probs detached (on-policy: the ratio is exactly 1)."""
-    logp = group_logprobs(policy, group, shared_prefix)
-    old = group.old_logp if group.old_logp is not None else logp.detach()
-    return policy_loss(logp, old, group.ref_logp, group.advantages, group.mask, clip_eps, beta, ratio)
+    loss, metrics = groups_loss(policy, [group], clip_eps, beta, ratio, shared_prefix)
+    return loss, metrics[0]
+
+
+def groups_loss(policy, groups, clip_eps, beta, ratio, shared_prefix):
+    """The SUM of group_loss over `groups`, their log-probs in one forward (the caller picks how many
+    groups share it). -> (scalar loss, one metrics dict per group)."""
+    logps = groups_logprobs(policy, groups, shared_prefix, len(groups))
+    total, metrics = 0.0, []
+    for g, logp in zip(groups, logps):
+        old = g.old_logp if g.old_logp is not None else logp.detach()
+        loss, m = policy_loss(logp, old, g.ref_logp, g.advantages, g.mask, clip_eps, beta, ratio)
+        total, metrics = total + loss, metrics + [m]
+    return total, metrics
 
 
 # ---------------------------------------------------------------------------------------------

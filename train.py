@@ -632,31 +632,39 @@ def selector_labels(cfg, rt, proxy, records, out):
     pool = [r for r in records if distill.can_prompt(r)]
     chosen = random.Random(cfg.seed).sample(pool, min(cfg.selector_samples, len(pool)))
     features, labels, tables = [], [], []
+    bar = tqdm(total=len(chosen), desc="selector labels", disable=not rt.main)
     with open(os.path.join(out, "labels.jsonl"), "w") as f:
-        for record in tqdm(chosen, desc="selector labels", disable=not rt.main):
-            scores, raw_inputs = vp_scores(cfg, rt, proxy, record)
-            label = selector.label_of(scores)
-            f.write(json.dumps({"id": record["id"], "scores": scores, "label": label}) + "\n")
-            features.append(selector.pooled_features(proxy[0], raw_inputs))
-            labels.append(prompt.VISUAL_PROMPTS.index(label))
-            tables.append(scores)
+        for chunk in model.chunks(chosen, cfg.batch_prompts):
+            for record, (scores, raw_inputs) in zip(chunk, vp_scores(cfg, rt, proxy, chunk)):
+                label = selector.label_of(scores)
+                f.write(json.dumps({"id": record["id"], "scores": scores, "label": label}) + "\n")
+                features.append(selector.pooled_features(proxy[0], raw_inputs))
+                labels.append(prompt.VISUAL_PROMPTS.index(label))
+                tables.append(scores)
+            bar.update(len(chunk))
+    bar.close()
     return torch.stack(features).cpu(), torch.tensor(labels), tables
 
 
-def vp_scores(cfg, rt, proxy, record):
-    """selector.vp_score of every vp on one record (one decode of the video), and the raw model
-    input (the selector's own input)."""
+def vp_scores(cfg, rt, proxy, records):
+    """selector.vp_score of every vp on each record (one decode of its video), and its raw model
+    input (the selector's own input). -> [(scores, raw input)]. All records x vps are rolled out
+    in one generation call (--batch_prompts decoded together), each from its own generator seeded
+    from (seed, record id, vp), so a label does not depend on the batching."""
     vlm, tokenizer, vision = proxy
-    video = data.load_video_sample(record, config.frames(cfg))
-    scores, raw_inputs = {}, None
-    for vp in prompt.VISUAL_PROMPTS:
-        inputs = vp_input(cfg, rt, tokenizer, vision, record, video, vp)
-        if raw_inputs is None:                               # raw is first in VISUAL_PROMPTS
-            raw_inputs = inputs
-        group = grpo.rollout(vlm, tokenizer, inputs, record, config.sampling(cfg, cfg.selector_group),
-                             config.reward_config(cfg), 0.0)
-        scores[vp] = selector.vp_score(group.rewards)
-    return scores, raw_inputs
+    inputs, gens = [], []
+    for record in records:
+        video = data.load_video_sample(record, config.frames(cfg))
+        inputs += [vp_input(cfg, rt, tokenizer, vision, record, video, vp) for vp in prompt.VISUAL_PROMPTS]
+        gens += [grpo.sample_generator(cfg.seed, "selector", str(record["id"]), vp, device=rt.device)
+                 for vp in prompt.VISUAL_PROMPTS]
+    n = len(prompt.VISUAL_PROMPTS)
+    groups = grpo.rollouts(vlm, tokenizer, inputs, [r for r in records for _ in range(n)],
+                           config.sampling(cfg, cfg.selector_group), config.reward_config(cfg), 0.0, gens,
+                           cfg.batch_prompts)
+    return [({vp: selector.vp_score(g.rewards) for vp, g in zip(prompt.VISUAL_PROMPTS, groups[i * n:(i + 1) * n])},
+             inputs[i * n])                               # raw is first in VISUAL_PROMPTS
+            for i in range(len(records))]
 
 
 def selector_predictions(cfg, rt, proxy, head, records):
@@ -754,53 +762,38 @@ def step_prompt_ids(cfg, rt, n_records, step):
 def rl_rollouts(cfg, rt, run, rl, step):
     """Steps 1-3 of Algorithm 1 on this rank's prompts. -> (groups, SD examples, coach counters,
     other counters: skipped/..., reward_skipped/..., time/...); a prompt too long, or one whose media
-    fails to decode (counted in run.skipped by data.skip_bad_sample), is a None group."""
-    vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
+    fails to decode (counted in run.skipped by data.skip_bad_sample), is a None group. Rollouts of
+    all prompts run in one generation call (--batch_prompts decoded together), and the hard groups'
+    prompted rollouts in another; each prompt's draws come from its own generator, seeded from
+    (seed, step, prompt index), so they do not depend on the batching."""
+    vlm, tokenizer = unwrap(rt, run.policy).model, run.tokenizer
     progress = step / max(1, cfg.rl_steps)
-    groups, sd_examples, coached, counts = [], [], Counter(), Counter()
-    for idx in step_prompt_ids(cfg, rt, len(rl.records), step):
-        t = time.time()
-        record = rl.records[idx]
-        try:
-            video = data.load_video_sample(record, config.frames(cfg))
-            inputs = model_input(cfg, rt, tokenizer, vision, video, record["question"])
-        except data.DataError as e:  # a file that passed the header check but fails to decode
-            data.skip_bad_sample(run.skipped, cfg.max_bad_samples, e)
-            groups.append(None)
-            continue
-        if len(inputs) > cfg.max_prompt_tokens:
-            counts["skipped/prompt_too_long"] += 1
-            warn_prompt_too_long(record, len(inputs), cfg)
-            groups.append(None)
-            continue
-        # 1. G rollouts on the raw video and question, their rewards R, group-normalized advantages
-        group = grpo.rollout(vlm, tokenizer, inputs, record, config.sampling(cfg), rl.reward_cfg, progress,
-                             grpo.sample_generator(cfg.seed, step, idx, device=rt.device))
-        counts["time/generate"] += time.time() - t
+    ids, counts = step_prompt_ids(cfg, rt, len(rl.records), step), Counter()
+    t = time.time()
+    loaded = [rl_input(cfg, rt, run, rl.records[idx], counts) for idx in ids]     # (video, Prompt) or None
+    live = [k for k, x in enumerate(loaded) if x is not None]
+    counts["time/inputs"] += time.time() - t
+    # 1. G rollouts on the raw video and question of every prompt, their rewards R, group-normalized advantages
+    t = time.time()
+    raw = grpo.rollouts(vlm, tokenizer, [loaded[k][1] for k in live], [rl.records[ids[k]] for k in live],
+                        config.sampling(cfg), rl.reward_cfg, progress,
+                        [grpo.sample_generator(cfg.seed, step, ids[k], device=rt.device) for k in live],
+                        cfg.batch_prompts)
+    counts["time/generate"] += time.time() - t
+    groups = [None] * len(ids)
+    for k, group in zip(live, raw):
         if bool(group.truncated.all()):
             counts["skipped/all_truncated"] += 1
         counts.update(reward_skips(group))
         totals = torch.tensor(group.rewards["total"], dtype=torch.float32)
         group.advantages = grpo.group_advantages(totals).to(rt.device)                      # (G,)
-        groups.append(group)
-        # 2. hard indicator I = [mean R < k]
-        t = time.time()
-        if rl.coach and distill.is_hard(group.rewards["total"], cfg.hard_k):
-            # 3. a visual prompt on the key frames + its hint; G prompted rollouts, rewards R'
-            vp, fallback = rl.coach.choose(record, (cfg.seed, step, idx))
-            prompted_inputs = vp_input(cfg, rt, tokenizer, vision, record, video, vp)
-            prompted = grpo.rollout(vlm, tokenizer, prompted_inputs, record, config.sampling(cfg), rl.reward_cfg,
-                                    progress, grpo.sample_generator(cfg.seed, step, idx, "coach", device=rt.device))
-            counts.update(reward_skips(prompted))
-            # candidates C = {R' > mean R}; S = top N of C by answer reward
-            raw_mean, totals = distill.mean_reward(group.rewards["total"]), prompted.rewards["total"]
-            keep = distill.select_candidates(raw_mean, totals, prompted.rewards.get("answer", [0.0] * len(totals)),
-                                             cfg.top_n)
-            coached.update(distill.coach_counts(vp, fallback, raw_mean, totals, len(keep)))
-            if keep and cfg.alpha > 0:
-                condition = prompted_inputs if cfg.sd_condition == "prompted" else group.prompt
-                sd_examples.append(distill.SDExample(condition, prompted.ids[keep], prompted.mask[keep]))
-        counts["time/coach"] += time.time() - t
+        groups[k] = group
+    # 2. hard indicator I = [mean R < k]
+    t = time.time()
+    hard = [k for k in live if rl.coach and distill.is_hard(groups[k].rewards["total"], cfg.hard_k)]
+    sd_examples, coached = rl_coach(cfg, rt, run, rl, step, [(ids[k], loaded[k][0], groups[k]) for k in hard],
+                                    counts) if hard else ([], Counter())
+    counts["time/coach"] += time.time() - t
     return groups, sd_examples, coached, counts
 
 
@@ -812,6 +805,47 @@ def warn_prompt_too_long(record, n_tokens, cfg):
           file=sys.stderr, flush=True)
 
 
+def rl_input(cfg, rt, run, record, counts):
+    """(decoded video, model input) of one RL prompt, or None when it is skipped: media that fails
+    to decode (data.skip_bad_sample) or a prompt over max_prompt_tokens (counted in `counts`)."""
+    try:
+        video = data.load_video_sample(record, config.frames(cfg))
+        inputs = model_input(cfg, rt, run.tokenizer, run.vision, video, record["question"])
+    except data.DataError as e:  # a file that passed the header check but fails to decode
+        data.skip_bad_sample(run.skipped, cfg.max_bad_samples, e)
+        return None
+    if len(inputs) > cfg.max_prompt_tokens:
+        counts["skipped/prompt_too_long"] += 1
+        warn_prompt_too_long(record, len(inputs), cfg)
+        return None
+    return video, inputs
+
+
+def rl_coach(cfg, rt, run, rl, step, hard, counts):
+    """Step 3 of Algorithm 1 for the hard groups, hard = [(prompt index, video, raw group)]:
+    -> (SD examples, coach counters). The prompted rollouts of all hard groups run in one
+    generation call, each from its own generator (seed, step, index, "coach")."""
+    vlm, tokenizer, vision = unwrap(rt, run.policy).model, run.tokenizer, run.vision
+    # 3. a visual prompt on the key frames + its hint; G prompted rollouts, rewards R'
+    choices = [rl.coach.choose(g.record, (cfg.seed, step, idx)) for idx, _, g in hard]     # (vp, fallback)
+    inputs = [vp_input(cfg, rt, tokenizer, vision, g.record, video, vp)
+              for (_, video, g), (vp, _) in zip(hard, choices)]
+    gens = [grpo.sample_generator(cfg.seed, step, idx, "coach", device=rt.device) for idx, _, _ in hard]
+    prompted = grpo.rollouts(vlm, tokenizer, inputs, [g.record for _, _, g in hard], config.sampling(cfg),
+                             rl.reward_cfg, step / max(1, cfg.rl_steps), gens, cfg.batch_prompts)
+    sd_examples, coached = [], Counter()
+    for (_, _, group), (vp, fallback), p_inputs, p in zip(hard, choices, inputs, prompted):
+        counts.update(reward_skips(p))
+        # candidates C = {R' > mean R}; S = top N of C by answer reward
+        raw_mean, totals = distill.mean_reward(group.rewards["total"]), p.rewards["total"]
+        keep = distill.select_candidates(raw_mean, totals, p.rewards.get("answer", [0.0] * len(totals)), cfg.top_n)
+        coached.update(distill.coach_counts(vp, fallback, raw_mean, totals, len(keep)))
+        if keep and cfg.alpha > 0:
+            condition = p_inputs if cfg.sd_condition == "prompted" else group.prompt
+            sd_examples.append(distill.SDExample(condition, p.ids[keep], p.mask[keep]))
+    return sd_examples, coached
+
+
 def reward_skips(group):
     """Rewards that could not read their record, by reason (rewards.skip_reasons), as metric keys."""
     return Counter({f"reward_skipped/{k}": v for k, v in rewards.skip_reasons(group.rewards).items()})
@@ -820,32 +854,38 @@ def reward_skips(group):
 def rl_update(cfg, rt, run, ref, groups, sd_examples, bad_in_a_row, step):
     """The loss of Algorithm 1 (steps 3-4), inner_updates times on the same rollouts:
         L = mean over the global batch of grpo.policy_loss(group) + alpha * mean of distill.sd_nll(S).
-    Each group is its own backward (one group's graph in memory at a time). -> (loss metrics with
-    the skipped updates under "skipped", the number of NaN/inf updates in a row so far)."""
+    --logprob_batch groups (or SD examples) share one forward and one backward, so that many
+    groups' graphs are in memory at a time; gradients add up over the backwards, and under DDP only
+    the last one syncs. -> (loss metrics with the skipped updates under "skipped", the number of
+    NaN/inf updates in a row so far)."""
     scale = rt.world / cfg.batch_size      # DDP averages over ranks; every prompt weighs 1 / batch_size
-    reference = model.LogProbModule(ref) if ref is not None else None
+    real = [g for g in groups if g is not None]
     with torch.no_grad(), rt.autocast():   # pi_ref, and pi_old when it must outlive the first update
-        groups = [None if g is None else dataclasses.replace(
-            g, ref_logp=grpo.group_logprobs(reference, g, cfg.shared_prefix) if reference is not None else None,
-            old_logp=grpo.group_logprobs(run.policy, g, cfg.shared_prefix) if cfg.inner_updates > 1 else None)
-            for g in groups]
+        refs = (grpo.groups_logprobs(model.LogProbModule(ref), real, cfg.shared_prefix, cfg.logprob_batch)
+                if ref is not None else [None] * len(real))
+        olds = (grpo.groups_logprobs(run.policy, real, cfg.shared_prefix, cfg.logprob_batch)
+                if cfg.inner_updates > 1 else [None] * len(real))
+    real = [dataclasses.replace(g, ref_logp=r, old_logp=o) for g, r, o in zip(real, refs, olds)]
+    # every rank runs at least one backward (the synced one), even with no group left
+    chunks = model.chunks(real, cfg.logprob_batch) + model.chunks(sd_examples, cfg.logprob_batch) or [[]]
     sums, skipped = Counter(), Counter()
-    items = groups + sd_examples
     for _ in range(cfg.inner_updates):
-        for k, item in enumerate(items):
-            with nullcontext() if k == len(items) - 1 else defer_step(rt, run.policy):
+        for k, chunk in enumerate(chunks):
+            with nullcontext() if k == len(chunks) - 1 else defer_step(rt, run.policy):
                 with rt.autocast():
-                    if item is None:
-                        loss = zero_loss(run.policy)       # keeps DDP's backward count equal on every rank
-                    elif isinstance(item, grpo.Group):
-                        loss, m = grpo.group_loss(run.policy, item, cfg.clip_eps, cfg.beta, cfg.ratio,
-                                                  cfg.shared_prefix)
-                        sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
+                    if not chunk:
+                        loss = zero_loss(run.policy)
+                    elif isinstance(chunk[0], grpo.Group):
+                        loss, ms = grpo.groups_loss(run.policy, chunk, cfg.clip_eps, cfg.beta, cfg.ratio,
+                                                    cfg.shared_prefix)
+                        for m in ms:
+                            sums.update({name: v / len(groups) / cfg.inner_updates for name, v in m.items()})
                         loss = loss * scale
                     else:
-                        nll = distill.sd_nll(run.policy(item.prompt, item.ids, mode="shared"), item.mask)
-                        sums["sd_nll"] += nll.item() / len(sd_examples) / cfg.inner_updates
-                        loss = cfg.alpha * nll * scale
+                        logps = grpo.groups_logprobs(run.policy, chunk, cfg.shared_prefix, len(chunk))
+                        nlls = [distill.sd_nll(lp, ex.mask) for lp, ex in zip(logps, chunk)]
+                        sums["sd_nll"] += sum(n.item() for n in nlls) / len(sd_examples) / cfg.inner_updates
+                        loss = cfg.alpha * sum(nlls) * scale
                 rt.accelerator.backward(loss)
         if not finite_grads(rt, run.policy):
             run.opt.zero_grad(set_to_none=True)

@@ -56,3 +56,20 @@ def test_label_making_on_a_tiny_set(tiny_data, tiny_model_dir, tmp_path):
     assert sum(report["label_counts"].values()) == 3
     head = torch.load(out / "head.pt")
     assert head["net.1.weight"].shape[0] == 8                # --selector_hidden reaches the head
+
+
+def test_batched_label_making_equals_one_record_at_a_time(tiny_data, tiny_policy, monkeypatch):
+    import rewards
+
+    def by_text(texts, record, ctx, cfg):                # a score that depends on every sampled token
+        return {"answer": [sum(map(ord, t)) % 97 / 97 for t in texts], "total": [0.0] * len(texts)}
+
+    monkeypatch.setattr(rewards, "score_group", by_text)
+    scores = {}
+    for bp in (1, 4):                                    # 3 records x 5 vps: 15 prompts, chunks of 4
+        cfg = train.Config(data_dir=tiny_data, selector_group=2, max_new_tokens=8, max_frames=6, batch_prompts=bp)
+        rt = train.setup_runtime(cfg)
+        records = [r for r in train.load_train_records(cfg) if distill.can_prompt(r)][:3]
+        scores[bp] = [s for s, _ in train.vp_scores(cfg, rt, tiny_policy, records)]
+    assert scores[4] == scores[1]
+    assert len({v for s in scores[1] for v in s.values()}) > 5    # the scores differ: the test can fail
