@@ -508,7 +508,7 @@ def main_run(args):
         records = train.load_train_records(base)
         ref = model.load_policy(sft, rt.device, rt.dtype)[0].requires_grad_(False).eval()
         rl = train.RL(ref, records, train.make_coach(base, records), config.reward_config(base))
-        runs = {arm: train.start_run(cfg, rt, "rl", train.load_policy(cfg, rt, sft), None, cfg.rl_lr, cfg.rl_steps,
+        runs = {arm: train.start_run(cfg, rt, "rl", train.load_policy(cfg, rt, sft), (None, None), cfg.rl_lr, cfg.rl_steps,
                                      config.rl_warmup(cfg)) for arm, cfg in arms.items()}
         res = {arm: [] for arm in arms}
         for step in range(args.steps):
