@@ -59,6 +59,7 @@ class ProbeConfig:
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     min_radius: float = 6.0       # object radius in pixels: uniform in min..max (synth.py's hard 6-9, easy 10-13)
     max_radius: float = 13.0      # (a frame of 112 px; merged image tokens are 28 px)
+    distinct_colours: bool = False  # every object its own colour (so at most 3 distractors): colour alone identifies
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
     prompt: str = "short"           # short (the frame and the question) | full (the SFT layout)
     background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
@@ -118,13 +119,16 @@ def parse_args(argv):
 # Frames and samples
 # ---------------------------------------------------------------------------------------------
 
-def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0)):
+def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0), distinct_colours=False):
     """One 112x112 frame: a target and up to n distractors, all names distinct, boxes 3 px apart.
 
     Returns (uint8 (3, H, W), shapes); shapes[0] is the target (drawn on top).
     """
     shapes, one = [], torch.ones(1, dtype=torch.bool)
-    for colour, kind in rng.sample(NAMES, n_distractors + 1):
+    names = rng.sample(NAMES, n_distractors + 1)
+    if distinct_colours:  # one object per colour: the colour alone says which object a name means
+        names = [(c, rng.choice(synth.KINDS)) for c in rng.sample(sorted(synth.COLOURS), n_distractors + 1)]
+    for colour, kind in names:
         for _ in range(30):  # a distractor that finds no free place is dropped
             r = round(rng.uniform(*radius), 1)
             m = r + 1
@@ -147,7 +151,8 @@ class Sample:
 
 
 def make_sample(rng, cfg, task, n_distractors):
-    frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius))
+    frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
+                                 cfg.distinct_colours)
     target = shapes[0]
     name, box = target.name(0), target.box(0)
     objects = [(s.name(0), s.box(0)) for s in shapes]

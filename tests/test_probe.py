@@ -173,3 +173,15 @@ def test_dense_pretraining_moves_only_the_vision_tower(tmp_path):
     assert changed and all(n.startswith("model.visual.") for n in changed)
     assert any("merger" in n for n in changed) and any("patch_embed" in n for n in changed)
     assert len(lines) == 3 and "cell class acc" in lines[-1]
+
+
+def test_distinct_colours_gives_every_object_its_own_colour():
+    rng, seen = random.Random(4), set()
+    for _ in range(30):
+        _, shapes = probe.sample_frame(rng, 3, distinct_colours=True)
+        colours = [s.colours[0] for s in shapes]
+        assert len(set(colours)) == len(colours)
+        seen.update(s.kind for s in shapes)
+    assert seen == set(synth.KINDS)                                         # the kinds still vary
+    # the default lets a distractor share the target's colour
+    assert any(len({s.colours[0] for s in probe.sample_frame(random.Random(i), 3)[1]}) < 4 for i in range(30))
