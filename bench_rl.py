@@ -194,7 +194,7 @@ def peak_mib(device):
 def run_path(args):
     """Time fwd+bwd and a whole step for args.path; print one JSON line with the results."""
     policy, ref, tokenizer, dtype = load_pair(args)
-    saved = torch.load(os.path.join(args.workdir, "bench.pt"), weights_only=False)  # our own file
+    saved = load_bench(args.workdir)
     prompt = saved["prompt"].to(args.device, dtype)
     ids, adv = saved["ids"].to(args.device), saved["adv"].to(args.device)
     banned = model.vision_token_ids(tokenizer)
@@ -378,7 +378,7 @@ class MultiStep:
 def run_multi_path(args):
     """The cross-path loss on fixed completions, then one warm-up and --repeats timed steps."""
     policy, ref, tokenizer, dtype = load_pair(args)
-    saved = torch.load(os.path.join(args.workdir, "bench.pt"), weights_only=False)  # our own file
+    saved = load_bench(args.workdir)
     prompts = [p.to(args.device, dtype) for p in saved["prompts"]]
     ids = [i.to(args.device) for i in saved["ids"]]
     adv = [a.to(args.device) for a in saved["adv"]]
@@ -495,6 +495,13 @@ def rl_arm_step(cfg, rt, run, rl, step):
     parts.update(update=time.perf_counter() - t, step=time.perf_counter() - t0, cpu=time.process_time() - cpu0)
     rewards = [r for g in groups if g is not None for r in g.rewards["total"]]
     return parts, sum(rewards) / len(rewards), len(sd)
+
+
+def load_bench(workdir):
+    """The prompts and rollouts a bench step reuses, read with weights_only (model.Prompt allowed by
+    name): a planted file cannot run code."""
+    with torch.serialization.safe_globals([model.Prompt]):
+        return torch.load(os.path.join(workdir, "bench.pt"), weights_only=True)
 
 
 def main_run(args):
