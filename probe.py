@@ -125,9 +125,10 @@ def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0), dist
     Returns (uint8 (3, H, W), shapes); shapes[0] is the target (drawn on top).
     """
     shapes, one = [], torch.ones(1, dtype=torch.bool)
-    names = rng.sample(NAMES, n_distractors + 1)
     if distinct_colours:  # one object per colour: the colour alone says which object a name means
         names = [(c, rng.choice(synth.KINDS)) for c in rng.sample(sorted(synth.COLOURS), n_distractors + 1)]
+    else:
+        names = rng.sample(NAMES, n_distractors + 1)
     for colour, kind in names:
         for _ in range(30):  # a distractor that finds no free place is dropped
             r = round(rng.uniform(*radius), 1)

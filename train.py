@@ -242,6 +242,21 @@ def resume_point(cfg, rt, name):
     return done[-1][1], load_trainer_state(done[-1][1])
 
 
+def finished(rt, name, resumed):
+    """True (and says so) when the stage's newest checkpoint is its last: nothing left to run."""
+    ckpt, state = resumed
+    if state is not None and state.get("done"):
+        log(rt, f"[{name}] finished checkpoint found at {ckpt}; skipping")
+        return True
+    return False
+
+
+def start_model(resumed, start_path):
+    """The model a stage loads: its checkpoint's when resumed, else the one it was handed."""
+    ckpt, state = resumed
+    return os.path.join(ckpt, "model") if state else start_path
+
+
 def stage_dir(cfg, name):
     return os.path.join(cfg.out_dir, name)
 
@@ -452,12 +467,20 @@ def defer_step(rt, policy):
 # What the model reads
 # ---------------------------------------------------------------------------------------------
 
+_MEDIA_CHECKED = set()  # (train JSON, its mtime, data_root) whose media this process has checked
+
+
 def load_train_records(cfg):
-    """The training records, validated, with every media file's header checked (fail early)."""
+    """The training records, validated, with every media file's header checked (fail early), once
+    per file and process: the main job's SFT, selector and RL stages read the same file (2,000
+    synthetic records take about 5 s to check)."""
     path = cfg.train_json or os.path.join(cfg.data_dir, "train.json")
     records = data.load_records(path, cfg.data_root or None)
     data.check_enough_records(records, cfg.batch_size, path)
-    data.check_media(records)
+    key = (os.path.abspath(path), os.path.getmtime(path), cfg.data_root)
+    if key not in _MEDIA_CHECKED:
+        data.check_media(records)
+        _MEDIA_CHECKED.add(key)
     return records
 
 
@@ -541,11 +564,9 @@ def sft_loss(policy, batch):
 def stage_sft(cfg, rt, start_path):
     """Supervised cold start on reasoning_process: NLL on the assistant completion only."""
     resumed = resume_point(cfg, rt, "sft")
-    ckpt, state = resumed
-    if state is not None and state.get("done"):
-        log(rt, f"[sft] finished checkpoint found at {ckpt}; skipping")
+    if finished(rt, "sft", resumed):
         return stage_model(cfg, "sft")
-    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
+    loaded = load_policy(cfg, rt, start_model(resumed, start_path))
     records = load_train_records(cfg)
     per_rank = cfg.batch_size // rt.world
     if per_rank * rt.world != cfg.batch_size or per_rank % cfg.grad_accum:
@@ -714,16 +735,15 @@ def make_coach(cfg, records):
 
 def stage_rl(cfg, rt, start_path):
     resumed = resume_point(cfg, rt, "rl")
-    ckpt, state = resumed
-    if state is not None and state.get("done"):
-        log(rt, f"[rl] finished checkpoint found at {ckpt}; skipping")
+    if finished(rt, "rl", resumed):
         return stage_model(cfg, "rl")
+    state = resumed[1]
     # The frozen reference is the starting checkpoint (its real folder, not the moving last link);
     # a resumed run reloads it from there.
     ref_path = state["reference_path"] if state else os.path.realpath(start_path)
     records = load_train_records(cfg)
     coach = make_coach(cfg, records)         # before the models: a missing selector stage fails in seconds
-    loaded = load_policy(cfg, rt, os.path.join(ckpt, "model") if state else start_path)
+    loaded = load_policy(cfg, rt, start_model(resumed, start_path))
     ref = frozen(rt, load_policy(cfg, rt, ref_path, trainable=False)[0]) if cfg.beta > 0 else None
     rl = RL(ref, records, coach, config.reward_config(cfg))
     run = start_run(cfg, rt, "rl", loaded, resumed, cfg.rl_lr, cfg.rl_steps, config.rl_warmup(cfg))

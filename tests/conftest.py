@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic STGR set and a tiny Qwen2.5-VL built from it (once per session)."""
+import copy
 import json
 import os
 
@@ -33,3 +34,18 @@ def tiny_model_dir(tiny_data, tmp_path_factory):
 def tiny_policy(tiny_model_dir):
     import model
     return model.load_policy(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def sharp(tiny_policy):
+    """The tiny policy with larger random text weights: a fresh model greedily repeats one token
+    whatever it reads; this one answers each prompt differently, so a wrong row, position or turn
+    in batched decoding shows."""
+    model, tok, vision = tiny_policy
+    model = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "visual" not in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model, tok, vision

@@ -5,7 +5,6 @@ positions and per-row stops are all exercised. A freshly initialized model greed
 token whatever its input, which would hide a wrong position or a wrong cache row; the tests use a
 copy with larger text weights, whose next token depends on position and context.
 """
-import copy
 import os
 
 import pytest
@@ -16,18 +15,6 @@ import model as M
 
 # (record index, max frames, pixel budget per frame)
 PROMPT_SHAPES = [(0, 4, 84 * 84), (1, 8, 56 * 84), (2, 12, 56 * 56), (6, 5, 84 * 112)]
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_policy):
-    model, tok, vision = tiny_policy
-    model = copy.deepcopy(model).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "visual" not in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model, tok, vision
 
 
 @pytest.fixture(scope="module")

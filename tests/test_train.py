@@ -496,3 +496,17 @@ def test_fsdp2_on_cpu_generates_saves_full_weights_and_gathers_the_optimizer(tin
         assert p.shape == q.shape, n
         torch.testing.assert_close(q, r, atol=1e-6, rtol=0, msg=n)
     assert not torch.equal(base.lm_head.weight, sharded.lm_head.weight)
+
+
+def test_media_is_checked_once_per_training_file_and_again_when_it_changes(tiny_data, tmp_path, monkeypatch):
+    data_dir = tmp_path / "d"
+    shutil.copytree(tiny_data, data_dir)
+    calls = []
+    monkeypatch.setattr(data, "check_media", lambda records: calls.append(len(records)))
+    cfg = train.Config(data_dir=str(data_dir), batch_size=4)
+    first = train.load_train_records(cfg)
+    assert train.load_train_records(cfg) == first and len(calls) == 1     # the next stage of the same run
+    st = os.stat(data_dir / "train.json")
+    os.utime(data_dir / "train.json", (st.st_atime, st.st_mtime + 10))     # the file was rewritten
+    train.load_train_records(cfg)
+    assert calls == [len(first), len(first)]
