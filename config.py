@@ -59,6 +59,7 @@ class Config:
     n_test: int = 200             # test records (plus one V-STAR annotation per test clip)
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
     synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
+    background: str = "flat"      # synthetic frames: flat grey | gradient (its colour says where a pixel is)
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
     adam_beta1: float = 0.9       # AdamW first-moment decay
@@ -71,6 +72,9 @@ class Config:
     grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
+    sft_vstar: str = ""           # V-STAR-layout JSON whose What/When/Where chains join SFT; empty -> the
+                                  # synthetic set's vstar_train.json (none when --train_json is given)
+    sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     # ---- RL (train.py runs the loop, grpo.py the math) ----
     rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
     rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)
@@ -131,6 +135,7 @@ STAGES = ("data", "sft", "selector", "rl", "eval")
 CHOICES = {
     "stage": ("all",) + STAGES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "background": ("flat", "gradient"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,

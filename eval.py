@@ -112,16 +112,11 @@ def infer_vstar(bundle, samples, video_root, cfg, rt):
                       for k, (i, v, w) in enumerate(zip(chunk, videos, wheres))]
             return generate_texts(vlm, tokenizer, inputs, cfg, [(i, name) for i in chunk])
 
-        what = turn("what", lambda s: [s.question], lambda k: [])
-        when1 = turn("when1", lambda s: [s.question, s.temporal_question], lambda k: [what[k]])
-        where2 = turn("where2", lambda s: [s.question, s.spatial_question_2], lambda k: [what[k]])
-        where1 = turn("where1", lambda s: [s.question, s.temporal_question, s.spatial_question],
-                      lambda k: [what[k], when1[k]])
-        when2 = turn("when2", lambda s: [s.question, s.spatial_question_2, s.temporal_question],
-                     lambda k: [what[k], where2[k]])
+        said = {}  # turn -> the chunk's answers, turns in metrics.VSTAR_TURNS's order (each after those it follows)
+        for name, (asked, earlier) in metrics.VSTAR_TURNS.items():
+            said[name] = turn(name, lambda s: [getattr(s, q) for q in asked], lambda k: [said[t][k] for t in earlier])
         for k, (i, v) in enumerate(zip(chunk, videos)):
-            out.append((i, {"what": what[k], "when1": when1[k], "where1": where1[k], "where2": where2[k],
-                            "when2": when2[k]}, (v.frames.shape[-1], v.frames.shape[-2])))
+            out.append((i, {name: said[name][k] for name in metrics.VSTAR_TURNS}, (v.frames.shape[-1], v.frames.shape[-2])))
     return out
 
 

@@ -21,7 +21,8 @@ ARMS = {  # arm -> train.py overrides
     "grpo": ["--coach=none"],
     "visioncoach": ["--coach=selector"],
     "random_prompt": ["--coach=random"],
-    "prompts_no_sd": ["--coach=selector", "--alpha=0"],
+    "prompts_no_sd": ["--coach=selector", "--alpha=0"],  # the update is GRPO's exactly (prompted rollouts unused)
+    "sd_raw": ["--coach=selector", "--sd_condition=raw"],  # distil the prompted rollouts as if the video were raw
     "no_identity": ["--coach=selector", "--reward_identity=none"],
 }
 METRICS = ["mAM", "mLGM", "Acc", "mtIoU_1", "mvIoU_1", "stgr/Acc", "stgr/reward/total", "stgr/reward/spatial",

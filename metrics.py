@@ -484,13 +484,42 @@ def vstar_summary(per_sample):
     return out
 
 
+# The five turns of a V-STAR sample in the order they can be asked: turn -> (the sample's
+# questions asked so far, the earlier turns whose answers come between them). Chain 1 asks When
+# then Where, chain 2 Where then When; both open with What.
+VSTAR_TURNS = {
+    "what": (("question",), ()),
+    "when1": (("question", "temporal_question"), ("what",)),
+    "where2": (("question", "spatial_question_2"), ("what",)),
+    "where1": (("question", "temporal_question", "spatial_question"), ("what", "when1")),
+    "when2": (("question", "spatial_question_2", "temporal_question"), ("what", "where2")),
+}
+
+
+def _span_text(s, e):
+    return f"From {data.T_OPEN}{data.format_seconds(s)}{data.T_CLOSE}s to {data.T_OPEN}{data.format_seconds(e)}{data.T_CLOSE}s"
+
+
 def vstar_oracle_answers(sample):
     """What a perfect model would write for the five questions (for checking the scorer)."""
-    s, e = sample.timestamps
-    when = (f"From {data.T_OPEN}{data.format_seconds(s)}{data.T_CLOSE}s to "
-            f"{data.T_OPEN}{data.format_seconds(e)}{data.T_CLOSE}s")
+    when = _span_text(*sample.timestamps)
     where = json.dumps({str(fr.time): fr.box for fr in sample.frames})
     return {"what": sample.answer, "when1": when, "where1": where, "where2": where, "when2": when}
+
+
+def vstar_gold_completions(sample):
+    """The five turns' completions in the training grammar (SFT on V-STAR-style chains; boxes in
+    pixels of the annotation's width x height). When and Where think with the object's first and
+    last annotated boxes; Where answers with every annotated box at its time."""
+    name = sample.object or "object"
+    claim = lambda fr: (f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}[{','.join(str(round(v)) for v in fr.box)}]"
+                        f"{data.BOX_CLOSE}at{data.T_OPEN}{data.format_seconds(fr.time)}{data.T_CLOSE}s")  # noqa: E731
+    ends = [sample.frames[0], sample.frames[-1]] if len(sample.frames) > 1 else sample.frames
+    think = f"{data.THINK_OPEN}{' '.join(claim(fr) for fr in ends)}{data.THINK_CLOSE}"
+    what = f"{sample.chain or data.THINK_OPEN + data.THINK_CLOSE}{data.ANSWER_OPEN}{sample.answer}{data.ANSWER_CLOSE}"
+    when = f"{think}{data.ANSWER_OPEN}{_span_text(*sample.timestamps)}{data.ANSWER_CLOSE}"
+    where = f"{think}{data.ANSWER_OPEN}{' '.join(claim(fr) for fr in sample.frames)}{data.ANSWER_CLOSE}"
+    return {"what": what, "when1": when, "where1": where, "where2": where, "when2": when}
 
 
 # =============================================================================================
@@ -600,6 +629,9 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
     if hit is None:  # visual QA: the answer reward is the box IoU
         hit = float(scores.get("answer", 0.0)) >= ACC_IOU
     out = {"task": record.get("task", ""), "correct": float(hit)}
+    meta = record.get("meta")
+    if isinstance(meta, dict) and isinstance(meta.get("hard"), bool):  # synthetic records say how they were drawn
+        out["hard"] = meta["hard"]
     out.update({f"reward/{k}": float(v) for k, v in scores.items()
                 if _finite_number(v) is not None})
     if record.get("task") in data.TEMPORAL_TASKS:
@@ -609,12 +641,14 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
 
 
 def stgr_summary(per_sample):
-    """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall and per task), temporal
-    grounding on the temporal tasks ('TG/...', x100), and each reward's mean over the records
-    where it applies (reward scale, not x100)."""
+    """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall, per task and, where records say
+    it, on hard and easy samples), temporal grounding on the temporal tasks ('TG/...', x100), and
+    each reward's mean over the records where it applies (reward scale, not x100)."""
     by_task, comps = defaultdict(list), defaultdict(list)
     for s in per_sample:
         by_task[f"Acc[task={s['task']}]"].append(s["correct"])
+        if "hard" in s:
+            by_task[f"Acc[{'hard' if s['hard'] else 'easy'}]"].append(s["correct"])
         for k, v in s.items():
             if k.startswith("reward/"):
                 comps[k].append(v)

@@ -55,6 +55,7 @@ class ProbeConfig:
     # tasks
     find_weight: float = 1.0      # task mix: probability weights of find / marked samples
     marked_weight: float = 1.0
+    list_weight: float = 0.0      # "What objects are in the frame?" -> every object and its box, left to right
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     min_radius: float = 6.0       # object radius in pixels: uniform in min..max (synth.py's hard 6-9, easy 10-13)
@@ -88,7 +89,7 @@ class ProbeConfig:
 
 CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
-FIND_Q, MARKED_Q = "Where is the {}?", "Which object is marked?"
+FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 
 
 def parse_args(argv):
@@ -143,7 +144,7 @@ def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0), dist
 
 @dataclass
 class Sample:
-    task: str           # find | marked
+    task: str           # find | marked | list
     frame: torch.Tensor  # uint8 (3, H, W), visual prompt drawn for marked
     question: str
     name: str           # the target's name
@@ -159,6 +160,8 @@ def make_sample(rng, cfg, task, n_distractors):
     objects = [(s.name(0), s.box(0)) for s in shapes]
     if task == "find":
         return Sample(task, frame, FIND_Q.format(name), name, box, objects)
+    if task == "list":
+        return Sample(task, frame, LIST_Q, name, box, objects)
     mark = rng.choice(cfg.marks.split(","))
     frame = prompt.apply_visual_prompt(mark, [frame], [[box]], None)[0]
     return Sample(task, frame, MARKED_Q, name, box, objects)
@@ -172,7 +175,7 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    task = rng.choices(("find", "marked"), weights=(cfg.find_weight, cfg.marked_weight))[0]
+    task = rng.choices(("find", "marked", "list"), weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight))[0]
     return make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
 
 
@@ -192,13 +195,21 @@ def prompt_parts(question, style):
     return [sp(data.IM_START), "user\n", 0, question, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
 
 
+def claim(name, box, frame_size):
+    """One object in the project's grammar; the box in pixels of the frame the model sees."""
+    x1, y1, x2, y2 = data.norm_box_to_pixels(box, *frame_size)
+    return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
+
+
 def target_text(sample, frame_size):
-    """The answer in the project's grammar; the box in pixels of the frame the model sees."""
-    obj = f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
+    """The answer: marked names the object; find names it and gives its box; list does that for
+    every object, left to right by box centre."""
     if sample.task == "marked":
-        return obj
-    x1, y1, x2, y2 = data.norm_box_to_pixels(sample.box, *frame_size)
-    return f"{obj}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
+        return f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
+    if sample.task == "list":
+        order = sorted(sample.objects, key=lambda o: o[1][0] + o[1][2])
+        return "".join(claim(n, b, frame_size) for n, b in order)
+    return claim(sample.name, sample.box, frame_size)
 
 
 def encode(sample, tokenizer, vision, style, device="cpu"):
@@ -332,7 +343,7 @@ def tokenizer_corpus(seed=0, n=400):
         story = synth.tell(synth.make_scene(rng, rng.random() < 0.5))
         texts.append(f"{story.question} {synth.completion(story.think, story.answer)}")
     names = [f"{c} {k}" for c, k in NAMES]
-    texts += [f"{FIND_Q.format(x)} {MARKED_Q} {data.OBJ_OPEN}{x}{data.OBJ_CLOSE}" for x in names] * 10
+    texts += [f"{FIND_Q.format(x)} {MARKED_Q} {LIST_Q} {data.OBJ_OPEN}{x}{data.OBJ_CLOSE}" for x in names] * 10
     return texts
 
 
@@ -494,7 +505,7 @@ def run(cfg, log=print):
     if cfg.aux_steps > 0:
         pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
         next_eval = clock["wall"]
-    task_loss = {"find": [], "marked": []}  # per-sample token-mean losses since the last log line
+    task_loss = {"find": [], "marked": [], "list": []}  # per-sample token-mean losses since the last log line
     while True:
         done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
         due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
@@ -521,8 +532,9 @@ def run(cfg, log=print):
         step += 1
         if step % cfg.log_every == 0:
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
-            log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f}")
-            task_loss = {"find": [], "marked": []}
+            log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
+                f"list {mean['list']:.3f}")
+            task_loss = {"find": [], "marked": [], "list": []}
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
     if cfg.save:

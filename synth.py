@@ -3,8 +3,11 @@
 Owns: a deterministic generator of short clips (grey background, moving coloured shapes,
 distractors, one event in time per clip: stop, turn, colour change, appear, meet), rendered with
 tensor masks, encoded with torchcodec, plus STGR records (data.py's layout) whose
-reasoning_process is a grounded trace built from ground truth, and a V-STAR-style test set.
+reasoning_process is a grounded trace built from ground truth, and a V-STAR-style annotation of
+every clip (the test split's is the V-STAR benchmark; the train split's teaches SFT the chains).
 Leaves loading / validation to data.py and scoring to rewards.py and eval.py.
+Background: flat grey (default) or --background=gradient, whose colour says where a pixel is (a
+model without absolute position embeddings can then read an object's place from what is around it).
 Difficulty: each sample is hard with probability --difficulty (meta.hard says which). Hard: 3-5
 distractors, 3 in 4 sharing the target's colour or kind, radius 6-9 px, 6-8 s clips. Easy: 1-2
 distractors of another colour and kind, radius 10-13 px, 4-6 s.
@@ -17,7 +20,7 @@ Output under --data_dir (all media paths in the JSON are relative to it):
   train.json / val.json / test.json   STGR records + "meta" (event, span, hard, options, ...)
   videos/{id}.mp4                     112x112 (the model's default size), 4 fps, 4-8 s, h264 yuv420p
   frames/{id}_{idx}.png               the exact rendered key frame; idx = frame index at 4 fps
-  vstar_test.json                     one V-STAR annotation per test clip (videos/{vid}.mp4)
+  vstar_{split}.json                  one V-STAR annotation per clip of the split (videos/{vid}.mp4)
 V-STAR layout written (V-STaR-Bench/V-STaR, V_STaR_test.json, a JSON list, one object per clip):
   vid, domain, fps, width, height, frame_count (frames of the video), question (What), chain
   ("<think>...</think>" reasoning), object (name of the boxed object), answer,
@@ -481,18 +484,18 @@ def vstar_entry(sid, scene, story):
 
 def make_sample(job):
     """Worker: one clip -> files on disk, its record and (test split) its V-STAR entry."""
-    split, i, split_seed, difficulty, out = job
+    split, i, split_seed, difficulty, background, out = job
     rng = random.Random(f"synth-{split_seed}-{i}")  # str seeds hash with sha512: stable
     sid = f"{split}_{i:05d}"
     hard = rng.random() < difficulty
     scene = make_scene(rng, hard)
     story = tell(scene)
     task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
-    frames = render(scene)
+    frames = render(scene, background)
     out = Path(out)
     encode(frames, out / f"videos/{sid}.mp4")
     rec = build_record(sid, split, scene, story, frames, task, rng, out, difficulty)
-    return rec, (vstar_entry(sid, scene, story) if split == "test" else None)
+    return rec, vstar_entry(sid, scene, story)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +510,8 @@ def write_json(path, items):
 
 
 def generate(cfg):
-    """Write every split under cfg.data_dir; returns {split: [records]} (plus 'vstar').
+    """Write every split under cfg.data_dir; returns {split: [records]} (plus 'vstar': the test
+    split's V-STAR annotations).
 
     cfg is the one config (config.Config): data_dir, n_train, n_val, n_test, seed (train; val uses
     seed + 20_000, test seed + 10_000), difficulty and synth_workers (1: inline) are read.
@@ -517,22 +521,20 @@ def generate(cfg):
     (out / "frames").mkdir(parents=True, exist_ok=True)
     seeds, sizes = split_seeds(cfg.seed), {"train": cfg.n_train, "val": cfg.n_val,
                                            "test": cfg.n_test}
-    jobs = [(sp, i, seeds[sp], cfg.difficulty, str(out)) for sp in sizes for i in range(sizes[sp])]
+    jobs = [(sp, i, seeds[sp], cfg.difficulty, cfg.background, str(out)) for sp in sizes for i in range(sizes[sp])]
     if cfg.synth_workers > 1:
         with Pool(cfg.synth_workers, initializer=_init_worker) as pool:
             results = pool.map(make_sample, jobs, chunksize=16)
     else:
         results = [make_sample(j) for j in jobs]
-    result = {sp: [] for sp in sizes}
-    vstar = []
+    result, vstar = {sp: [] for sp in sizes}, {sp: [] for sp in sizes}
     for (sp, *_), (rec, vs) in zip(jobs, results):
         result[sp].append(rec)
-        if vs is not None:
-            vstar.append(vs)
+        vstar[sp].append(vs)
     for sp, recs in result.items():
         write_json(out / f"{sp}.json", recs)
-    write_json(out / "vstar_test.json", vstar)
-    result["vstar"] = vstar
+        write_json(out / f"vstar_{sp}.json", vstar[sp])
+    result["vstar"] = vstar["test"]
     return result
 
 

@@ -501,7 +501,8 @@ def vp_input(cfg, rt, tokenizer, vision, record, video, vp):
 
 def stage_data(cfg, rt):
     """Generate the synthetic set (once; skipped when it exists) and build the tiny model."""
-    if rt.main and not os.path.isfile(os.path.join(cfg.data_dir, "test.json")):
+    written = all(os.path.isfile(os.path.join(cfg.data_dir, f)) for f in ("test.json", "vstar_train.json"))
+    if rt.main and not written:  # (a set from before V-STAR chains joined SFT lacks vstar_train.json)
         t0 = time.time()
         synth.generate(cfg)
         log(rt, f"[data] generated {cfg.n_train}/{cfg.n_val}/{cfg.n_test} samples in {time.time() - t0:.1f}s "
@@ -535,11 +536,56 @@ def sft_target_ids(rec, tokenizer, inputs, source_size):
 
 
 def sft_example(rec, tokenizer, vision, cfg):
-    """(model input, target ids) of one record, on the CPU."""
+    """(model input, target ids) of one record, on the CPU. A V-STAR chain turn (vstar_chain_records)
+    carries its earlier turns in 'history', their boxes put in pixels of the frame the model sees."""
     video = data.load_video_sample(rec, config.frames(cfg))
-    inputs = model.model_input(tokenizer, vision, video, rec["question"], cfg.max_pixels or None)
+    height, width = vision.target_size(*video.frames.shape[-2:], cfg.max_pixels or None)
+    turns = [(data.trace_to_frame_pixels(a, video.source_size, (width, height), data.origin(rec), "history"), q)
+             for a, q in rec.get("history", ())]
+    inputs = model.model_input(tokenizer, vision, video, rec["question"], cfg.max_pixels or None, turns)
     data.check_prompt_length(len(inputs), cfg.max_prompt_tokens, data.origin(rec))
     return inputs, sft_target_ids(rec, tokenizer, inputs, video.source_size)
+
+
+def vstar_chain_file(cfg):
+    """The V-STAR-layout file whose chains join SFT, or None (see Config.sft_vstar)."""
+    if cfg.sft_vstar_turns <= 0:
+        return None
+    if cfg.sft_vstar:
+        return cfg.sft_vstar
+    return None if cfg.train_json else os.path.join(cfg.data_dir, "vstar_train.json")
+
+
+def vstar_chain_records(path, n, seed, data_root=""):
+    """n of the file's chain turns (5 per clip, metrics.VSTAR_TURNS) as SFT records: the turn's
+    first question, the earlier gold answers and questions as history, its gold completion
+    (metrics.vstar_gold_completions) as reasoning_process. The draw depends on the seed only."""
+    samples = metrics.load_vstar(path)
+    slots = [(i, name) for i in range(len(samples)) for name in metrics.VSTAR_TURNS]
+    picked = sorted(random.Random(f"vstar-sft-{seed}").sample(slots, min(n, len(slots))))
+    root = data_root or os.path.dirname(os.path.abspath(path))
+    out = []
+    for i, name in picked:
+        s, (asked, earlier) = samples[i], metrics.VSTAR_TURNS[name]
+        where = f"{path}: sample {i} (vid={s.vid!r}) turn {name}"
+        gold, questions = metrics.vstar_gold_completions(s), [getattr(s, q) for q in asked]
+        out.append({"id": f"{s.vid}:{name}", "task": "V-STAR chain", "question": questions[0],
+                    "history": list(zip([gold[t] for t in earlier], questions[1:])),
+                    "reasoning_process": gold[name], "key_frames": [], "_origin": where,
+                    "video_path": data.resolve_media(root, f"videos/{s.vid}.mp4", where, "vid")})
+    return out
+
+
+def sft_records(cfg):
+    """The SFT set: the training records, then the V-STAR chain turns (vstar_chain_file)."""
+    records = load_train_records(cfg)
+    path = vstar_chain_file(cfg)
+    if path is None:
+        return records
+    if not os.path.isfile(path):
+        raise SystemExit(f"--sft_vstar: {path} not found (the synthetic set writes vstar_train.json; "
+                         f"regenerate it, or --sft_vstar_turns=0 to train without V-STAR chains)")
+    return records + vstar_chain_records(path, cfg.sft_vstar_turns, cfg.seed, cfg.data_root)
 
 
 def sft_examples(records, ids, tokenizer, vision, cfg, skipped):
@@ -567,7 +613,7 @@ def stage_sft(cfg, rt, start_path):
     if finished(rt, "sft", resumed):
         return stage_model(cfg, "sft")
     loaded = load_policy(cfg, rt, start_model(resumed, start_path))
-    records = load_train_records(cfg)
+    records = sft_records(cfg)
     per_rank = cfg.batch_size // rt.world
     if per_rank * rt.world != cfg.batch_size or per_rank % cfg.grad_accum:
         raise SystemExit(f"batch_size={cfg.batch_size} must split evenly over {rt.world} ranks "

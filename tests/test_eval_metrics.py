@@ -373,6 +373,23 @@ def test_score_stgr_ground_truth_and_garbage():
     assert all(worst[k] == 0.0 for k in reward_keys + ["reward/total"])
 
 
+def test_stgr_accuracy_split_by_hard_and_easy():
+    """Records that say how they were drawn (synth's meta.hard) get Acc[hard] and Acc[easy];
+    records without it (real data) add neither."""
+    recs = stgr_records()
+    for r, hard in zip(recs, (True, True, False, None)):
+        if hard is not None:
+            r["meta"] = {"hard": hard}
+    ctx = rewards.RewardContext(frame_width=W, frame_height=H, progress=1.0)
+    gt = [rewards.ground_truth_completion(r, ctx) for r in recs]
+    # right on the first hard one and the easy one, wrong on the second hard one and the unmarked one
+    s = metrics.score_stgr(recs, [gt[0], "<answer>zzz</answer>", gt[2], ""], ctx)
+    assert s["Acc[hard]"] == pytest.approx(50.0) and s["Acc[easy]"] == pytest.approx(100.0)
+    assert s["Acc"] == pytest.approx(50.0)
+    plain = metrics.score_stgr(stgr_records(), gt, ctx)
+    assert "Acc[hard]" not in plain and "Acc[easy]" not in plain
+
+
 # ---------------------------------------------------------------------------------------------
 # A V-STAR file written by synth.py loads and the oracle scores 100 on it
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +406,11 @@ def test_synth_vstar_file_loads_and_oracle_is_perfect(tmp_path):
     summary = metrics.vstar_summary([metrics.score_vstar_sample(s, metrics.vstar_oracle_answers(s)) for s in samples])
     for k in ("Acc", "mtIoU_1", "mtIoU_2", "mvIoU_1", "mvIoU_2", "mAM"):
         assert summary[k] == pytest.approx(100.0), k
+    # the completions SFT learns the chains from (training grammar: think, then answer) score 100 too
+    gold = metrics.vstar_summary([metrics.score_vstar_sample(s, metrics.vstar_gold_completions(s)) for s in samples])
+    for k in ("Acc", "mtIoU_1", "mtIoU_2", "mvIoU_1", "mvIoU_2", "mAM"):
+        assert gold[k] == pytest.approx(100.0), k
+    assert all(rewards.parse_completion(c).first_answer for c in metrics.vstar_gold_completions(samples[0]).values())
     # and the STGR test split written beside it: its own reasoning traces score 100
     recs = json.loads((tmp_path / "test.json").read_text())
     ctx = rewards.RewardContext(frame_width=synth.SIZE, frame_height=synth.SIZE, progress=1.0)

@@ -16,6 +16,7 @@ import transformers
 
 import config
 import data
+import metrics
 import model
 import train
 
@@ -74,7 +75,7 @@ def test_derived_settings_follow_the_config():
 
 def sft_cfg(tiny_data, out, **kw):
     base = dict(stage="sft", out_dir=str(out), data_dir=tiny_data, batch_size=4, sft_epochs=1.0, lr=3e-3,
-                sft_warmup=1, save_every=100, max_frames=8)
+                sft_warmup=1, save_every=100, max_frames=8, sft_vstar_turns=0)
     base.update(kw)
     return train.Config(**base)
 
@@ -102,6 +103,49 @@ def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
     state = train.load_trainer_state(newest(tmp_path))
     assert state["done"] and state["step"] == 6
+
+
+def test_vstar_chain_turns_join_sft_with_their_history(tiny_data, tiny_policy):
+    """Every V-STAR turn becomes an SFT record: the first question, the gold answers and questions
+    before it as history, its own gold completion as the target; the history's boxes and the
+    target's are in pixels of the frame the model sees (here 56 px, half the video's 112)."""
+    path = os.path.join(tiny_data, "vstar_train.json")
+    samples = metrics.load_vstar(path)
+    recs = train.vstar_chain_records(path, 10_000, seed=0)
+    assert len(recs) == 5 * len(samples) == len({r["id"] for r in recs})
+    some = train.vstar_chain_records(path, 7, seed=0)
+    assert len(some) == 7 and some == train.vstar_chain_records(path, 7, seed=0)
+    assert {r["id"] for r in some} != {r["id"] for r in train.vstar_chain_records(path, 7, seed=1)}
+    s = samples[0]
+    gold = metrics.vstar_gold_completions(s)
+    rec = next(r for r in recs if r["id"] == f"{s.vid}:where1")
+    assert rec["question"] == s.question and rec["reasoning_process"] == gold["where1"]
+    assert rec["history"] == [(gold["what"], s.temporal_question), (gold["when1"], s.spatial_question)]
+    when2 = next(r for r in recs if r["id"] == f"{s.vid}:when2")
+    assert when2["history"] == [(gold["what"], s.spatial_question_2), (gold["where2"], s.temporal_question)]
+
+    vlm, tok, vision = tiny_policy
+    cfg = train.Config(max_frames=4, max_pixels=56 * 56)
+    inputs, target = train.sft_example(when2, tok, vision, cfg)
+    assert inputs.frame_size == (56, 56)
+    half = lambda text: data.trace_to_frame_pixels(text, (112, 112), (56, 56), "test")  # noqa: E731
+    prompt_text = tok.decode(inputs.input_ids)
+    assert half(gold["where2"]) in prompt_text and gold["where2"] not in prompt_text
+    assert prompt_text.index(s.spatial_question_2) < prompt_text.index(half(gold["where2"])) \
+        < prompt_text.rindex(s.temporal_question)
+    assert tok.decode(target) == half(gold["when2"]) + data.IM_END
+
+
+def test_sft_set_adds_the_chain_turns_only_where_asked(tiny_data, tmp_path):
+    cfg = sft_cfg(tiny_data, tmp_path, sft_vstar_turns=9)
+    recs = train.sft_records(cfg)
+    assert len(recs) == 12 + 9 and sum(r["task"] == "V-STAR chain" for r in recs) == 9
+    assert len(train.sft_records(dataclasses.replace(cfg, sft_vstar_turns=0))) == 12
+    real = dataclasses.replace(cfg, train_json=os.path.join(tiny_data, "train.json"))
+    assert train.vstar_chain_file(real) is None                        # real data: only an explicit --sft_vstar
+    with pytest.raises(SystemExit, match="vstar_train.json not found"):
+        train.sft_records(dataclasses.replace(cfg, data_dir=str(tmp_path), train_json=real.train_json,
+                                              sft_vstar=str(tmp_path / "vstar_train.json")))
 
 
 def short_cfg(tiny_data, out, **kw):
@@ -298,7 +342,7 @@ def test_frozen_vision_tower_stays_frozen(tiny_data, tiny_model_dir, tmp_path):
 def test_two_process_torchrun_sft(tiny_data, tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--stage=sft", f"--model={tiny_model_dir}", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}",
-           "--batch_size=4", "--sft_epochs=0.7", "--max_frames=8", "--device=cpu"]
+           "--batch_size=4", "--sft_epochs=0.7", "--max_frames=8", "--device=cpu", "--sft_vstar_turns=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -353,7 +397,7 @@ def test_tensorboard_gets_the_metrics(tiny_data, tiny_model_dir, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = train.parse_args(["--stage=sft", f"--out_dir={tmp_path}", f"--data_dir={tiny_data}", "--batch_size=2",
-                            "--max_frames=4", "--sft_epochs=0.34", "--report_to=tensorboard"])
+                            "--max_frames=4", "--sft_epochs=0.34", "--report_to=tensorboard", "--sft_vstar_turns=0"])
     train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
     runs = EventAccumulator(str(tmp_path / "visioncoach"))
     runs.Reload()
@@ -395,7 +439,7 @@ def zero3_launch(script, tiny_data, tiny_model_dir, out):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/zero3.yaml",
            "--num_processes=2", "--mixed_precision=no", script, "--stage=sft", f"--model={tiny_model_dir}",
            f"--data_dir={tiny_data}", f"--out_dir={out}", "--batch_size=4", "--sft_epochs=1", "--save_every=2",
-           "--max_frames=8", "--dtype=float32"]
+           "--max_frames=8", "--dtype=float32", "--sft_vstar_turns=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
