@@ -57,6 +57,19 @@ def test_target_text_parses_back_to_the_box():
         assert (r["iou"] > 0.9) if task == "find" else r["correct"] == 1.0
 
 
+def test_list_target_names_and_boxes_every_object_left_to_right():
+    s = probe.Sample("list", None, probe.LIST_Q, "red circle", [0.5, 0.5, 0.6, 0.6],
+                     [("red circle", [0.5, 0.5, 0.6, 0.6]), ("blue square", [0.1, 0.7, 0.2, 0.8]),
+                      ("green triangle", [0.8, 0.0, 0.9, 0.1])])
+    assert probe.target_text(s, (100, 100)) == (
+        "<obj>blue square</obj><box>[10,70,20,80]</box><obj>red circle</obj><box>[50,50,60,60]</box>"
+        "<obj>green triangle</obj><box>[80,0,90,10]</box>")
+    cfg = probe.ProbeConfig(find_weight=0, marked_weight=0, list_weight=1)
+    drawn = probe.training_sample(random.Random(3), cfg, 0)
+    assert drawn.task == "list" and drawn.question == probe.LIST_Q
+    assert probe.target_text(drawn, (112, 112)).count("<box>") == len(drawn.objects)
+
+
 def test_value_tokens_round_trip():
     tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
     for v in range(113):

@@ -38,7 +38,7 @@ def test_deterministic_and_split_seeds(generated, tmp_path):
     cfg = config.Config(data_dir=str(tmp_path), n_train=N_TRAIN, n_val=1, n_test=N_TEST, seed=3,
                         difficulty=0.5, synth_workers=2)
     synth.generate(cfg)  # same seed, other worker count: byte-identical JSON
-    for name in ("train.json", "val.json", "test.json", "vstar_test.json"):
+    for name in ("train.json", "val.json", "test.json", "vstar_train.json", "vstar_val.json", "vstar_test.json"):
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
     for media in sorted((out / "videos").iterdir()) + sorted((out / "frames").iterdir()):
         rel = media.relative_to(out)
@@ -123,7 +123,9 @@ def test_round_trip_decode_matches_png_and_boxes(generated):
 def test_vstar_layout(generated):
     out, result = generated
     vstar = json.loads((out / "vstar_test.json").read_text())
-    assert len(vstar) == N_TEST
+    assert len(vstar) == N_TEST and result["vstar"] == vstar
+    train_vids = [v["vid"] for v in json.loads((out / "vstar_train.json").read_text())]
+    assert train_vids == [r["id"] for r in result["train"]]      # every clip of every split has one
     fields = {"vid", "domain", "fps", "width", "height", "frame_count", "question", "chain",
               "object", "answer", "temporal_question", "timestamps", "spatial_question",
               "spatial_question_2", "bboxes"}
@@ -146,3 +148,15 @@ def test_cli_reads_the_config_in_both_spellings():
     assert (cfg.n_train, cfg.n_val, cfg.difficulty) == (7, 3, 0.25)
     with pytest.raises(SystemExit):
         config.parse_args(["--difficulty=2"], prog="synth.py")
+
+
+def test_gradient_background_changes_the_background_only(tmp_path):
+    """--background=gradient: the same clips and records; frames differ where no object is."""
+    cfgs = [config.Config(data_dir=str(tmp_path / bg), n_train=1, n_val=0, n_test=0, seed=3, synth_workers=1,
+                          background=bg) for bg in ("flat", "gradient")]
+    flat, grad = [synth.generate(c)["train"][0] for c in cfgs]
+    assert flat["reasoning_process"] == grad["reasoning_process"]
+    frames = [VideoDecoder(str(tmp_path / bg / flat["video_path"])).get_frame_at(0).data.float()
+              for bg in ("flat", "gradient")]
+    corner = lambda f: f[:, :4, :4].mean((1, 2))  # noqa: E731  (h264 blurs; a corner is far from objects)
+    assert (corner(frames[0]) - corner(frames[1])).abs().max() > 20
