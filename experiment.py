@@ -2,6 +2,7 @@
 
     python experiment.py                       # 3 seeds, every arm, then the table and plots
     python experiment.py --seeds=0,1,2 --rl_steps=40 --arms=grpo,visioncoach
+    python experiment.py --calibrate=200       # choose --hard_k on the validation split, then stop
 
 SFT and the VP-Selector run once (the main job's, under --base, made if missing); then, for each
 seed, RL for every arm, each from the same SFT checkpoint; then eval.py on the synthetic test
@@ -17,6 +18,8 @@ import statistics
 import subprocess
 import sys
 
+import train
+
 ARMS = {  # arm -> train.py overrides
     "grpo": ["--coach=none"],
     "visioncoach": ["--coach=selector"],
@@ -31,7 +34,8 @@ METRICS = ["mAM", "mLGM", "Acc", "mtIoU_1", "mvIoU_1", "stgr/Acc", "stgr/reward/
 
 def parse(argv):
     opts = {"seeds": "0,1,2", "arms": ",".join(ARMS), "rl_steps": "40", "base": "runs/default",
-            "out": "runs/experiment", "eval_samples": "100", "selector_samples": "256", "extra": ""}
+            "out": "runs/experiment", "eval_samples": "100", "selector_samples": "256", "extra": "",
+            "calibrate": "0"}
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
@@ -133,10 +137,31 @@ def plot(out_dirs, results, out):
     fig.tight_layout(), fig.savefig(os.path.join(out, "test_metrics.png"), dpi=110), plt.close(fig)
 
 
+def calibrate(sft, o):
+    """The hard share of the SFT checkpoint's groups on the first n validation prompts for a range
+    of k, and the k for 40 / 50 / 65% hard (Algorithm 1's k; the paper's run had 58% hard).
+    -> {out}/k_calibration.json."""
+    cfg = train.Config(out_dir=o["base"])
+    means = train.val_group_means(cfg, train.setup_runtime(cfg), sft, int(o["calibrate"]))
+    shares = {f"{k:.2f}": sum(m < k for m in means) / len(means) for k in [x / 4 for x in range(4, 13)]}
+    picks = {f"{s:.2f}": train.k_for_share(means, s) for s in (0.4, 0.5, 0.65)}
+    result = {"n": len(means), "group_means": means, "hard_share_at_k": shares, "k_for_share": picks,
+              "default_k": cfg.hard_k, "hard_share_at_default_k": sum(m < cfg.hard_k for m in means) / len(means)}
+    with open(os.path.join(o["out"], "k_calibration.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{len(means)} validation prompts, group means {min(means):.2f}..{max(means):.2f}; hard share at k: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()))
+    print(f"k for 40% / 50% / 65% hard: " + " / ".join(f"{v:.2f}" for v in picks.values())
+          + f" (default k {cfg.hard_k}: {result['hard_share_at_default_k']:.2f} hard)")
+    return result
+
+
 def main(argv):
     o = parse(argv)
     os.makedirs(o["out"], exist_ok=True)
     sft = ensure_base(o)
+    if int(o["calibrate"]):
+        return calibrate(sft, o)
     results = {"sft": [evaluate(sft, os.path.join(o["out"], "sft"), o)]}
     out_dirs = {}
     for seed in [int(s) for s in o["seeds"].split(",")]:

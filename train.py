@@ -1070,6 +1070,34 @@ def stage_eval(cfg, rt, path):
     return tables
 
 
+# ---------------------------------------------------------------------------------------------
+# Choosing k: how hard the validation prompts are for a checkpoint when RL starts
+# ---------------------------------------------------------------------------------------------
+
+def val_group_means(cfg, rt, path, n):
+    """Mean total reward of G raw rollouts on each of the first n validation prompts, rewards at
+    progress 0 (as when RL starts): the numbers --hard_k is compared against. Each prompt's draws
+    come from its own generator, seeded from (seed, "calibrate", id)."""
+    vlm, tokenizer, vision = load_policy(cfg, rt, path, trainable=False)
+    vlm.eval()
+    records = data.load_records(os.path.join(cfg.data_dir, "val.json"), cfg.data_root or None)[:n]
+    inputs = [model_input(cfg, rt, tokenizer, vision, data.load_video_sample(r, config.frames(cfg)), r["question"])
+              for r in records]
+    gens = [grpo.sample_generator(cfg.seed, "calibrate", str(r["id"]), device=rt.device) for r in records]
+    with torch.no_grad():
+        groups = grpo.rollouts(vlm, tokenizer, inputs, records, config.sampling(cfg), config.reward_config(cfg),
+                               0.0, gens, cfg.batch_prompts)
+    return [distill.mean_reward(g.rewards["total"]) for g in groups]
+
+
+def k_for_share(means, share):
+    """The k at which `share` of these group means are hard (mean < k): a midpoint between the
+    group means on either side of that quantile."""
+    xs = sorted(means)
+    i = min(max(round(share * len(xs)), 1), len(xs) - 1)
+    return (xs[i - 1] + xs[i]) / 2
+
+
 def main(argv):
     cfg = parse_args(argv)
     rt = setup_runtime(cfg)

@@ -2,6 +2,7 @@
 multi-process equivalence and exact resume. Rewards are replaced by a deterministic function of the
 completion text, so every group has reward variance even for a random model (the reward code
 itself is tested in test_rewards.py)."""
+import json
 import os
 import subprocess
 import sys
@@ -202,3 +203,25 @@ def test_rl_without_the_selector_stage_fails_before_loading_models(tiny_data, tm
     monkeypatch.setattr(model, "load_policy", lambda *a, **k: pytest.fail("loaded a model first"))
     with pytest.raises(SystemExit, match="run --stage=selector first"):
         run_rl(rl_cfg(tiny_data, tmp_path, coach="selector"), str(tmp_path / "no_model"), monkeypatch)
+
+
+def test_k_for_share_splits_the_group_means_at_the_quantile():
+    means = [3.0, 1.0, 4.0, 2.0]
+    assert train.k_for_share(means, 0.5) == 2.5                       # 1 and 2 below, 3 and 4 above
+    assert train.k_for_share(means, 0.25) == 1.5 and train.k_for_share(means, 0.75) == 3.5
+    assert train.k_for_share(means, 0.0) == 1.5 and train.k_for_share(means, 1.0) == 3.5  # at least one each side
+    ten = [float(v) for v in range(10)]
+    k = train.k_for_share(ten, 0.4)
+    assert sum(m < k for m in ten) == 4
+
+
+def test_val_group_means_are_the_rollout_rewards_when_rl_starts(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    """One mean per validation prompt, the fake reward of G seeded rollouts: the same numbers on a
+    second call, and within the fake reward's range."""
+    monkeypatch.setattr(rewards, "score_group", fake_score_group)
+    cfg = rl_cfg(tiny_data, tmp_path)
+    rt = train.setup_runtime(cfg)
+    means = train.val_group_means(cfg, rt, tiny_model_dir, 5)
+    n_val = len(json.load(open(os.path.join(tiny_data, "val.json"))))
+    assert len(means) == min(5, n_val) and all(0.0 <= m <= 2.0 for m in means)
+    assert train.val_group_means(cfg, rt, tiny_model_dir, 5) == means
