@@ -21,6 +21,7 @@ drops the KV cache in training, which the shared-prefix path reads.
 
 Many prompts at once (generate_groups, groups_logprobs, the last section): each prompt prefilled
 once, all groups' rows decoded or scored together; batch size 1 is the one-prompt path above.
+Decoding writes into a KV cache allocated once per call (SlotCache), not one grown token by token.
 
 Test: python -m pytest tests/test_model.py tests/test_batch.py
 """
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicLayer
 
 import data
 from data import (ENDOFTEXT, GROUNDING_TAGS, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START,
@@ -565,6 +567,63 @@ def enable_gradient_checkpointing(model):
 
 
 # ---------------------------------------------------------------------------------------------
+# A KV cache allocated once per generation call
+# ---------------------------------------------------------------------------------------------
+
+class SlotLayer(DynamicLayer):
+    """One text layer's keys and values in buffers (R, H, capacity, D) that hold the prompt and every
+    token the call may add, allocated once. A step writes its keys/values into the next free slots
+    and attention reads a view of the filled slots: transformers' DynamicLayer concatenates, a copy
+    of the whole cache per token and layer, and the unfilled tail here is never read."""
+
+    def __init__(self, keys, values, filled):
+        super().__init__()
+        self.k_buf, self.v_buf = keys, values                              # (R, H, capacity, D)
+        self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if n + m > self.k_buf.shape[-2]:
+            raise ValueError(f"KV cache full: {n} cached + {m} new tokens > capacity {self.k_buf.shape[-2]}")
+        self.k_buf[:, :, n:n + m] = key_states
+        self.v_buf[:, :, n:n + m] = value_states
+        self.keys, self.values = self.k_buf[:, :, :n + m], self.v_buf[:, :, :n + m]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.__init__(self.k_buf[indices], self.v_buf[indices], self.keys.shape[-2])
+
+    def batch_repeat_interleave(self, repeats):
+        self.__init__(self.k_buf.repeat_interleave(repeats, 0), self.v_buf.repeat_interleave(repeats, 0),
+                      self.keys.shape[-2])
+
+    reorder_cache = batch_select_indices
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("SlotLayer does not crop")
+
+
+class SlotCache(Cache):
+    """The text model's KV cache for one generation call: a SlotLayer per layer, the first `filled`
+    slots of each buffer already written (the prompt, left-padded)."""
+
+    def __init__(self, layers, filled):
+        super().__init__(layers=[SlotLayer(k, v, filled) for k, v in layers])
+
+    def __iter__(self):
+        for layer in self.layers:
+            yield layer.keys, layer.values
+
+
+def _rows_with_room(kv, rows, room):
+    """kv (1, H, n, D) -> a buffer (rows, H, n + room, D), each row a copy of kv, the tail unwritten."""
+    buf = kv.new_empty(rows, kv.shape[1], kv.shape[2] + room, kv.shape[3])
+    buf[:, :, :kv.shape[2]] = kv
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
 # Generation: one prefill per prompt, G samples on the expanded cache
 # ---------------------------------------------------------------------------------------------
 
@@ -598,7 +657,8 @@ def generate(model, prompt, num_samples, max_new_tokens, stop_ids, pad_id, tempe
     """
     G = num_samples
     cache, last_hidden, start = _prefill(model, prompt, grad=False)
-    cache.batch_repeat_interleave(G)
+    cache = SlotCache([(_rows_with_room(k, G, max_new_tokens), _rows_with_room(v, G, max_new_tokens))
+                       for k, v, _ in cache], filled=cache.get_seq_length())
     logits = model.lm_head(last_hidden).expand(G, -1)
     stop = torch.tensor(stop_ids, device=logits.device)
     out, done = [], torch.zeros(G, dtype=torch.bool, device=logits.device)
@@ -645,12 +705,14 @@ def chunks(items, n):
     return [items[i:i + n] for i in range(0, len(items), max(1, n))]
 
 
-def prefill_rows(model, prompts, repeats):
+def prefill_rows(model, prompts, repeats, room=None):
     """Prefill each prompt once, alone (prompt_forward, as the one-prompt path does), and give its
     cache repeats[i] rows of one cache, left-padded to the longest prompt.
 
-    Returns (cache, attention mask (R, L) 0 on the padding, hidden at the last prompt token (R, D),
-    next text position (R,)), R = sum(repeats). Gradients flow through the cache when enabled.
+    room None: a DynamicCache (scoring appends all completions at once). room n: a SlotCache with
+    n free slots per row for decoding. Returns (cache, attention mask (R, L) 0 on the padding,
+    hidden at the last prompt token (R, D), next text position (R,)), R = sum(repeats).
+    Gradients flow through the cache when enabled.
     Prompts are not padded into one prefill forward: padding needs an (L, L) attention mask per
     prompt, and on CPU that took more time (8 prompts of 1,350 tokens: 2.7 against 2.0 CPU seconds,
     one thread) and more memory than one causal forward per prompt.
@@ -660,15 +722,16 @@ def prefill_rows(model, prompts, repeats):
     runs = [_prefill(model, p, torch.is_grad_enabled()) for p in prompts]      # (cache, (1, D), start) each
     layers = []
     for kvs in zip(*(list(cache) for cache, _, _ in runs)):                     # one layer, every prompt
-        k, v = (torch.cat([F.pad(kv[j], (0, 0, L - len(p), 0)).expand(n, -1, -1, -1)
-                           for kv, p, n in zip(kvs, prompts, repeats)]) for j in (0, 1))  # (R, heads, L, d)
+        k, v = (torch.cat([F.pad(kv[j], (0, 0, L - len(p), room or 0)).expand(n, -1, -1, -1)
+                           for kv, p, n in zip(kvs, prompts, repeats)]) for j in (0, 1))  # (R, heads, L + room, d)
         layers.append((k, v))
     mask = torch.cat([(torch.arange(L, device=device) >= L - len(p)).long().expand(n, -1)
                       for p, n in zip(prompts, repeats)])                         # (R, L)
     last = torch.cat([h.expand(n, -1) for (_, h, _), n in zip(runs, repeats)])   # (R, D)
     starts = torch.tensor([start for _, _, start in runs], device=device)
     starts = starts.repeat_interleave(torch.tensor(repeats, device=device))      # (R,)
-    return DynamicCache(layers), mask, last, starts
+    cache = DynamicCache(layers) if room is None else SlotCache(layers, filled=L)
+    return cache, mask, last, starts
 
 
 def _row_positions(starts, offset, length):
@@ -735,8 +798,10 @@ def generate_batch(model, prompts, num_samples, sampling, generators=None):
     """
     P, G, S = len(prompts), num_samples, sampling
     # 1. Prefill every prompt once, then give each prompt's cache its G rows.
-    cache, attn, last_hidden, starts = prefill_rows(model, prompts, [G] * P)  # attn (R, L), R = P * G
+    cache, attn, last_hidden, starts = prefill_rows(model, prompts, [G] * P, room=S.max_new_tokens)  # R = P * G
     device = last_hidden.device
+    L = attn.shape[1]
+    attn = F.pad(attn, (0, S.max_new_tokens), value=1)                     # (R, L + max_new): the rows' tokens
     live = torch.arange(P * G, device=device)                              # (R,) global ids of rows still decoding
     logits = model.lm_head(last_hidden)                                    # (R, V)
     # 2. Decode: per-row stops; a prompt whose rows have all stopped leaves the batch.
@@ -765,8 +830,8 @@ def generate_batch(model, prompts, num_samples, sampling, generators=None):
             keep = (~finished).repeat_interleave(G).nonzero().squeeze(1)
             cache.reorder_cache(keep)
             live, attn, nxt = live[keep], attn[keep], nxt[keep]
-        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)       # (R, L + step + 1)
-        h = model.model.language_model(input_ids=nxt[:, None], attention_mask=attn, cache=cache, use_cache=True,
+        h = model.model.language_model(input_ids=nxt[:, None], attention_mask=attn[:, :L + step + 1], cache=cache,
+                                       use_cache=True,
                                        position_ids=_row_positions(starts[live], step, 1)).last_hidden_state
         logits = model.lm_head(h[:, -1])
     # 3. Each prompt's rows, cut where it stopped; masks from lengths (the pad id may be a stop id).

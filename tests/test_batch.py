@@ -143,3 +143,49 @@ def test_prefill_rows_holds_each_prompts_own_cache_right_aligned(sharp, prompts)
                 for (k, v, _), (k1, v1, _) in zip(cache, own):
                     assert torch.equal(k[row, :, L - len(p):], k1[0]) and torch.equal(v[row, :, L - len(p):], v1[0])
             r += n
+
+
+def test_slot_cache_decodes_like_the_dynamic_cache_writing_in_place(sharp, prompts):
+    """The preallocated cache (SlotCache) against transformers' DynamicCache it replaced in decoding:
+    the same prefix rows, the same tokens fed step by step with a prompt dropped midway, the same
+    hidden states; its buffers are written in place (never reallocated) and refuse to overflow."""
+    model, tok, _ = sharp
+    repeats, room = [2, 1, 2, 1], 5
+    normal = torch.tensor(sorted(set(range(len(tok))) - set(M.vision_token_ids(tok))))
+    feed = normal[torch.randint(0, len(normal), (sum(repeats), room), generator=torch.Generator().manual_seed(1))]
+    lm = model.model.language_model
+    with torch.no_grad():
+        dyn, attn, _, starts = M.prefill_rows(model, prompts, repeats)
+        slots, attn2, _, _ = M.prefill_rows(model, prompts, repeats, room=room)
+        assert isinstance(slots, M.SlotCache) and torch.equal(attn, attn2)
+        buffers = [layer.k_buf.data_ptr() for layer in slots.layers]
+        rows = torch.arange(sum(repeats))
+        for step in range(room):
+            if step == 2:                              # the third prompt's rows leave, as generate_batch drops them
+                keep = torch.tensor([0, 1, 2, 5])
+                dyn.reorder_cache(keep), slots.reorder_cache(keep)
+                rows, attn = rows[keep], attn[keep]
+                buffers = [layer.k_buf.data_ptr() for layer in slots.layers]
+            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+            outs = [lm(input_ids=feed[rows, step:step + 1], attention_mask=attn, cache=c, use_cache=True,
+                       position_ids=M._row_positions(starts[rows], step, 1)).last_hidden_state for c in (dyn, slots)]
+            torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+            assert [layer.k_buf.data_ptr() for layer in slots.layers] == buffers
+            for (k, v, _), (k2, v2) in zip(dyn, slots):
+                assert torch.equal(k2, k) and torch.equal(v2, v)
+        with pytest.raises(ValueError, match="KV cache full"):
+            lm(input_ids=feed[rows, :1], attention_mask=torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1),
+               cache=slots, use_cache=True, position_ids=M._row_positions(starts[rows], room, 1))
+
+
+def test_batched_greedy_tokens_are_the_full_forward_argmax(sharp, prompts):
+    """Decoding on the preallocated cache, checked without any cache: each greedy token is the argmax
+    of the model run on the whole prompt + completion so far (vision tokens banned in both)."""
+    model, tok, _ = sharp
+    out = M.generate_groups(model, prompts, 1, sampling(tok, [], 0.0, max_new=10), batch_prompts=len(prompts))
+    banned = torch.tensor(M.vision_token_ids(tok))
+    with torch.no_grad():
+        hidden = M.plain_hidden(model, prompts, [ids[0] for ids, _, _ in out])
+    for (ids, _, _), h in zip(out, hidden):
+        logits = model.lm_head(h).index_fill(-1, banned, float("-inf"))  # (C, V)
+        assert torch.equal(logits.argmax(-1), ids[0])
