@@ -2,6 +2,7 @@
 
     python experiment.py                       # 3 seeds, every arm, then the table and plots
     python experiment.py --seeds=0,1,2 --rl_steps=40 --arms=grpo,visioncoach
+    python experiment.py --preset=quick        # a first look: 1 seed, GRPO vs VisionCoach, 20 RL steps
     python experiment.py --calibrate=200       # choose --hard_k on the validation split, then stop
 
 SFT and the VP-Selector run once (the main job's, under --base, made if missing); then, for each
@@ -32,16 +33,26 @@ METRICS = ["mAM", "mLGM", "Acc", "mtIoU_1", "mvIoU_1", "stgr/Acc", "stgr/reward/
            "stgr/TG/mIoU"]
 
 
+# --preset=quick: a first look (one seed, GRPO against VisionCoach, shorter RL and eval, its own
+# output folder); flags given beside it still win.
+PRESETS = {"quick": {"seeds": "0", "arms": "grpo,visioncoach", "rl_steps": "20", "eval_samples": "50",
+                     "out": "runs/experiment_quick"}}
+
+
 def parse(argv):
     opts = {"seeds": "0,1,2", "arms": ",".join(ARMS), "rl_steps": "40", "base": "runs/default",
             "out": "runs/experiment", "eval_samples": "100", "selector_samples": "256", "extra": "",
-            "calibrate": "0"}
+            "calibrate": "0", "preset": ""}
+    given = {}
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
             raise SystemExit(f"unknown option {a}; options: {sorted(opts)}")
-        opts[k] = v
-    return opts
+        given[k] = v
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise SystemExit(f"--preset={preset!r}: expected one of {sorted(PRESETS)}")
+    return {**opts, **PRESETS.get(preset, {}), **given}
 
 
 def run(cmd):

@@ -1,0 +1,31 @@
+"""experiment.py's options, arms and table (the runs themselves are the experiment, not a test)."""
+import pytest
+
+import experiment
+import train
+
+
+def test_quick_preset_and_explicit_flags():
+    o = experiment.parse(["--preset=quick", "--rl_steps=30"])
+    assert (o["seeds"], o["arms"], o["rl_steps"], o["out"]) == ("0", "grpo,visioncoach", "30", "runs/experiment_quick")
+    full = experiment.parse([])
+    assert full["seeds"] == "0,1,2" and full["arms"].split(",") == list(experiment.ARMS)
+    with pytest.raises(SystemExit, match="expected one of"):
+        experiment.parse(["--preset=huge"])
+    with pytest.raises(SystemExit, match="unknown option"):
+        experiment.parse(["--step=3"])
+
+
+def test_every_arm_is_a_valid_train_config():
+    for arm, flags in experiment.ARMS.items():
+        cfg = train.parse_args(["--stage=rl", *flags])
+        assert cfg.coach in ("none", "selector", "random"), arm
+    assert train.parse_args(experiment.ARMS["sd_raw"]).sd_condition == "raw"
+    assert train.parse_args(experiment.ARMS["prompts_no_sd"]).alpha == 0
+
+
+def test_table_is_mean_and_std_over_seeds():
+    rows = {"grpo": [{m: 1.0 for m in experiment.METRICS}, {m: 3.0 for m in experiment.METRICS}]}
+    lines = experiment.table(rows).splitlines()
+    assert lines[0].startswith("| arm | seeds | mAM |")
+    assert lines[2].startswith("| grpo | 2 | 2.00 ± 1.41 |")
