@@ -64,11 +64,13 @@ def selector_dir(o):
     return os.path.join(o["base"], f"selector_{o['selector_samples']}")
 
 
-def ensure_base(o):
+def ensure_base(o, selector=True):
     """Data and SFT once (the main job's stages), and a selector trained on more labels."""
     for stage in ("data", "sft"):
         run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={o['base']}"])
     sft = os.path.join(o["base"], "sft", "last")
+    if not selector:
+        return sft
     run([sys.executable, "train.py", "--stage=selector", f"--out_dir={o['base']}", f"--model={sft}",
          f"--selector_samples={o['selector_samples']}", f"--selector_dir={selector_dir(o)}"])
     return sft
@@ -170,9 +172,9 @@ def calibrate(sft, o):
 def main(argv):
     o = parse(argv)
     os.makedirs(o["out"], exist_ok=True)
-    sft = ensure_base(o)
     if int(o["calibrate"]):
-        return calibrate(sft, o)
+        return calibrate(ensure_base(o, selector=False), o)
+    sft = ensure_base(o)
     results = {"sft": [evaluate(sft, os.path.join(o["out"], "sft"), o)]}
     out_dirs = {}
     for seed in [int(s) for s in o["seeds"].split(",")]:
