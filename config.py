@@ -72,8 +72,7 @@ class Config:
     grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
-    sft_vstar: str = ""           # V-STAR-layout JSON whose What/When/Where chains join SFT; empty -> the
-                                  # synthetic set's vstar_train.json (none when --train_json is given)
+    sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json (none with --train_json)
     sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     # ---- RL (train.py runs the loop, grpo.py the math) ----
     rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
@@ -96,7 +95,7 @@ class Config:
     reward_rules: str = "ours"    # ours | released: rewards.py's rules or the release's (an ablation arm)
     # ---- VisionCoach (distill.py) ----
     coach: str = "selector"       # selector | random | fixed:<visual prompt> | none (plain GRPO/GSPO)
-    hard_k: float = 2.21          # a group is hard when its mean total reward < hard_k
+    hard_k: float = 1.9           # a group is hard when its mean total reward < hard_k (1.9: half the val groups here; paper 2.21)
     alpha: float = 0.1            # self-distillation weight (0 turns it off; prompted rollouts still run)
     top_n: int = 2                # prompted rollouts distilled per hard group, best answer reward first
     sd_condition: str = "prompted"  # what the distilled completions are conditioned on: prompted (paper) | raw

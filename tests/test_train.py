@@ -58,7 +58,7 @@ def test_every_field_has_a_comment_and_help_lists_it(capsys):
         train.parse_args(["--lr=0.1", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    assert "--hard_k=2.21 " in text and comments["hard_k"] in text and "--lr=0.1 " in text
+    assert "--hard_k=1.9 " in text and comments["hard_k"] in text and "--lr=0.1 " in text
     assert all(f"--{name}=" in text for name in fields)
 
 
