@@ -538,13 +538,25 @@ def sft_target_ids(rec, tokenizer, inputs, source_size):
 def sft_example(rec, tokenizer, vision, cfg):
     """(model input, target ids) of one record, on the CPU. A V-STAR chain turn (vstar_chain_records)
     carries its earlier turns in 'history', their boxes put in pixels of the frame the model sees."""
-    video = data.load_video_sample(rec, config.frames(cfg))
+    video, question = data.load_video_sample(rec, config.frames(cfg)), rec["question"]
+    vp = sft_visual_prompt(rec, cfg)
+    if vp != "raw":  # prompted frames in distribution before RL's coach shows them
+        video, question = distill.draw_vp(video, rec, vp, config.vp_config(cfg)), prompt.add_hint(question, vp)
     height, width = vision.target_size(*video.frames.shape[-2:], cfg.max_pixels or None)
     turns = [(data.trace_to_frame_pixels(a, video.source_size, (width, height), data.origin(rec), "history"), q)
              for a, q in rec.get("history", ())]
-    inputs = model.model_input(tokenizer, vision, video, rec["question"], cfg.max_pixels or None, turns)
+    inputs = model.model_input(tokenizer, vision, video, question, cfg.max_pixels or None, turns)
     data.check_prompt_length(len(inputs), cfg.max_prompt_tokens, data.origin(rec))
     return inputs, sft_target_ids(rec, tokenizer, inputs, video.source_size)
+
+
+def sft_visual_prompt(rec, cfg):
+    """The visual prompt an SFT record is shown with: a share --sft_vp_share of the records with key
+    frames get one of the drawn types, uniformly; the draw depends on (seed, id) only."""
+    rng = random.Random(f"sft-vp-{cfg.seed}-{rec['id']}")
+    if not rec.get("key_frames") or rng.random() >= cfg.sft_vp_share:
+        return "raw"
+    return rng.choice([vp for vp in prompt.VISUAL_PROMPTS if vp != "raw"])
 
 
 def vstar_chain_file(cfg):
@@ -1076,18 +1088,28 @@ def stage_eval(cfg, rt, path):
 
 def val_group_means(cfg, rt, path, n):
     """Mean total reward of G raw rollouts on each of the first n validation prompts, rewards at
-    progress 0 (as when RL starts): the numbers --hard_k is compared against. Each prompt's draws
-    come from its own generator, seeded from (seed, "calibrate", id)."""
+    progress 0 (as when RL starts): the numbers --hard_k is compared against. -> (records, means)"""
+    records = data.load_records(os.path.join(cfg.data_dir, "val.json"), cfg.data_root or None)[:n]
+    return records, vp_group_means(cfg, rt, path, records, ("raw",))["raw"]
+
+
+def vp_group_means(cfg, rt, path, records, vps=prompt.VISUAL_PROMPTS, draw="calibrate"):
+    """{vp: mean total reward of G rollouts on each record with that visual prompt drawn on its key
+    frames and its hint added}, rewards at progress 0. Each (record, vp) draws from its own
+    generator, seeded from (seed, draw, id, vp): another `draw` gives fresh rollouts (a group's raw
+    mean compared with its prompted ones should not be the draw that made it hard)."""
     vlm, tokenizer, vision = load_policy(cfg, rt, path, trainable=False)
     vlm.eval()
-    records = data.load_records(os.path.join(cfg.data_dir, "val.json"), cfg.data_root or None)[:n]
-    inputs = [model_input(cfg, rt, tokenizer, vision, data.load_video_sample(r, config.frames(cfg)), r["question"])
-              for r in records]
-    gens = [grpo.sample_generator(cfg.seed, "calibrate", str(r["id"]), device=rt.device) for r in records]
+    inputs, gens = [], []
+    for r in records:
+        video = data.load_video_sample(r, config.frames(cfg))
+        inputs += [vp_input(cfg, rt, tokenizer, vision, r, video, vp) for vp in vps]
+        gens += [grpo.sample_generator(cfg.seed, draw, str(r["id"]), vp, device=rt.device) for vp in vps]
     with torch.no_grad():
-        groups = grpo.rollouts(vlm, tokenizer, inputs, records, config.sampling(cfg), config.reward_config(cfg),
-                               0.0, gens, cfg.batch_prompts)
-    return [distill.mean_reward(g.rewards["total"]) for g in groups]
+        groups = grpo.rollouts(vlm, tokenizer, inputs, [r for r in records for _ in vps], config.sampling(cfg),
+                               config.reward_config(cfg), 0.0, gens, cfg.batch_prompts)
+    return {vp: [distill.mean_reward(groups[i * len(vps) + j].rewards["total"]) for i in range(len(records))]
+            for j, vp in enumerate(vps)}
 
 
 def k_for_share(means, share):

@@ -18,6 +18,7 @@ import config
 import data
 import metrics
 import model
+import prompt
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,25 @@ def test_vstar_chain_turns_join_sft_with_their_history(tiny_data, tiny_policy):
     assert prompt_text.index(s.spatial_question_2) < prompt_text.index(half(gold["where2"])) \
         < prompt_text.rindex(s.temporal_question)
     assert tok.decode(target) == half(gold["when2"]) + data.IM_END
+
+
+def test_sft_visual_prompts_are_drawn_on_a_share_of_records(tiny_data, tiny_policy):
+    """--sft_vp_share: the chosen records are shown with their prompt drawn on the key frames and
+    its hint after the question, the target unchanged; the choice depends on (seed, id) only."""
+    recs = data.load_records(os.path.join(tiny_data, "train.json"))
+    keyed = [r for r in recs if r["key_frames"]]
+    assert all(train.sft_visual_prompt(r, train.Config()) == "raw" for r in recs)       # default share 0
+    every = train.Config(sft_vp_share=1.0, max_frames=4)
+    chosen = [train.sft_visual_prompt(r, every) for r in keyed]
+    assert "raw" not in chosen and chosen == [train.sft_visual_prompt(r, every) for r in keyed]
+    assert all(train.sft_visual_prompt(r, every) == "raw" for r in recs if not r["key_frames"])
+    vlm, tok, vision = tiny_policy
+    rec, vp = keyed[0], chosen[0]
+    raw_in, raw_target = train.sft_example(rec, tok, vision, train.Config(max_frames=4))
+    vp_in, vp_target = train.sft_example(rec, tok, vision, every)
+    assert torch.equal(raw_target, vp_target)
+    assert prompt.HINTS[vp] in tok.decode(vp_in.input_ids) and prompt.HINTS[vp] not in tok.decode(raw_in.input_ids)
+    assert not torch.equal(raw_in.pixel_values, vp_in.pixel_values)
 
 
 def test_sft_set_adds_the_chain_turns_only_where_asked(tiny_data, tmp_path):
