@@ -72,7 +72,7 @@ class Config:
     grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
-    sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json (none with --train_json)
+    sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json
     sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     sft_vp_share: float = 0.0     # share of SFT records shown with a visual prompt on their key frames + its hint
     # ---- RL (train.py runs the loop, grpo.py the math) ----

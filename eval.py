@@ -116,7 +116,8 @@ def infer_vstar(bundle, samples, video_root, cfg, rt):
         for name, (asked, earlier) in metrics.VSTAR_TURNS.items():
             said[name] = turn(name, lambda s: [getattr(s, q) for q in asked], lambda k: [said[t][k] for t in earlier])
         for k, (i, v) in enumerate(zip(chunk, videos)):
-            out.append((i, {name: said[name][k] for name in metrics.VSTAR_TURNS}, (v.frames.shape[-1], v.frames.shape[-2])))
+            answers = {name: said[name][k] for name in metrics.VSTAR_TURNS}
+            out.append((i, answers, (v.frames.shape[-1], v.frames.shape[-2])))
     return out
 
 

@@ -497,7 +497,8 @@ VSTAR_TURNS = {
 
 
 def _span_text(s, e):
-    return f"From {data.T_OPEN}{data.format_seconds(s)}{data.T_CLOSE}s to {data.T_OPEN}{data.format_seconds(e)}{data.T_CLOSE}s"
+    t = lambda x: f"{data.T_OPEN}{data.format_seconds(x)}{data.T_CLOSE}"  # noqa: E731
+    return f"From {t(s)}s to {t(e)}s"
 
 
 def vstar_oracle_answers(sample):
@@ -512,8 +513,9 @@ def vstar_gold_completions(sample):
     pixels of the annotation's width x height). When and Where think with the object's first and
     last annotated boxes; Where answers with every annotated box at its time."""
     name = sample.object or "object"
-    claim = lambda fr: (f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}[{','.join(str(round(v)) for v in fr.box)}]"
-                        f"{data.BOX_CLOSE}at{data.T_OPEN}{data.format_seconds(fr.time)}{data.T_CLOSE}s")  # noqa: E731
+    claim = lambda fr: (f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}"  # noqa: E731
+                        f"{data.BOX_OPEN}[{','.join(str(round(v)) for v in fr.box)}]{data.BOX_CLOSE}"
+                        f"at{data.T_OPEN}{data.format_seconds(fr.time)}{data.T_CLOSE}s")
     ends = [sample.frames[0], sample.frames[-1]] if len(sample.frames) > 1 else sample.frames
     think = f"{data.THINK_OPEN}{' '.join(claim(fr) for fr in ends)}{data.THINK_CLOSE}"
     what = f"{sample.chain or data.THINK_OPEN + data.THINK_CLOSE}{data.ANSWER_OPEN}{sample.answer}{data.ANSWER_CLOSE}"
