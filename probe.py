@@ -56,6 +56,7 @@ class ProbeConfig:
     find_weight: float = 1.0      # task mix: probability weights of find / marked samples
     marked_weight: float = 1.0
     list_weight: float = 0.0      # "What objects are in the frame?" -> every object and its box, left to right
+    find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     min_radius: float = 6.0       # object radius in pixels: uniform in min..max (synth.py's hard 6-9, easy 10-13)
@@ -87,7 +88,8 @@ class ProbeConfig:
     device: str = "cpu"           # cpu | cuda | cuda:1 ...: where the model trains (frames are drawn on the CPU)
 
 
-CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random")}
+CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
+           "find_answer": ("name_box", "box")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 
@@ -201,7 +203,7 @@ def claim(name, box, frame_size):
     return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
 
 
-def target_text(sample, frame_size):
+def target_text(sample, frame_size, find_answer="name_box"):
     """The answer: marked names the object; find names it and gives its box; list does that for
     every object, left to right by box centre."""
     if sample.task == "marked":
@@ -209,13 +211,15 @@ def target_text(sample, frame_size):
     if sample.task == "list":
         order = sorted(sample.objects, key=lambda o: o[1][0] + o[1][2])
         return "".join(claim(n, b, frame_size) for n, b in order)
+    if sample.task == "find" and find_answer == "box":  # no name to copy from the question first
+        return claim(sample.name, sample.box, frame_size)[len(f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"):]
     return claim(sample.name, sample.box, frame_size)
 
 
-def encode(sample, tokenizer, vision, style, device="cpu"):
+def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box"):
     """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device."""
     model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
-    text = target_text(sample, model_in.frame_size) + data.IM_END
+    text = target_text(sample, model_in.frame_size, find_answer) + data.IM_END
     return model_in.to(device), torch.tensor(tokenizer.encode(text, add_special_tokens=False), device=device)
 
 
@@ -522,7 +526,8 @@ def run(cfg, log=print):
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
-        loss, per_sample = train_step(vlm, opt, sched, [encode(s, tokenizer, vision, cfg.prompt, cfg.device) for s in samples],
+        batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer) for s in samples]
+        loss, per_sample = train_step(vlm, opt, sched, batch,
                                       cfg.grad_clip, values, dense)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0

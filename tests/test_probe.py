@@ -70,6 +70,15 @@ def test_list_target_names_and_boxes_every_object_left_to_right():
     assert probe.target_text(drawn, (112, 112)).count("<box>") == len(drawn.objects)
 
 
+def test_box_only_find_answer_drops_the_name_and_keeps_the_box():
+    s = probe.Sample("find", None, "Where is the red circle?", "red circle", [0.1, 0.2, 0.3, 0.4])
+    assert probe.target_text(s, (100, 100), "box") == "<box>[10,20,30,40]</box>"
+    assert probe.target_text(s, (100, 100)) == "<obj>red circle</obj><box>[10,20,30,40]</box>"
+    assert probe.score(s, probe.target_text(s, (100, 100), "box"), (100, 100))["iou"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="find_answer"):
+        probe.parse_args(["--find_answer=name"])
+
+
 def test_value_tokens_round_trip():
     tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
     for v in range(113):
