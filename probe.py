@@ -57,6 +57,7 @@ class ProbeConfig:
     marked_weight: float = 1.0
     list_weight: float = 0.0      # "What objects are in the frame?" -> every object and its box, left to right
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
+    text_objects_steps: int = 0   # > 0: find questions list every object and its box as text for these first steps
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
     max_distractors: int = 4      # distractors per frame: uniform in 0..this
     min_radius: float = 6.0       # object radius in pixels: uniform in min..max (synth.py's hard 6-9, easy 10-13)
@@ -178,7 +179,19 @@ def distractor_cap(cfg, step):
 
 def training_sample(rng, cfg, step):
     task = rng.choices(("find", "marked", "list"), weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight))[0]
-    return make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
+    sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
+    if task == "find" and step < cfg.text_objects_steps:
+        sample.question = f"{objects_as_text(rng, sample)}\n{sample.question}"
+    return sample
+
+
+def objects_as_text(rng, sample):
+    """Every object in the frame with its pixel box, in random order: a lookup the text model can
+    learn from its context alone, before it must find the same things among image tokens."""
+    h, w = sample.frame.shape[-2:]
+    listed = rng.sample(sample.objects, len(sample.objects))
+    return "Objects: " + "; ".join(f"{n} [{','.join(str(v) for v in data.norm_box_to_pixels(b, w, h))}]"
+                                   for n, b in listed)
 
 
 def held_out(cfg):

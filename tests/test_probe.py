@@ -79,6 +79,18 @@ def test_box_only_find_answer_drops_the_name_and_keeps_the_box():
         probe.parse_args(["--find_answer=name"])
 
 
+def test_text_objects_list_every_object_for_the_first_steps_only():
+    cfg = probe.ProbeConfig(marked_weight=0, text_objects_steps=5)
+    early = probe.training_sample(random.Random(6), cfg, 4)
+    listing, question = early.question.split("\n")
+    assert question == probe.FIND_Q.format(early.name)
+    for name, box in early.objects:
+        x1, y1, x2, y2 = D.norm_box_to_pixels(box, 112, 112)
+        assert f"{name} [{x1},{y1},{x2},{y2}]" in listing
+    late = probe.training_sample(random.Random(6), cfg, 5)
+    assert late.question == probe.FIND_Q.format(late.name)
+
+
 def test_value_tokens_round_trip():
     tok = M.build_tokenizer(probe.tokenizer_corpus(n=20), 400, value_tokens=113)
     for v in range(113):
