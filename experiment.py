@@ -157,11 +157,12 @@ def calibrate(sft, o):
     "prompts help hard samples" check). -> {out}/k_calibration.json."""
     cfg = train.Config(out_dir=o["base"])
     rt = train.setup_runtime(cfg)
-    records, means = train.val_group_means(cfg, rt, sft, int(o["calibrate"]))
+    bundle = train.load_policy(cfg, rt, sft, trainable=False)
+    records, means = train.val_group_means(cfg, rt, bundle, int(o["calibrate"]))
     shares = {f"{k:.2f}": sum(m < k for m in means) / len(means) for k in [x / 4 for x in range(4, 13)]}
     picks = {f"{s:.2f}": train.k_for_share(means, s) for s in (0.4, 0.5, 0.65)}
     hard = [r for r, m in zip(records, means) if m < cfg.hard_k]
-    by_vp = train.vp_group_means(cfg, rt, sft, hard, draw="lift") if hard else {}
+    by_vp = train.vp_group_means(cfg, rt, bundle, hard, draw="lift") if hard else {}
     vp_mean = {vp: statistics.mean(v) for vp, v in by_vp.items()}
     result = {"n": len(means), "group_means": means, "hard_share_at_k": shares, "k_for_share": picks,
               "k": cfg.hard_k, "hard_share_at_k_used": len(hard) / len(means), "hard_vp_mean": vp_mean,

@@ -591,17 +591,11 @@ class SlotLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, :n + m], self.v_buf[:, :, :n + m]
         return self.keys, self.values
 
-    def batch_select_indices(self, indices):
-        self.__init__(self.k_buf[indices], self.v_buf[indices], self.keys.shape[-2])
-
-    def batch_repeat_interleave(self, repeats):
-        self.__init__(self.k_buf.repeat_interleave(repeats, 0), self.v_buf.repeat_interleave(repeats, 0),
-                      self.keys.shape[-2])
-
-    reorder_cache = batch_select_indices
-
-    def crop(self, tokens_to_remove):
-        raise NotImplementedError("SlotLayer does not crop")
+    def reorder_cache(self, rows):
+        """Keep these rows (generation drops the prompts whose rows have all stopped)."""
+        filled = self.keys.shape[-2]
+        self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
+        self.keys, self.values = self.k_buf[:, :, :filled], self.v_buf[:, :, :filled]
 
 
 class SlotCache(Cache):

@@ -188,10 +188,9 @@ def training_sample(rng, cfg, step):
 def objects_as_text(rng, sample):
     """Every object in the frame with its pixel box, in random order: a lookup the text model can
     learn from its context alone, before it must find the same things among image tokens."""
-    h, w = sample.frame.shape[-2:]
+    size = (sample.frame.shape[-1], sample.frame.shape[-2])
     listed = rng.sample(sample.objects, len(sample.objects))
-    return "Objects: " + "; ".join(f"{n} [{','.join(str(v) for v in data.norm_box_to_pixels(b, w, h))}]"
-                                   for n, b in listed)
+    return "Objects: " + "; ".join(f"{n} {pixel_box(b, size)}" for n, b in listed)
 
 
 def held_out(cfg):
@@ -210,22 +209,27 @@ def prompt_parts(question, style):
     return [sp(data.IM_START), "user\n", 0, question, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
 
 
+def pixel_box(box, frame_size):
+    """A normalized box as '[x1,y1,x2,y2]' in integer pixels of the frame the model sees."""
+    return "[" + ",".join(str(v) for v in data.norm_box_to_pixels(box, *frame_size)) + "]"
+
+
 def claim(name, box, frame_size):
-    """One object in the project's grammar; the box in pixels of the frame the model sees."""
-    x1, y1, x2, y2 = data.norm_box_to_pixels(box, *frame_size)
-    return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}[{x1},{y1},{x2},{y2}]{data.BOX_CLOSE}"
+    """One object in the project's grammar: <obj>name</obj><box>[x1,y1,x2,y2]</box>."""
+    return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}{pixel_box(box, frame_size)}{data.BOX_CLOSE}"
 
 
 def target_text(sample, frame_size, find_answer="name_box"):
-    """The answer: marked names the object; find names it and gives its box; list does that for
-    every object, left to right by box centre."""
+    """The answer: marked names the object; find names it and gives its box (or, with find_answer
+    box, gives the box alone: no name to copy from the question first); list names and boxes every
+    object, left to right by box centre."""
     if sample.task == "marked":
         return f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
     if sample.task == "list":
         order = sorted(sample.objects, key=lambda o: o[1][0] + o[1][2])
         return "".join(claim(n, b, frame_size) for n, b in order)
-    if sample.task == "find" and find_answer == "box":  # no name to copy from the question first
-        return claim(sample.name, sample.box, frame_size)[len(f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"):]
+    if find_answer == "box":
+        return f"{data.BOX_OPEN}{pixel_box(sample.box, frame_size)}{data.BOX_CLOSE}"
     return claim(sample.name, sample.box, frame_size)
 
 

@@ -1086,19 +1086,20 @@ def stage_eval(cfg, rt, path):
 # Choosing k: how hard the validation prompts are for a checkpoint when RL starts
 # ---------------------------------------------------------------------------------------------
 
-def val_group_means(cfg, rt, path, n):
+def val_group_means(cfg, rt, bundle, n):
     """Mean total reward of G raw rollouts on each of the first n validation prompts, rewards at
-    progress 0 (as when RL starts): the numbers --hard_k is compared against. -> (records, means)"""
+    progress 0 (as when RL starts): the numbers --hard_k is compared against. bundle: a checkpoint
+    from load_policy(..., trainable=False). -> (records, means)"""
     records = data.load_records(os.path.join(cfg.data_dir, "val.json"), cfg.data_root or None)[:n]
-    return records, vp_group_means(cfg, rt, path, records, ("raw",))["raw"]
+    return records, vp_group_means(cfg, rt, bundle, records, ("raw",))["raw"]
 
 
-def vp_group_means(cfg, rt, path, records, vps=prompt.VISUAL_PROMPTS, draw="calibrate"):
+def vp_group_means(cfg, rt, bundle, records, vps=prompt.VISUAL_PROMPTS, draw="calibrate"):
     """{vp: mean total reward of G rollouts on each record with that visual prompt drawn on its key
     frames and its hint added}, rewards at progress 0. Each (record, vp) draws from its own
     generator, seeded from (seed, draw, id, vp): another `draw` gives fresh rollouts (a group's raw
     mean compared with its prompted ones should not be the draw that made it hard)."""
-    vlm, tokenizer, vision = load_policy(cfg, rt, path, trainable=False)
+    vlm, tokenizer, vision = bundle
     vlm.eval()
     inputs, gens = [], []
     for r in records:

@@ -222,13 +222,14 @@ def test_val_group_means_are_the_rollout_rewards_when_rl_starts(tiny_data, tiny_
     monkeypatch.setattr(rewards, "score_group", fake_score_group)
     cfg = rl_cfg(tiny_data, tmp_path)
     rt = train.setup_runtime(cfg)
-    records, means = train.val_group_means(cfg, rt, tiny_model_dir, 5)
+    bundle = train.load_policy(cfg, rt, tiny_model_dir, trainable=False)
+    records, means = train.val_group_means(cfg, rt, bundle, 5)
     n_val = len(json.load(open(os.path.join(tiny_data, "val.json"))))
     assert len(means) == len(records) == min(5, n_val) and all(0.0 <= m <= 2.0 for m in means)
-    assert train.val_group_means(cfg, rt, tiny_model_dir, 5)[1] == means
-    by_vp = train.vp_group_means(cfg, rt, tiny_model_dir, records)
+    assert train.val_group_means(cfg, rt, bundle, 5)[1] == means
+    by_vp = train.vp_group_means(cfg, rt, bundle, records)
     assert list(by_vp) == list(prompt.VISUAL_PROMPTS) and by_vp["raw"] == means
     assert all(len(v) == len(records) for v in by_vp.values())
     assert len({tuple(v) for v in by_vp.values()}) > 1   # prompted inputs and draws differ from raw
-    fresh = train.vp_group_means(cfg, rt, tiny_model_dir, records, ("raw",), draw="lift")["raw"]
+    fresh = train.vp_group_means(cfg, rt, bundle, records, ("raw",), draw="lift")["raw"]
     assert fresh != means                                 # another draw: other rollouts
