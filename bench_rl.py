@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--selector_dir", default="", help="--ckpt mode: where the selector's predictions.json is")
     p.add_argument("--steps", type=int, default=3, help="--ckpt mode: RL steps per arm (the first is a warm-up)")
     p.add_argument("--eval_n", type=int, default=24, help="--ckpt mode: STGR and V-STAR test samples evaluated (0: no eval)")
-    p.add_argument("--eval_batches", default="1,8", help="--ckpt mode: batch_prompts values for eval")
+    p.add_argument("--eval_batches", default="1,32", help="--ckpt mode: --eval_batch values for eval")
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)     # set in the child processes
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -547,14 +547,14 @@ def main_run_eval(args, base, rt, sft, tmp):
     batches = [int(b) for b in args.eval_batches.split(",")]
     print(f"\neval: {args.eval_n} samples of each file, greedy, up to {base.eval_max_new_tokens} new tokens; "
           f"median of {args.repeats} rounds after 1 warm-up (alternating)")
-    print("\n| file | batch_prompts | s | samples/s | speed-up | same summary |\n|---|---|---|---|---|---|")
+    print("\n| file | eval_batch | s | samples/s | speed-up | same summary |\n|---|---|---|---|---|---|")
     for name in ("test.json", "vstar_test.json"):
         times, summaries = {b: [] for b in batches}, {}
         for k in range(args.repeats + 1):
             for bp in batches:
                 ecfg = dataclasses.replace(base, model=sft, eval_data=os.path.join(args.data_dir, name),
                                            eval_out=os.path.join(tmp, "eval"), eval_samples=args.eval_n,
-                                           batch_prompts=bp)
+                                           eval_batch=bp)
                 t = time.perf_counter()
                 with torch.no_grad():
                     summaries[bp] = eval.evaluate(ecfg, bundle, rt)

@@ -88,7 +88,7 @@ class Config:
     ratio: str = "sequence"       # sequence (GSPO) | token (GRPO)
     inner_updates: int = 1        # optimizer updates per batch of rollouts
     shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)
-    batch_prompts: int = 8        # prompts decoded together (rollouts, coach, selector labels, eval); 1: one at a time
+    batch_prompts: int = 8        # prompts decoded together (rollouts, coach, selector labels); 1: one at a time
     logprob_batch: int = 1        # groups per log-prob forward (policy, reference, distillation); more: more memory
     max_prompt_tokens: int = 4096  # a longer prompt (frames + text) is skipped and counted
     max_bad_updates: int = 5      # stop after this many updates in a row with NaN/inf loss or gradients
@@ -121,6 +121,7 @@ class Config:
     eval_out: str = ""            # eval.py: output folder; empty -> {out_dir}/eval, not the checkpoint (eval.py --out)
     eval_samples: int = 100       # evaluate the first N samples of each file (0: all; eval.py --limit, default 0)
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
+    eval_batch: int = 32          # samples decoded together at evaluation (greedy, one row each); 1: one at a time
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
     eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
@@ -225,7 +226,7 @@ def check(cfg):
         raise SystemExit(f"frame settings: {e}") from None
     if not 0.0 <= cfg.difficulty <= 1.0:
         raise SystemExit(f"--difficulty must be in [0, 1], got {cfg.difficulty}")
-    for key in ("batch_prompts", "logprob_batch"):
+    for key in ("batch_prompts", "logprob_batch", "eval_batch"):
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key} must be at least 1 (1: one at a time), got {getattr(cfg, key)}")
     if not 0.0 < cfg.selector_train_share <= 1.0:

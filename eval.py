@@ -10,7 +10,7 @@ Owns inference: raw video, no visual prompt, no hint, greedy by default; each ra
 world-th sample and the results are gathered in the original order; rank 0 writes
 {benchmark}_predictions.jsonl, {benchmark}_summary.json and {benchmark}_summary.md into --out, by
 default the run's {out_dir}/eval (never into the checkpoint folder, which is what gets uploaded).
---batch_prompts samples are decoded together (model.generate_groups: each prompt prefilled once,
+--eval_batch samples are decoded together (model.generate_groups: each prompt prefilled once,
 rows decoded as one batch; 1 is one prompt at a time, and both give the same greedy answers). The
 settings are the one config's (config.py): --data, --kind, --out, --limit, --max_new_tokens,
 --temperature and --max_prompt_tokens are eval.py's names for eval_data, benchmark, eval_out,
@@ -42,13 +42,13 @@ EVAL_FLAGS = {"data": "eval_data", "kind": "benchmark", "out": "eval_out", "limi
 
 
 def generate_texts(vlm, tokenizer, inputs, cfg, keys):
-    """One answer to each prompt in `inputs`, --batch_prompts of them decoded together. Greedy by
+    """One answer to each prompt in `inputs`, --eval_batch of them decoded together. Greedy by
     default; with --eval_temperature > 0 each prompt draws from its own generator, seeded from
     (seed, its key), so an answer does not depend on the batching. -> list of str."""
     how = model.Sampling(cfg.eval_max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id,
                          cfg.eval_temperature, 1.0, tuple(model.vision_token_ids(tokenizer)))
     gens = [grpo.sample_generator(cfg.seed, "eval", *key, device=inputs[0].input_ids.device) for key in keys]
-    outs = model.generate_groups(vlm, inputs, 1, how, gens, cfg.batch_prompts)
+    outs = model.generate_groups(vlm, inputs, 1, how, gens, cfg.eval_batch)
     return [tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True) for ids, mask, _ in outs]
 
 
@@ -68,10 +68,10 @@ def _input_for(bundle, video, questions, answers, cfg, where, rt):
 
 
 def my_chunks(n, cfg, rt, desc):
-    """This rank's sample indices (every world-th of n), in chunks of --batch_prompts, with a progress bar."""
+    """This rank's sample indices (every world-th of n), in chunks of --eval_batch, with a progress bar."""
     mine = list(range(rt.rank, n, rt.world))
     bar = tqdm(total=len(mine), desc=desc, disable=not rt.main)
-    for chunk in model.chunks(mine, cfg.batch_prompts):
+    for chunk in model.chunks(mine, cfg.eval_batch):
         yield chunk
         bar.update(len(chunk))
     bar.close()

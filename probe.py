@@ -2,7 +2,7 @@
 
     python probe.py                                         # 5 minutes of training, eval every 30 s
     python probe.py --max_steps=400 --train_seconds=1e9 --eval_steps=100   # by steps (busy machine)
-    python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model
+    python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model at every evaluation
 
 Owns: single synthetic frames rendered in memory (synth.py's world: shapes on a position-coloured
 background by default, --background=flat for synth.py's grey; fresh samples every step), two
@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class ProbeConfig:
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
     eval_frames: int = 100        # held-out frames per task
     log_every: int = 25           # steps between training-loss lines (per task)
-    save: bool = False            # save the trained model to {out}/model (safetensors)
+    save: bool = False            # save the model to {out}/model (safetensors) at every evaluation
     threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
     device: str = "cpu"           # cpu | cuda | cuda:1 ...: where the model trains (frames are drawn on the CPU)
 
@@ -534,6 +535,8 @@ def run(cfg, log=print):
             row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
             curve.append(row)
             result = save_curve(cfg, curve, clock, step)
+            if cfg.save:
+                save_model(vlm, os.path.join(cfg.out, "model"))
             losses, next_eval = [], clock["wall"] + cfg.eval_every
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
@@ -559,9 +562,16 @@ def run(cfg, log=print):
             task_loss = {"find": [], "marked": [], "list": []}
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
-    if cfg.save:
-        vlm.save_pretrained(os.path.join(cfg.out, "model"))
     return result
+
+
+def save_model(vlm, folder):
+    """The weights into folder/model.safetensors (build_model wrote the config and tokenizer there),
+    written beside it and moved into place, so a run stopped at any instant keeps its last evaluation's model."""
+    tmp = folder + ".tmp"
+    vlm.save_pretrained(tmp)
+    os.replace(os.path.join(tmp, "model.safetensors"), os.path.join(folder, "model.safetensors"))
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

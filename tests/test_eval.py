@@ -137,7 +137,7 @@ def test_batched_eval_equals_one_sample_at_a_time(tiny_data, sharp, tmp_path):
         out = {}
         for bp in (1, 4):                               # 6 samples: chunks of 4 and 2; V-STAR turns of 4 and 8
             cfg = train.Config(model="sharp", eval_data=os.path.join(tiny_data, name), eval_out=str(tmp_path / f"{bp}"),
-                               eval_samples=n, eval_max_new_tokens=10, max_frames=6, batch_prompts=bp)
+                               eval_samples=n, eval_max_new_tokens=10, max_frames=6, eval_batch=bp)
             summary = eval.evaluate(cfg, sharp)
             kind = "vstar" if "vstar" in name else "stgr"
             out[bp] = summary, [json.loads(l) for l in open(tmp_path / f"{bp}" / f"{kind}_predictions.jsonl")]

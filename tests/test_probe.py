@@ -108,7 +108,8 @@ def test_value_tokens_round_trip():
 
 def test_two_steps_give_finite_loss_and_a_curve(tmp_path):
     cfg = probe.ProbeConfig(out=str(tmp_path), max_steps=2, batch_size=4, eval_frames=2, eval_every=1e9,
-                            value_tokens=113, patch_size=7)
+                            value_tokens=113, patch_size=7, save=True)
+    init = probe.build_model(cfg, str(tmp_path / "init"))[0].state_dict()
     result = probe.run(cfg, log=lambda *a: None)
     first, last = result["curve"]
     assert (first["step"], last["step"], last["samples"]) == (0, 2, 8)
@@ -120,6 +121,9 @@ def test_two_steps_give_finite_loss_and_a_curve(tmp_path):
     assert os.path.getsize(tmp_path / "curve.png") > 1000
     vision = M.VisionProcessor.load(str(tmp_path / "model"))
     assert vision.patch_size == 7
+    saved = M.load_policy(str(tmp_path / "model"))[0].state_dict()   # the last evaluation's weights, moved into place
+    assert saved.keys() == init.keys() and not (tmp_path / "model.tmp").exists()
+    assert any(not torch.equal(saved[k], init[k]) for k in init)      # trained, not the initial weights
 
 
 def test_bad_argument_names_the_field():
