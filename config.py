@@ -36,7 +36,7 @@ _VP = prompt.VisualPromptConfig()   # the drawing defaults live in prompt.py; th
 @dataclass
 class Config:
     # ---- run ----
-    stage: str = "all"            # all | data | sft | selector | rl | eval (all: every stage in that order)
+    stage: str = "all"            # all | data | pretrain | sft | selector | rl | eval (all: every stage in that order)
     out_dir: str = "runs/default"  # checkpoints, metrics.jsonl, eval tables
     data_dir: str = "data/synth"  # synthetic data is generated here when missing
     train_json: str = ""          # STGR JSON; empty -> {data_dir}/train.json
@@ -60,6 +60,12 @@ class Config:
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
     synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
     background: str = "flat"      # synthetic frames: flat grey | gradient (its colour says where a pixel is)
+    # ---- perception pretraining (stage pretrain, before SFT: probe.py's single-frame tasks) ----
+    pretrain_steps: int = 0       # optimizer steps on frames rendered in memory (find / marked / list); 0 skips the stage
+    pretrain_batch: int = 32      # frames per pretraining step, over all ranks
+    pretrain_lr: float = 2e-3     # its peak learning rate (sft_warmup steps of warmup, cosine to 10%)
+    pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find a named object, name the marked one, list all)
+    pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
     adam_beta1: float = 0.9       # AdamW first-moment decay
@@ -132,7 +138,7 @@ class Config:
     report_to: str = "none"       # none | tensorboard | wandb: also log metrics there (accelerate's trackers)
 
 
-STAGES = ("data", "sft", "selector", "rl", "eval")
+STAGES = ("data", "pretrain", "sft", "selector", "rl", "eval")
 CHOICES = {
     "stage": ("all",) + STAGES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),

@@ -65,7 +65,7 @@ class ProbeConfig:
     max_radius: float = 13.0      # (a frame of 112 px; merged image tokens are 28 px)
     distinct_colours: bool = False  # every object its own colour (so at most 3 distractors): colour alone identifies
     curriculum_steps: int = 0     # > 0: the cap on distractors grows from 1 to max over these steps
-    prompt: str = "short"           # short (the frame and the question) | full (the SFT layout)
+    prompt: str = "short"           # short (the frame, then the question) | question_first | full (the SFT layout)
     background: str = "gradient"  # gradient (colour says where a pixel is; synth.render) | flat grey
     value_sigma: float = 0.0      # > 0: a value token's target is a Gaussian over nearby values
     # model (model.TinyModelConfig fields)
@@ -90,9 +90,10 @@ class ProbeConfig:
     device: str = "cpu"           # cpu | cuda | cuda:1 ...: where the model trains (frames are drawn on the CPU)
 
 
-CHOICES = {"prompt": ("short", "full"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
+CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
            "find_answer": ("name_box", "box")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
+TASKS = ("find", "marked", "list")
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 
 
@@ -179,7 +180,7 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    task = rng.choices(("find", "marked", "list"), weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight))[0]
+    task = rng.choices(TASKS, weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight))[0]
     sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
     if task == "find" and step < cfg.text_objects_steps:
         sample.question = f"{objects_as_text(rng, sample)}\n{sample.question}"
@@ -202,11 +203,13 @@ def held_out(cfg):
 
 
 def prompt_parts(question, style):
-    """The chat prompt as data.render_prompt parts: one frame (index 0), then the question."""
+    """The chat prompt as data.render_prompt parts: one frame (index 0) and the question."""
     if style == "full":
         return data.render_prompt(question, [0.0], 1 / synth.FPS)
     # Chat tokens as data.Special parts: every plain str part is tokenized as text.
     sp = data.Special
+    if style == "question_first":  # the image tokens come after the question, so they can attend to it
+        return [sp(data.IM_START), "user\n", question, "\n", 0, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
     return [sp(data.IM_START), "user\n", 0, question, sp(data.IM_END), "\n", sp(data.IM_START), "assistant\n"]
 
 
@@ -276,16 +279,15 @@ def score(sample, text, frame_size):
 
 
 @torch.no_grad()
-def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24, device="cpu"):
-    """Greedy answers on the held-out samples -> metrics dict."""
-    stop = model.stop_token_ids(vlm, tokenizer)
-    pad = tokenizer.pad_token_id
-    banned = model.vision_token_ids(tokenizer)
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24, device="cpu", batch=32):
+    """Greedy answers on the held-out samples, `batch` decoded together (the same tokens as one at a
+    time) -> metrics dict."""
+    how = model.Sampling(max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id, 0.0, 1.0,
+                         tuple(model.vision_token_ids(tokenizer)))
+    inputs = [encode(s, tokenizer, vision, style, device)[0] for s in samples]
+    outs = model.generate_groups(vlm, inputs, 1, how, None, batch)
     rows, examples = [], []
-    for s in samples:
-        model_in, _ = encode(s, tokenizer, vision, style, device)
-        ids, mask, _ = model.generate(vlm, model_in, 1, max_new_tokens, stop, pad, temperature=0.0,
-                                  banned_ids=banned)
+    for s, model_in, (ids, mask, _) in zip(samples, inputs, outs):
         text = tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True)
         rows.append((s.task, score(s, text, model_in.frame_size)))
         if len(examples) < 4 or (s.task == "marked" and len(examples) < 6):

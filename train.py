@@ -41,6 +41,7 @@ import eval
 import grpo
 import metrics
 import model
+import probe
 import prompt
 import rewards
 import selector
@@ -521,6 +522,77 @@ def tokenizer_corpus(records):
     and reasoning traces."""
     frame_text = "".join(p for p in data.render_prompt("", data.sample_times(8.0), 8.0) if isinstance(p, str))
     return [frame_text] * 50 + [r["question"] + " " + r.get("reasoning_process", r["answer"]) for r in records]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage pretrain: perception on single frames, a stand-in for what a real VLM brings
+# ---------------------------------------------------------------------------------------------
+
+def perception_tasks(cfg):
+    """The perception stage's tasks (probe.py's single frames of the synthetic world): the task mix
+    from --pretrain_tasks, the distractor cap growing from 1 over the first half of the steps."""
+    weights = {}
+    for item in cfg.pretrain_tasks.split(","):
+        task, _, w = item.partition(":")
+        if task.strip() not in probe.TASKS:
+            raise SystemExit(f"--pretrain_tasks: task {task.strip()!r} is not one of {', '.join(probe.TASKS)}")
+        try:
+            weights[task.strip()] = float(w)
+        except ValueError:
+            raise SystemExit(f"--pretrain_tasks: {item!r}: expected task:weight, e.g. find:1") from None
+    if min(weights.values()) < 0 or sum(weights.values()) <= 0:
+        raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
+    return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
+                             marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
+                             max_distractors=cfg.pretrain_distractors, curriculum_steps=cfg.pretrain_steps // 2,
+                             background=cfg.background, prompt="short", eval_frames=32)
+
+
+def stage_pretrain(cfg, rt, start_path):
+    """--pretrain_steps of probe.py's single-frame tasks (find a named object, name the one a visual
+    prompt marks, list them all) on frames of the synthetic world drawn in memory, fresh at every
+    step: the perception a real checkpoint brings from pretraining and the tiny model lacks. Visual
+    prompts appear here generically, never with the RL questions. The SFT loss and the same
+    checkpointed loop; 0 steps skips the stage and the model passes through."""
+    if cfg.pretrain_steps <= 0:
+        return start_path
+    tasks = perception_tasks(cfg)
+    resumed = resume_point(cfg, rt, "pretrain")
+    if finished(rt, "pretrain", resumed):
+        return stage_model(cfg, "pretrain")
+    per_rank = cfg.pretrain_batch // rt.world
+    if per_rank * rt.world != cfg.pretrain_batch:
+        raise SystemExit(f"pretrain_batch={cfg.pretrain_batch} must split evenly over {rt.world} ranks")
+    run = start_run(cfg, rt, "pretrain", load_policy(cfg, rt, start_model(resumed, start_path)), resumed,
+                    cfg.pretrain_lr, cfg.pretrain_steps, cfg.sft_warmup)
+    bar = progress_bar(rt, run, cfg.pretrain_steps)
+    for step in bar:
+        # the frames are a function of (seed, step, rank): a resumed run draws what an unbroken one would
+        rng = random.Random(f"pretrain-{cfg.seed}-{step}-{rt.rank}")
+        batch = [probe.encode(probe.training_sample(rng, tasks, step), run.tokenizer, run.vision, tasks.prompt)
+                 for _ in range(per_rank)]
+        with rt.autocast():
+            loss = sft_loss(run.policy, [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch])
+        rt.accelerator.backward(loss)
+        rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        end_step(cfg, rt, run, step + 1, cfg.pretrain_steps,
+                 {"step": step + 1, "loss": loss.item(), "lr": run.sched.get_last_lr()[0]})
+    stop_trackers(rt)
+    if rt.main:   # held-out frames (their own seed), greedy: what the stage taught
+        vlm = unwrap(rt, run.policy).model
+        vlm.eval()
+        scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), tasks.prompt, device=rt.device)
+        vlm.train()
+        scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
+        with open(os.path.join(stage_dir(cfg, "pretrain"), "heldout.json"), "w") as f:
+            json.dump(scores, f, indent=1)
+        log(rt, f"[pretrain] done: {cfg.pretrain_steps} steps, last loss {loss.item():.4f}; held-out frames: "
+                f"{json.dumps(scores)} -> {run.ckpt}")
+    return run.ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1123,14 +1195,19 @@ def k_for_share(means, share):
 
 def main(argv):
     cfg = parse_args(argv)
+    if cfg.pretrain_steps > 0:
+        perception_tasks(cfg)      # a bad --pretrain_tasks stops the run before any stage
     rt = setup_runtime(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = cfg.model
     for stage in config.STAGES if cfg.stage == "all" else [cfg.stage]:
         if stage == "data":
             path = stage_data(cfg, rt)
+        elif stage == "pretrain":
+            path = stage_pretrain(cfg, rt, path or os.path.join(cfg.out_dir, "base"))
         elif stage == "sft":
-            path = stage_sft(cfg, rt, path or os.path.join(cfg.out_dir, "base"))
+            start = stage_model(cfg, "pretrain") if cfg.pretrain_steps > 0 else os.path.join(cfg.out_dir, "base")
+            path = stage_sft(cfg, rt, path or start)
         elif stage == "selector":
             stage_selector(cfg, rt, path or stage_model(cfg, "sft"))
         elif stage == "rl":

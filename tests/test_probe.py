@@ -224,3 +224,12 @@ def test_distinct_colours_gives_every_object_its_own_colour():
     # the default lets a distractor share the target's colour
     frames = [probe.sample_frame(random.Random(i), 3)[1] for i in range(30)]
     assert any(len({s.colours[0] for s in shapes}) < len(shapes) for shapes in frames)
+
+
+def test_batched_held_out_evaluation_equals_one_frame_at_a_time(sharp):
+    vlm, tok, vision = sharp
+    samples = probe.held_out(probe.ProbeConfig(eval_frames=3, background="flat"))   # 3 find + 3 marked frames
+    one = probe.evaluate(vlm, tok, vision, samples, "short", max_new_tokens=8, batch=1)
+    many = probe.evaluate(vlm, tok, vision, samples, "short", max_new_tokens=8, batch=4)  # chunks of 4 and 2
+    assert one == many
+    assert len(set(one["examples"])) > 1                 # the answers depend on the frame

@@ -31,7 +31,7 @@ def test_overrides_are_type_checked():
     assert (cfg.coach, config.vp_config(cfg).darken_factor) == ("fixed:red_circle", 0.5)
     assert train.parse_args(["--reward_rules=released"]).reward_rules == "released"
     for bad in (["--lr=fast"], ["--nope=1"], ["lr=1"], ["--train_vision=maybe"], ["--group_size=2.5"],
-                ["--ratio=tokens"], ["--stage=pretrain"], ["--sd_condition=both"], ["--dtype=fp8"],
+                ["--ratio=tokens"], ["--stage=perception"], ["--sd_condition=both"], ["--dtype=fp8"],
                 ["--reward_identity=fuzzy"], ["--benchmark=videomme"], ["--difficulty=1.5"],
                 ["--reward_rules=release"]):
         with pytest.raises(SystemExit):

@@ -1,0 +1,99 @@
+"""The perception stage (train.stage_pretrain): probe.py's single-frame tasks before SFT, with the
+SFT stage's checkpointed loop: it trains, resumes exactly, reports held-out frames, hands its model
+to SFT, and a bad task mix stops the run before any stage."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import model
+import probe
+import train
+
+
+def pre_cfg(out, **kw):
+    base = dict(stage="pretrain", out_dir=str(out), pretrain_steps=4, pretrain_batch=4, pretrain_lr=3e-3,
+                sft_warmup=1, save_every=100, pretrain_tasks="find:1,marked:1,list:1")
+    base.update(kw)
+    return train.Config(**base)
+
+
+def perception_loss(path, cfg):
+    """The SFT loss on 8 fixed held-out-style frames of the stage's tasks."""
+    vlm, tok, vision = model.load_policy(path)
+    tasks = train.perception_tasks(cfg)
+    rng = random.Random("fixed")
+    batch = [probe.encode(probe.training_sample(rng, tasks, 0), tok, vision, tasks.prompt) for _ in range(8)]
+    with torch.no_grad():
+        return train.sft_loss(model.LogProbModule(vlm), batch).item()
+
+
+def test_pretrain_lowers_the_perception_loss_and_reports_held_out_frames(tiny_model_dir, tmp_path):
+    cfg = pre_cfg(tmp_path, pretrain_steps=6)
+    before = perception_loss(tiny_model_dir, cfg)
+    ckpt = train.stage_pretrain(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    assert ckpt == train.stage_model(cfg, "pretrain")
+    assert perception_loss(ckpt, cfg) < before - 0.5
+    rows = [json.loads(l) for l in open(tmp_path / "pretrain" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    scores = json.load(open(tmp_path / "pretrain" / "heldout.json"))
+    assert set(scores) == {"box_miou", "box_iou50", "marked_acc", "find_name_acc", "parsed"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_zero_steps_pass_the_model_through(tiny_model_dir, tmp_path):
+    cfg = pre_cfg(tmp_path, pretrain_steps=0)
+    assert train.stage_pretrain(cfg, train.setup_runtime(cfg), tiny_model_dir) == tiny_model_dir
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_a_resumed_pretrain_equals_an_uninterrupted_one(tiny_model_dir, tmp_path, monkeypatch):
+    """The frames are a function of (seed, step, rank), so a run killed after step 2 and resumed
+    trains on the frames the unbroken run saw and ends with its weights."""
+    full = pre_cfg(tmp_path / "full")
+    rt = train.setup_runtime(full)
+    train.stage_pretrain(full, rt, tiny_model_dir)
+    crash = pre_cfg(tmp_path / "crash", save_every=2)
+    real = train.sft_loss
+
+    def crashing(policy, batch, calls=[0]):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt("simulated crash in step 3")
+        return real(policy, batch)
+
+    monkeypatch.setattr(train, "sft_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.stage_pretrain(crash, rt, tiny_model_dir)
+    assert train.load_trainer_state(train.checkpoints(str(tmp_path / "crash" / "pretrain"))[-1][1])["step"] == 2
+    monkeypatch.setattr(train, "sft_loss", real)
+    train.stage_pretrain(crash, rt, tiny_model_dir)
+    a = model.load_policy(train.stage_model(full, "pretrain"))[0].state_dict()
+    b = model.load_policy(train.stage_model(crash, "pretrain"))[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_sft_starts_from_the_pretrained_model(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    os.symlink(tiny_model_dir, out / "base")
+    seen = []
+    monkeypatch.setattr(train, "stage_sft", lambda cfg, rt, start: seen.append(start) or start)
+    common = ["--pretrain_steps=2", "--pretrain_batch=2", f"--out_dir={out}", f"--data_dir={tiny_data}"]
+    train.main(["--stage=pretrain"] + common)
+    train.main(["--stage=sft"] + common)                     # a later call finds the stage's model
+    train.main(["--stage=sft", f"--out_dir={out}", f"--data_dir={tiny_data}"])   # no pretraining: the base
+    assert seen == [train.stage_model(train.Config(out_dir=str(out)), "pretrain"), str(out / "base")]
+
+
+@pytest.mark.parametrize("mix, says", [("find:1,look:1", "'look' is not one of find, marked, list"),
+                                       ("find", "expected task:weight"), ("find:0,marked:0", "not all 0"),
+                                       ("find:-1,marked:2", "must be >= 0")])
+def test_a_bad_task_mix_stops_the_run_before_any_stage(mix, says, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--pretrain_steps=5", f"--pretrain_tasks={mix}", f"--out_dir={tmp_path}"])
+    assert "--pretrain_tasks" in str(stop.value) and says in str(stop.value)
+    assert not os.listdir(tmp_path)
