@@ -582,16 +582,19 @@ def stage_pretrain(cfg, rt, start_path):
         end_step(cfg, rt, run, step + 1, cfg.pretrain_steps,
                  {"step": step + 1, "loss": loss.item(), "lr": run.sched.get_last_lr()[0]})
     stop_trackers(rt)
-    if rt.main:   # held-out frames (their own seed), greedy: what the stage taught
-        vlm = unwrap(rt, run.policy).model
-        vlm.eval()
+    # held-out frames (their own seed), greedy: what the stage taught. Every rank decodes the same
+    # frames (sharded layers gather their weights in a collective forward); rank 0 writes.
+    vlm = unwrap(rt, run.policy).model
+    vlm.eval()
+    with torch.no_grad(), full_params(run.policy), rt.autocast():
         scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), tasks.prompt, device=rt.device)
-        vlm.train()
-        scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
+    vlm.train()
+    scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
+    if rt.main:
         with open(os.path.join(stage_dir(cfg, "pretrain"), "heldout.json"), "w") as f:
             json.dump(scores, f, indent=1)
-        log(rt, f"[pretrain] done: {cfg.pretrain_steps} steps, last loss {loss.item():.4f}; held-out frames: "
-                f"{json.dumps(scores)} -> {run.ckpt}")
+    log(rt, f"[pretrain] done: {cfg.pretrain_steps} steps, last loss {loss.item():.4f}; held-out frames: "
+            f"{json.dumps(scores)} -> {run.ckpt}")
     return run.ckpt
 
 

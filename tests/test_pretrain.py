@@ -4,6 +4,8 @@ to SFT, and a bad task mix stops the run before any stage."""
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 import model
 import probe
 import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pre_cfg(out, **kw):
@@ -97,3 +101,16 @@ def test_a_bad_task_mix_stops_the_run_before_any_stage(mix, says, tmp_path):
         train.main(["--pretrain_steps=5", f"--pretrain_tasks={mix}", f"--out_dir={tmp_path}"])
     assert "--pretrain_tasks" in str(stop.value) and says in str(stop.value)
     assert not os.listdir(tmp_path)
+
+
+def test_two_process_torchrun_pretrain(tiny_model_dir, tmp_path):
+    """Two ranks draw their own frames, sync gradients, and both decode the held-out frames."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--stage=pretrain", f"--model={tiny_model_dir}", f"--out_dir={tmp_path}", "--pretrain_steps=2",
+           "--pretrain_batch=4", "--device=cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = train.load_trainer_state(train.checkpoints(str(tmp_path / "pretrain"))[-1][1])
+    assert state["done"] and state["step"] == 2
+    assert set(json.load(open(tmp_path / "pretrain" / "heldout.json"))) >= {"box_miou", "marked_acc"}

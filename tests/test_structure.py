@@ -5,7 +5,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A module may import modules on lower floors only (and nothing of ours inside a function).
 FLOORS = [("data",), ("model", "rewards", "prompt"), ("grpo", "distill", "selector", "metrics"), ("config",),
-          ("eval", "synth"), ("train",), ("bench_rl", "bench_rewards", "experiment", "probe")]
+          ("eval", "synth"), ("probe",), ("train",), ("bench_rl", "bench_rewards", "experiment")]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 
 
