@@ -233,3 +233,18 @@ def test_batched_held_out_evaluation_equals_one_frame_at_a_time(sharp):
     many = probe.evaluate(vlm, tok, vision, samples, "short", max_new_tokens=8, batch=4)  # chunks of 4 and 2
     assert one == many
     assert len(set(one["examples"])) > 1                 # the answers depend on the frame
+
+
+def test_question_first_puts_the_image_tokens_after_the_question(tiny_policy):
+    _, tok, vision = tiny_policy
+    s = probe.make_sample(random.Random(2), probe.ProbeConfig(background="flat"), "find", 1)
+    pad = tok.convert_tokens_to_ids(D.IMAGE_PAD)
+    question = tok.encode(s.question, add_special_tokens=False)
+    for style, image_first in (("short", True), ("question_first", False)):
+        p, target = probe.encode(s, tok, vision, style)
+        ids = p.input_ids.tolist()
+        first_image = ids.index(pad)
+        at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+        assert (first_image < at) == image_first, style
+        assert ids.count(pad) == 16 and (p.mm_token_type_ids == 1).sum() == 16   # 112x112: 4x4 merged tokens
+    assert probe.parse_args(["--prompt=question_first"]).prompt == "question_first"
