@@ -2,12 +2,13 @@
 
     python probe.py                                         # 5 minutes of training, eval every 30 s
     python probe.py --max_steps=400 --train_seconds=1e9 --eval_steps=100   # by steps (busy machine)
-    python probe.py --train_seconds=1800 --save=true --out=runs/perception # long run, saves the model at every evaluation
+    python probe.py --train_seconds=1800 --save=true --out=runs/perception  # long run, model saved at each eval
 
 Owns: single synthetic frames rendered in memory (synth.py's world: shapes on a position-coloured
-background by default, --background=flat for synth.py's grey; fresh samples every step), two
+background by default, --background=flat for synth.py's grey; fresh samples every step), the
 perception tasks in the project's output grammar, a plain next-token training loop on them, and a
-held-out greedy curve written to {out}/curve.json and {out}/curve.png.
+held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py's perception stage
+(--stage=pretrain) trains the run's own model on the same tasks (training_sample, encode, evaluate).
   find    "Where is the red circle?"  -> <obj>red circle</obj><box>[x1,y1,x2,y2]</box>
   marked  a frame with one object circled, spotlit or left lit by darkening (prompt.py draws
           them), "Which object is marked?" -> <obj>blue square</obj>

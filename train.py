@@ -1,21 +1,23 @@
-"""Training entry point: synthetic data, SFT cold start, VP-Selector, RL (GRPO/GSPO + VisionCoach), eval.
+"""Training entry point: synthetic data, perception pretraining (off by default), SFT cold start, VP-Selector,
+RL (GRPO/GSPO + VisionCoach), eval.
 
     python train.py                                   # the main job: every stage on the embedded default
     python train.py --help                            # every knob, with its comment and default
+    python train.py --pretrain_steps=3000             # a perception stage before SFT (probe.py's tasks)
     torchrun --standalone --nproc_per_node=2 train.py --stage=sft
     torchrun --nproc_per_node=8 train.py --stage=rl --model=/ckpt/sft --train_json=/stgr/train.json --data_root=/stgr
     accelerate launch --config_file configs/fsdp.yaml train.py --stage=rl ...   # FSDP / ZeRO-3 for 7B
 
 Owns every loop, top to bottom: checkpoints (a step checkpoint committed by one rename, so a kill at
 any instant leaves the newest complete one; the model folder apart from the optimizer, schedule and
-RNG state; exact resume; under FSDP / ZeRO-3 the full weights
-gathered on every rank and the sharded optimizer state) and the skeleton both training stages share, the SFT loop, the
+RNG state; exact resume; under FSDP / ZeRO-3 the full weights gathered on every rank and the sharded
+optimizer state) and the skeleton the training stages share, the perception stage, the SFT loop, the
 VP-Selector's label-making and prediction loops, the RL step (`rl_rollouts` reads as the paper's
-Algorithm 1, `rl_update` is the loss and the optimizer), and the stage order. The math lives in libraries it calls: grpo.py
-(advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD loss, the coach),
-selector.py (scores, labels, head), model.py (what the model reads, generation, log-probs); the
-config in config.py (re-exported here as train.Config). Rank 0 alone prints, logs and saves; each
-rank owns whole samples (whole groups in RL).
+Algorithm 1, `rl_update` is the loss and the optimizer), and the stage order. The math lives in
+libraries it calls: grpo.py (advantages, GSPO loss, rollouts), distill.py (hard gate, candidates, SD
+loss, the coach), selector.py (scores, labels, head), model.py (what the model reads, generation,
+log-probs); the config in config.py (re-exported here as train.Config). Rank 0 alone prints, logs
+and saves; each rank owns whole samples (whole groups in RL).
 """
 import dataclasses
 import json
