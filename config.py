@@ -81,6 +81,7 @@ class Config:
     sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json
     sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     sft_vp_share: float = 0.0     # share of SFT records shown with a visual prompt on their key frames + its hint
+    sft_perception: float = 0.0   # perception frames (--pretrain_tasks) added to each SFT micro-batch, per record in it
     # ---- RL (train.py runs the loop, grpo.py the math) ----
     rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
     rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)

@@ -550,6 +550,14 @@ def perception_tasks(cfg):
                              background=cfg.background, prompt="short", eval_frames=32)
 
 
+def perception_batch(cfg, rt, run, tasks, step, n, tag):
+    """n (model input, target) pairs of the perception tasks at `step`. The frames are a function of
+    (tag, seed, step, rank): a resumed run draws what an unbroken one would."""
+    rng = random.Random(f"{tag}-{cfg.seed}-{step}-{rt.rank}")
+    return [probe.encode(probe.training_sample(rng, tasks, step), run.tokenizer, run.vision, tasks.prompt)
+            for _ in range(n)]
+
+
 def stage_pretrain(cfg, rt, start_path):
     """--pretrain_steps of probe.py's single-frame tasks (find a named object, name the one a visual
     prompt marks, list them all) on frames of the synthetic world drawn in memory, fresh at every
@@ -569,10 +577,7 @@ def stage_pretrain(cfg, rt, start_path):
                     cfg.pretrain_lr, cfg.pretrain_steps, cfg.sft_warmup)
     bar = progress_bar(rt, run, cfg.pretrain_steps)
     for step in bar:
-        # the frames are a function of (seed, step, rank): a resumed run draws what an unbroken one would
-        rng = random.Random(f"pretrain-{cfg.seed}-{step}-{rt.rank}")
-        batch = [probe.encode(probe.training_sample(rng, tasks, step), run.tokenizer, run.vision, tasks.prompt)
-                 for _ in range(per_rank)]
+        batch = perception_batch(cfg, rt, run, tasks, step, per_rank, "pretrain")
         with rt.autocast():
             loss = sft_loss(run.policy, [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch])
         rt.accelerator.backward(loss)
@@ -731,6 +736,9 @@ def sft_step(cfg, rt, run, records, step):
     for k in range(cfg.grad_accum):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
+        if cfg.sft_perception > 0:   # perception kept alive through SFT (at the stage's full distractor cap)
+            batch += perception_batch(cfg, rt, run, perception_tasks(cfg), cfg.pretrain_steps,
+                                      round(cfg.sft_perception * micro), f"sft{k}")
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         with defer_step(rt, run.policy) if k < cfg.grad_accum - 1 else nullcontext():
             # a micro-batch left empty still runs a backward, so every rank reduces the same number
@@ -1200,7 +1208,7 @@ def k_for_share(means, share):
 
 def main(argv):
     cfg = parse_args(argv)
-    if cfg.pretrain_steps > 0:
+    if cfg.pretrain_steps > 0 or cfg.sft_perception > 0:
         perception_tasks(cfg)      # a bad --pretrain_tasks stops the run before any stage
     rt = setup_runtime(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
