@@ -550,11 +550,13 @@ def perception_tasks(cfg):
                              background=cfg.background, prompt="short", eval_frames=32)
 
 
-def perception_batch(cfg, rt, run, tasks, step, n, tag):
-    """n (model input, target) pairs of the perception tasks at `step`. The frames are a function of
-    (tag, seed, step, rank): a resumed run draws what an unbroken one would."""
+def perception_batch(cfg, rt, run, tasks, step, n, tag, level=None):
+    """n (model input, target) pairs of the perception tasks, with the distractor cap of pretraining
+    step `level` (default: `step`). The frames are a function of (tag, seed, step, rank): fresh at
+    every step, and a resumed run draws what an unbroken one would."""
     rng = random.Random(f"{tag}-{cfg.seed}-{step}-{rt.rank}")
-    return [probe.encode(probe.training_sample(rng, tasks, step), run.tokenizer, run.vision, tasks.prompt)
+    level = step if level is None else level
+    return [probe.encode(probe.training_sample(rng, tasks, level), run.tokenizer, run.vision, tasks.prompt)
             for _ in range(n)]
 
 
@@ -737,8 +739,8 @@ def sft_step(cfg, rt, run, records, step):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
         if cfg.sft_perception > 0:   # perception kept alive through SFT (at the stage's full distractor cap)
-            batch += perception_batch(cfg, rt, run, perception_tasks(cfg), cfg.pretrain_steps,
-                                      round(cfg.sft_perception * micro), f"sft{k}")
+            batch += perception_batch(cfg, rt, run, perception_tasks(cfg), step, round(cfg.sft_perception * micro),
+                                      f"sft{k}", level=cfg.pretrain_steps)
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         with defer_step(rt, run.policy) if k < cfg.grad_accum - 1 else nullcontext():
             # a micro-batch left empty still runs a backward, so every rank reduces the same number
