@@ -398,7 +398,7 @@ def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
 # Log-probs of completions
 # ---------------------------------------------------------------------------------------------
 
-def _token_logprobs(model, hidden, targets):
+def token_logprobs(model, hidden, targets):
     """hidden (..., D) at the positions that predict targets (...) -> log p(targets) (...)."""
     logits = model.lm_head(hidden).float()
     return -F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
@@ -449,12 +449,14 @@ def shared_prefix_logprobs(model, prompt, completions):
     hidden = last_hidden.expand(G, 1, -1)                                  # (G, 1, D) predicts token 0
     if out is not None:
         hidden = torch.cat([hidden, out.last_hidden_state], dim=1)           # (G, C, D)
-    return _token_logprobs(model, hidden, completions)
+    return token_logprobs(model, hidden, completions)
 
 
-def plain_hidden(model, prompts, completions):
-    """Each (prompt, completion) row as its own right-padded sequence -> B tensors (len(c), D):
-    the last hidden states at the positions that predict each completion token."""
+def plain_forward(model, prompts, completions, **outputs):
+    """Each (prompt, completion) row as its own right-padded sequence through the model.
+
+    outputs: extra output switches (output_hidden_states=True, output_attentions=True under eager
+    attention). Returns (model output, mm_token_type_ids (B, L): 1 at image tokens)."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     L, B = max(lengths), len(prompts)
     device = prompts[0].input_ids.device
@@ -469,10 +471,21 @@ def plain_hidden(model, prompts, completions):
     position_ids, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                       pixel_values=torch.cat([p.pixel_values for p in prompts]), image_grid_thw=grid,
-                      mm_token_type_ids=types, use_cache=False)
-    hidden = out.last_hidden_state                                          # (B, L, D)
-    # the positions that predict each completion
+                      mm_token_type_ids=types, use_cache=False, **outputs)
+    return out, types
+
+
+def completion_rows(hidden, prompts, completions):
+    """(B, L, D) states of plain_forward's rows -> B tensors (len(c), D) at the positions that
+    predict each completion token."""
     return [hidden[b, len(p) - 1: len(p) - 1 + len(c)] for b, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def plain_hidden(model, prompts, completions):
+    """Each (prompt, completion) row as its own right-padded sequence -> B tensors (len(c), D):
+    the last hidden states at the positions that predict each completion token."""
+    out, _ = plain_forward(model, prompts, completions)
+    return completion_rows(out.last_hidden_state, prompts, completions)
 
 
 def plain_logprobs(model, prompts, completions):
@@ -483,7 +496,7 @@ def plain_logprobs(model, prompts, completions):
     Used for SFT batches (different prompts) and as the check on shared_prefix_logprobs.
     """
     hidden = plain_hidden(model, prompts, completions)
-    return [_token_logprobs(model, h, c) for h, c in zip(hidden, completions)]
+    return [token_logprobs(model, h, c) for h, c in zip(hidden, completions)]
 
 
 class LogProbModule(torch.nn.Module):
@@ -752,7 +765,7 @@ def multi_prefix_logprobs(model, prompts, completions):
         out = model.model.language_model(input_ids=comps[:, :-1], attention_mask=attn, cache=cache, use_cache=True,
                                          position_ids=_row_positions(starts, 0, C - 1))
         hidden = torch.cat([hidden, out.last_hidden_state], dim=1)       # (R, C, D)
-    logp = _token_logprobs(model, hidden, comps)                           # (R, C)
+    logp = token_logprobs(model, hidden, comps)                           # (R, C)
     return [x[:, :c.shape[1]] for x, c in zip(logp.split(sizes), completions)]
 
 

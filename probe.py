@@ -17,6 +17,10 @@ The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
 --value_sigma trains them on a soft target over nearby values), its vision tower may use smaller
 patches (--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
+Binding aids (--bind_weight, --attend_weight: extra losses during training, the model unchanged)
+stand in for what pretraining gives a real model: image tokens whose text-model states say what
+they show and whether the question or mark points at them, and one attention head that looks from
+the answer at the object meant; with them boxes are learned with distractors (README).
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
 share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
 only; evaluations are timed apart.
@@ -81,6 +85,15 @@ class ProbeConfig:
     aux_steps: int = 0            # > 0: first train the vision tower + merger alone this many steps on dense cell targets
     aux_lr: float = 3e-3          # learning rate of those steps
     aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training
+    # binding aids (what pretraining gives a real model: image tokens that know what they show, a head
+    # that looks at the object the question means); extra losses only, the model and its answers unchanged
+    bind_weight: float = 0.0      # > 0: a linear head (dropped afterwards) on the text model's states at the image
+                                  # tokens after layer bind_layer learns each cell's object class and box, and which
+                                  # cell the mark (marked) or the question (find, --prompt=question_first) points at
+    bind_layer: int = 2           # 1..num_layers
+    attend_weight: float = 0.0    # > 0: head 0 of layer attend_layer learns to attend, from every answer position of
+                                  # find and marked, to the target's image token (eager attention for the text model)
+    attend_layer: int = 3         # 1..num_layers
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
@@ -116,6 +129,9 @@ def parse_args(argv):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
+    for key in ("bind_layer", "attend_layer"):
+        if not 1 <= getattr(cfg, key) <= cfg.num_layers:
+            raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
     for mark in cfg.marks.split(","):
         if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
             raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
@@ -311,6 +327,12 @@ NAME_INDEX = {f"{c} {k}": i for i, (c, k) in enumerate(NAMES)}
 AUX_OUT = len(NAMES) + 1 + 4 + 1  # per cell: object class (or none), its box, marked or not
 
 
+def cell_index(box, gh, gw):
+    """The merged image token (row-major in a gh x gw grid) whose cell holds a normalized box's centre."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(int(cy * gh), gh - 1) * gw + min(int(cx * gw), gw - 1)
+
+
 def dense_targets(sample, gh, gw):
     """Targets for the gh x gw merged image tokens (row-major, the order the merger emits them).
 
@@ -320,8 +342,7 @@ def dense_targets(sample, gh, gw):
     box, marked = torch.zeros(gh * gw, 4), torch.zeros(gh * gw)
     for k in reversed(range(len(sample.objects))):
         name, b = sample.objects[k]
-        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-        cell = min(int(cy * gh), gh - 1) * gw + min(int(cx * gw), gw - 1)
+        cell = cell_index(b, gh, gw)
         cls[cell], box[cell] = NAME_INDEX[name], torch.tensor(b)
         marked[cell] = float(k == 0 and sample.task == "marked")
     return cls, box, marked
@@ -356,6 +377,43 @@ def dense_loss(vlm, head, prompts, samples):
     return loss_cls + loss_box + loss_marked, stats
 
 
+def binding_loss(out, types, batch, samples, head, cfg, merge):
+    """The binding aids' losses from one forward (model.plain_forward with the hidden states and/or
+    attentions asked for), per frame, averaged over the batch:
+      bind    head(state after layer bind_layer) at each image token: class cross-entropy and box L1
+              (x10) as in dense_loss, plus a pointer: a cross-entropy over the frame's cells, whose
+              answer is the target's cell, where the token can know it (the mark is drawn; or the
+              question came first); the list task has no single target and gets no pointer
+      attend  -log of head 0's attention (layer attend_layer) on the target's image token, averaged
+              over the answer positions of find and marked
+    -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
+    n, dev = len(NAMES) + 1, types.device
+    grid = torch.cat([p.image_grid_thw for p, _ in batch])
+    states = out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 else None  # [0] is the embeddings
+    attn = out.attentions[cfg.attend_layer - 1][:, 0] if cfg.attend_weight > 0 else None  # (B, L, L), head 0
+    bind, attend, hits, pointed, attended = 0.0, 0.0, 0, 0, 0
+    for b, (s, g, (p, t)) in enumerate(zip(samples, grid, batch)):
+        gh, gw = int(g[1]) // merge, int(g[2]) // merge
+        cells = (types[b] == 1).nonzero()[:, 0]                       # positions of the frame's image tokens
+        target = cell_index(s.box, gh, gw)
+        if states is not None:
+            cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
+            o = head(states[b, cells])                                # (cells, AUX_OUT)
+            own = cls < len(NAMES)
+            bind = bind + torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
+            if s.task == "marked" or (s.task == "find" and cfg.prompt == "question_first"):
+                bind = bind + torch.nn.functional.cross_entropy(o[None, :, -1], torch.tensor([target], device=dev))
+                hits, pointed = hits + int(o[:, -1].argmax() == target), pointed + 1
+        if attn is not None and s.task in ("find", "marked"):
+            rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)   # the positions that predict the answer
+            attend = attend - attn[b, rows, cells[target]].clamp_min(1e-9).log().mean()
+            attended += 1
+    loss = (cfg.bind_weight * bind + cfg.attend_weight * attend) / len(samples)
+    attend_nll = attend.detach().item() / attended if attended else 0.0
+    stats = {"bind_ptr_acc": hits / max(pointed, 1), "attend_nll": attend_nll}
+    return loss, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # Model and training
 # ---------------------------------------------------------------------------------------------
@@ -380,14 +438,18 @@ def build_model(cfg, out_dir):
     if mc.vision_hidden_size % mc.vision_heads:
         mc.vision_heads = mc.vision_hidden_size // 32
     model.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
-    return model.load_policy(out_dir, cfg.device)
+    vlm, tokenizer, vision = model.load_policy(out_dir, cfg.device)
+    if cfg.attend_weight > 0:  # SDPA returns no attention weights
+        vlm.set_attn_implementation("eager")
+    return vlm, tokenizer, vision
 
 
-def make_optimizer(cfg, vlm, head=None):
-    """AdamW with the vision tower and merger (and the dense head) in their own group (lr * vision_lr_mult)."""
+def make_optimizer(cfg, vlm, head=None, bind_head=None):
+    """AdamW with the vision tower and merger (and the dense head) in their own group (lr * vision_lr_mult);
+    the binding head trains with the text model."""
     vision = list(vlm.model.visual.parameters()) + (list(head.parameters()) if head is not None else [])
     ids = {id(p) for p in vision}
-    rest = [p for p in vlm.parameters() if id(p) not in ids]
+    rest = [p for p in vlm.parameters() if id(p) not in ids] + (list(bind_head.parameters()) if bind_head else [])
     opt = torch.optim.AdamW([{"params": rest, "lr": cfg.lr},
                              {"params": vision, "lr": cfg.lr * cfg.vision_lr_mult}],
                             betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -403,15 +465,15 @@ def value_targets(tokenizer, n, sigma):
     return {i: k for k, i in enumerate(ids)}, torch.tensor(ids), soft
 
 
-def token_losses(vlm, batch, values=None):
-    """Per-sample, per-token losses (list of 1-D tensors): next-token NLL, or with `values`
-    (value_targets' result) cross-entropy to a soft target over nearby values at value tokens."""
-    prompts, targets = [p for p, _ in batch], [t for _, t in batch]
+def token_losses(vlm, hidden, targets, values=None):
+    """Per-sample, per-token losses (list of 1-D tensors) from the hidden states that predict each
+    target (model.plain_hidden): next-token NLL, or with `values` (value_targets' result)
+    cross-entropy to a soft target over nearby values at value tokens."""
     if values is None:
-        return [-lp for lp in model.plain_logprobs(vlm, prompts, targets)]
+        return [-model.token_logprobs(vlm, h, t) for h, t in zip(hidden, targets)]
     value_of, ids, soft = values
     out = []
-    for h, t in zip(model.plain_hidden(vlm, prompts, targets), targets):
+    for h, t in zip(hidden, targets):
         logp = torch.log_softmax(vlm.lm_head(h).float(), dim=-1)                # (C, V)
         nll = -logp.gather(1, t[:, None])[:, 0]                                   # (C,)
         at = [k for k, tok in enumerate(t.tolist()) if tok in value_of]
@@ -423,13 +485,24 @@ def token_losses(vlm, batch, values=None):
     return out
 
 
-def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None):
+def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None):
     """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
-    dense vision loss.
+    dense vision loss, binding = (head, samples, cfg) the binding aids' losses (binding_loss).
 
-    Returns (mean loss per target token, each sample's mean loss per token)."""
-    losses = token_losses(vlm, batch, values)
-    loss = sum(l.sum() for l in losses) / sum(len(t) for _, t in batch)
+    Returns (mean loss per target token, each sample's mean loss per token, binding stats or {})."""
+    prompts, targets = [p for p, _ in batch], [t for _, t in batch]
+    stats = {}
+    if binding is None:
+        hidden = model.plain_hidden(vlm, prompts, targets)
+    else:
+        head, samples, cfg = binding
+        out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0,
+                                         output_attentions=cfg.attend_weight > 0)
+        hidden = model.completion_rows(out.last_hidden_state, prompts, targets)
+        extra, stats = binding_loss(out, types, batch, samples, head, cfg, vlm.model.visual.spatial_merge_size)
+    losses = token_losses(vlm, hidden, targets, values)
+    text = sum(l.sum() for l in losses) / sum(len(t) for t in targets)
+    loss = text + extra if binding is not None else text
     if dense is not None:
         head, samples, weight = dense
         loss = loss + weight * dense_loss(vlm, head, [p for p, _ in batch], samples)[0]
@@ -438,7 +511,7 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None):
     torch.nn.utils.clip_grad_norm_(vlm.parameters(), grad_clip)
     opt.step()
     sched.step()
-    return loss.item(), [l.mean().item() for l in losses]
+    return text.item(), [l.mean().item() for l in losses], stats
 
 
 def write_plot(curve, path):
@@ -523,7 +596,10 @@ def run(cfg, log=print):
     head = None
     if cfg.aux_steps > 0 or cfg.aux_weight > 0:
         head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, AUX_OUT).to(cfg.device)
-    opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None)
+    bind_head = None
+    if cfg.bind_weight > 0:  # reads the text model's states at image tokens (dropped with the run)
+        bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT).to(cfg.device)
+    opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
@@ -531,6 +607,7 @@ def run(cfg, log=print):
         pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
         next_eval = clock["wall"]
     task_loss = {"find": [], "marked": [], "list": []}  # per-sample token-mean losses since the last log line
+    aid_stats = []  # the binding aids' stats since the last log line
     while True:
         done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
         due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
@@ -550,8 +627,9 @@ def run(cfg, log=print):
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
         batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer) for s in samples]
-        loss, per_sample = train_step(vlm, opt, sched, batch,
-                                      cfg.grad_clip, values, dense)
+        binding = (bind_head, samples, cfg) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
+        loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding)
+        aid_stats.append(stats)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         losses.append(loss)
@@ -560,9 +638,10 @@ def run(cfg, log=print):
         step += 1
         if step % cfg.log_every == 0:
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
+            aids = "".join(f" {k} {sum(a[k] for a in aid_stats) / len(aid_stats):.3f}" for k in aid_stats[-1])
             log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
-                f"list {mean['list']:.3f}")
-            task_loss = {"find": [], "marked": [], "list": []}
+                f"list {mean['list']:.3f}{aids}")
+            task_loss, aid_stats = {"find": [], "marked": [], "list": []}, []
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
     return result

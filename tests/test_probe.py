@@ -1,5 +1,6 @@
 """The perception probe: its frames, targets and scoring, a two-step run, and value tokens."""
 import json
+import math
 import os
 import random
 
@@ -248,3 +249,70 @@ def test_question_first_puts_the_image_tokens_after_the_question(tiny_policy):
         assert (first_image < at) == image_first, style
         assert ids.count(pad) == 16 and (p.mm_token_type_ids == 1).sum() == 16   # 112x112: 4x4 merged tokens
     assert probe.parse_args(["--prompt=question_first"]).prompt == "question_first"
+
+
+def test_cell_index_table():
+    # 4 x 4 cells of 0.25: centre (0.2, 0.2) -> 0; (0.75, 0.25) -> row 1, col 3 = 7; the edge 1.0 stays in the grid
+    assert probe.cell_index([0.1, 0.1, 0.3, 0.3], 4, 4) == 0
+    assert probe.cell_index([0.6, 0.1, 0.9, 0.4], 4, 4) == 7
+    assert probe.cell_index([0.9, 0.9, 1.0, 1.0], 4, 4) == 15
+    assert probe.cell_index([0.6, 0.1, 0.9, 0.4], 2, 3) == 2                   # 2 rows x 3 cols: row 0, col 2
+
+
+class _Prompt:  # what binding_loss reads of a prompt: its length and its image grid
+    def __init__(self, n, grid):
+        self.n, self.image_grid_thw = n, torch.tensor([grid])
+
+    def __len__(self):
+        return self.n
+
+
+def test_binding_loss_hand_computed_table():
+    # One frame of 2 x 2 merged cells (grid 4 x 4 patches, merge 2) at positions 2..5 of a 7-token
+    # prompt; a 3-token answer predicted from positions 6, 7, 8. The only object's centre (0.75, 0.25)
+    # is in cell 1. The head is the identity on zero states: uniform class (log 13) and pointer
+    # (log 4) logits, a zero box (L1 x 10 = 5).
+    from types import SimpleNamespace
+    box = [0.6, 0.1, 0.9, 0.4]
+    types = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0]])
+    attn = torch.full((1, 2, 10, 10), 0.01)
+    attn[0, 0, 6, 3], attn[0, 0, 7, 3], attn[0, 0, 8, 3] = 0.5, 0.25, 1.0    # head 0 on cell 1 (position 3)
+    out = SimpleNamespace(hidden_states=[None, torch.zeros(1, 10, probe.AUX_OUT)], attentions=[attn])
+    head = torch.nn.Linear(probe.AUX_OUT, probe.AUX_OUT)
+    torch.nn.init.eye_(head.weight), torch.nn.init.zeros_(head.bias)
+    batch = [(_Prompt(7, [1, 4, 4]), torch.zeros(3, dtype=torch.long))]
+    attend = -(math.log(0.5) + math.log(0.25) + math.log(1.0)) / 3
+    table = [  # task, prompt, bind loss per unit weight (class + box [+ pointer])
+        ("marked", "short", math.log(13) + 5 + math.log(4)),       # the mark is drawn: a pointer
+        ("find", "question_first", math.log(13) + 5 + math.log(4)),  # the question came first: a pointer
+        ("find", "short", math.log(13) + 5),                        # the frame cannot know the question: none
+    ]
+    for task, style, bind in table:
+        cfg = probe.ProbeConfig(bind_weight=1.0, bind_layer=1, attend_weight=2.0, attend_layer=1, prompt=style)
+        sample = probe.Sample(task, None, "", "red circle", box, [("red circle", box)])
+        loss, stats = probe.binding_loss(out, types, batch, [sample], head, cfg, merge=2)
+        assert loss.item() == pytest.approx(bind + 2.0 * attend, rel=1e-5), (task, style)
+        assert stats["attend_nll"] == pytest.approx(attend, rel=1e-5)
+        assert stats["bind_ptr_acc"] == 0.0                     # uniform logits: argmax is cell 0, not 1
+    listing = probe.Sample("list", None, "", "red circle", box, [("red circle", box)])
+    loss, stats = probe.binding_loss(out, types, batch, [listing], head, cfg, merge=2)
+    assert loss.item() == pytest.approx(math.log(13) + 5, rel=1e-5)   # no single target: no pointer, no attend
+    with pytest.raises(SystemExit, match="attend_layer"):
+        probe.parse_args(["--attend_layer=5"])
+
+
+def test_attend_aid_teaches_head_zero_to_look_at_the_target(tmp_path):
+    cfg = probe.ProbeConfig(out=str(tmp_path), batch_size=8, attend_weight=1.0, bind_weight=1.0,
+                            prompt="question_first", background="flat")
+    torch.manual_seed(cfg.seed)
+    vlm, tok, vision = probe.build_model(cfg, str(tmp_path / "m"))
+    head = torch.nn.Linear(vlm.config.text_config.hidden_size, probe.AUX_OUT)
+    opt, sched = probe.make_optimizer(cfg, vlm, None, head)
+    rng, nll = random.Random(0), []
+    for step in range(20):
+        samples = [probe.training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
+        batch = [probe.encode(s, tok, vision, cfg.prompt) for s in samples]
+        _, _, stats = probe.train_step(vlm, opt, sched, batch, cfg.grad_clip, binding=(head, samples, cfg))
+        nll.append(stats["attend_nll"])
+    # at the start head 0 spreads over the ~40 earlier positions (-log 1/40 = 3.7); it learns to look
+    assert nll[0] > 3.0 and sum(nll[-5:]) / 5 < 0.6 * nll[0]
