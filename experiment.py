@@ -210,9 +210,9 @@ def coach_table(out_dirs):
             n = sum(r.get(f"coach/chosen/{vp}", 0) for r in rows)
             raw = sum(r.get(f"coach/raw_sum/{vp}", 0.0) for r in rows)
             prompted = sum(r.get(f"coach/prompted_sum/{vp}", 0.0) for r in rows)
-            lift = 100 * (prompted / raw - 1) if raw else float("nan")
+            lift = f"{100 * (prompted / raw - 1):+.1f}%" if raw else "-"   # no lift over a zero raw mean
             lines.append(f"| {arm} | {hard:.2f} | {vp} | {n} | {raw / max(1, n):.3f} | "
-                         f"{prompted / max(1, n):.3f} | {lift:+.1f}% |")
+                         f"{prompted / max(1, n):.3f} | {lift} |")
     return "\n".join(lines)
 
 

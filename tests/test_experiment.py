@@ -29,3 +29,21 @@ def test_table_is_mean_and_std_over_seeds():
     lines = experiment.table(rows).splitlines()
     assert lines[0].startswith("| arm | seeds | mAM |")
     assert lines[2].startswith("| grpo | 2 | 2.00 ± 1.41 |")
+
+
+def test_coach_table_sums_over_steps_and_seeds(tmp_path):
+    import json
+    import os
+    dirs = []
+    for seed, rows in enumerate([
+            [{"coach/hard_share": 0.5, "coach/chosen/darken": 2, "coach/raw_sum/darken": 1.0, "coach/prompted_sum/darken": 3.0,
+              "coach/chosen/spotlight": 1, "coach/raw_sum/spotlight": 0.0, "coach/prompted_sum/spotlight": 1.5}],
+            [{"coach/hard_share": 1.0, "coach/chosen/darken": 2, "coach/raw_sum/darken": 1.0, "coach/prompted_sum/darken": 0.0}]]):
+        d = tmp_path / f"visioncoach_s{seed}"
+        os.makedirs(d / "rl")
+        (d / "rl" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(d))
+    lines = experiment.coach_table({"visioncoach": dirs}).splitlines()
+    # darken: 4 groups, raw 2.0 / 4 = 0.5, prompted 3.0 / 4 = 0.75, +50%; spotlight's raw mean is 0: no lift
+    assert lines[2] == "| visioncoach | 0.75 | darken | 4 | 0.500 | 0.750 | +50.0% |"
+    assert lines[3] == "| visioncoach | 0.75 | spotlight | 1 | 0.000 | 1.500 | - |"
