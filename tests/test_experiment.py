@@ -1,4 +1,7 @@
 """experiment.py's options, arms and table (the runs themselves are the experiment, not a test)."""
+import json
+import os
+
 import pytest
 
 import experiment
@@ -32,8 +35,6 @@ def test_table_is_mean_and_std_over_seeds():
 
 
 def test_coach_table_sums_over_steps_and_seeds(tmp_path):
-    import json
-    import os
     dirs = []
     for seed, rows in enumerate([
             [{"coach/hard_share": 0.5, "coach/chosen/darken": 2, "coach/raw_sum/darken": 1.0, "coach/prompted_sum/darken": 3.0,

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -272,7 +273,6 @@ def test_binding_loss_hand_computed_table():
     # prompt; a 3-token answer predicted from positions 6, 7, 8. The only object's centre (0.75, 0.25)
     # is in cell 1. The head is the identity on zero states: uniform class (log 13) and pointer
     # (log 4) logits, a zero box (L1 x 10 = 5).
-    from types import SimpleNamespace
     box = [0.6, 0.1, 0.9, 0.4]
     types = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0]])
     attn = torch.full((1, 2, 10, 10), 0.01)
