@@ -122,6 +122,7 @@ class Config:
     selector_steps: int = 300     # full-batch AdamW steps training the head
     selector_lr: float = 3e-3     # learning rate of the head
     selector_train_share: float = 0.8  # labelled samples the head trains on; the rest measure it
+    selector_predict: str = "rl"  # predictions cached for: rl (the ids RL draws in rl_steps) | all (every training id)
     # ---- evaluation (eval.py, and the main job's last stage) ----
     eval_data: str = ""           # eval.py: STGR, V-STAR, VideoMME- or Charades-STA-style JSON (eval.py --data)
     benchmark: str = "auto"       # eval.py: auto | stgr | vstar | mcq | tg, what eval_data holds (eval.py --kind)
@@ -147,6 +148,7 @@ CHOICES = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,
+    "selector_predict": ("rl", "all"),
     "sd_condition": distill.SD_CONDITIONS,
     "reward_rules": rewards.REWARD_RULES,
     "benchmark": ("auto", "stgr", "vstar", "mcq", "tg"),

@@ -72,7 +72,8 @@ def ensure_base(o, selector=True):
     if not selector:
         return sft
     run([sys.executable, "train.py", "--stage=selector", f"--out_dir={o['base']}", f"--model={sft}",
-         f"--selector_samples={o['selector_samples']}", f"--selector_dir={selector_dir(o)}"])
+         f"--selector_samples={o['selector_samples']}", f"--selector_dir={selector_dir(o)}",
+         "--selector_predict=all"])                      # one selector for every seed's draws
     return sft
 
 

@@ -764,7 +764,8 @@ def selector_dir(cfg):
 
 
 def stage_selector(cfg, rt, proxy_path):
-    """Make labels with the frozen proxy, train the head, cache a prediction for every training id."""
+    """Make labels with the frozen proxy, train the head, cache a prediction for every training id
+    RL will draw (--selector_predict=all: every training id)."""
     out = selector_dir(cfg)
     if os.path.isfile(os.path.join(out, "predictions.json")) and cfg.resume:
         log(rt, f"[selector] cached predictions found in {out}; skipping")
@@ -783,6 +784,9 @@ def stage_selector(cfg, rt, proxy_path):
                   "heldout": selector.evaluate_head(head, features[n_train:], labels[n_train:], tables[n_train:])
                   if len(labels) > n_train else None}
         torch.save(head.state_dict(), os.path.join(out, "head.pt"))
+        if cfg.selector_predict == "rl":  # RL reads only these: the same predictions, fewer forwards
+            records = [records[i] for i in sorted({i for step in range(cfg.rl_steps)
+                                                   for i in rl_batch(cfg, len(records), step)})]
         predictions = selector_predictions(cfg, rt, proxy, head, records)
         with open(os.path.join(out, "predictions.json"), "w") as f:
             json.dump(predictions, f)
@@ -874,7 +878,8 @@ def make_coach(cfg, records):
         missing = sum(str(r["id"]) not in predictions for r in promptable)
         if missing:
             print(f"[coach] selector cache {path} misses {missing} of {len(promptable)} promptable "
-                  f"training ids; those fall back to raw (counted as coach/fallback/selector_miss)")
+                  f"training ids; those fall back to raw (counted as coach/fallback/selector_miss; "
+                  f"--stage=selector --selector_predict=all --resume=false predicts every id)")
     return distill.Coach(cfg.coach, predictions)
 
 
@@ -918,10 +923,15 @@ def stage_rl(cfg, rt, start_path):
 
 def step_prompt_ids(cfg, rt, n_records, step):
     """The global batch of prompt indices for `step` (a function of seed and step), this rank's share."""
+    return rl_batch(cfg, n_records, step)[rt.rank::rt.world]
+
+
+def rl_batch(cfg, n_records, step):
+    """The global batch of prompt indices for RL step `step`."""
     per_epoch = n_records // cfg.batch_size
     epoch, i = divmod(step, per_epoch)
     order = epoch_order(n_records, epoch + 10_000, cfg.seed)
-    return order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
+    return order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
 
 
 def rl_rollouts(cfg, rt, run, rl, step):

@@ -40,7 +40,8 @@ def test_head_learns_a_separable_rule():
 
 def test_label_making_on_a_tiny_set(tiny_data, tiny_model_dir, tmp_path):
     cfg = train.Config(out_dir=str(tmp_path), data_dir=tiny_data, selector_samples=3, selector_group=1,
-                       max_new_tokens=8, max_frames=6, stage="selector", selector_hidden=8, selector_steps=5)
+                       max_new_tokens=8, max_frames=6, stage="selector", selector_hidden=8, selector_steps=5,
+                       rl_steps=2, batch_size=2)
     rt = train.setup_runtime(cfg)
     train.stage_selector(cfg, rt, tiny_model_dir)
     out = tmp_path / "selector"
@@ -48,14 +49,23 @@ def test_label_making_on_a_tiny_set(tiny_data, tiny_model_dir, tmp_path):
     assert len(labels) == 3
     for row in labels:
         assert set(row["scores"]) == set(prompt.VISUAL_PROMPTS) and row["label"] == selector.label_of(row["scores"])
+    # --selector_predict=rl (default): a prediction for each promptable id RL draws in its 2 steps, the
+    # one a prediction for every id (--selector_predict=all) gives it
     predictions = json.load(open(out / "predictions.json"))
     records = train.load_train_records(cfg)
-    assert set(predictions) == {str(r["id"]) for r in records if distill.can_prompt(r)}
+    drawn = {str(records[i]["id"]) for step in range(2) for i in train.rl_batch(cfg, len(records), step)}
+    promptable = {str(r["id"]) for r in records if distill.can_prompt(r)}
+    assert set(predictions) == drawn & promptable and 0 < len(predictions) < len(promptable)
+    state = torch.load(out / "head.pt")
+    head = selector.SelectorHead(state["net.1.weight"].shape[1], hidden=8)
+    head.load_state_dict(state)
+    proxy = train.load_policy(cfg, rt, tiny_model_dir, trainable=False)
+    every = train.selector_predictions(cfg, rt, proxy, head, records)
+    assert set(every) == promptable and {k: every[k] for k in predictions} == predictions
     assert set(predictions.values()) <= set(prompt.VISUAL_PROMPTS)
     report = json.load(open(out / "report.json"))
     assert sum(report["label_counts"].values()) == 3
-    head = torch.load(out / "head.pt")
-    assert head["net.1.weight"].shape[0] == 8                # --selector_hidden reaches the head
+    assert state["net.1.weight"].shape[0] == 8               # --selector_hidden reaches the head
 
 
 def test_batched_label_making_equals_one_record_at_a_time(tiny_data, tiny_policy, monkeypatch):

@@ -9,4 +9,5 @@ cd "$(dirname "$0")/../.."
 source configs/real/settings.sh
 python3 train.py --stage=selector --model="$OUT/sft/last" --train_json="$STGR/json/rl.json" \
     --data_root="$STGR/videos" --out_dir="$OUT" $FRAMES --dtype=bfloat16 --attn_implementation="$ATTN" \
-    --max_new_tokens=768 --max_prompt_tokens=16384 --selector_samples=256 --selector_group=2 "$@"
+    --max_new_tokens=768 --max_prompt_tokens=16384 --selector_samples=256 --selector_group=2 \
+    --selector_predict=all "$@"
