@@ -108,6 +108,7 @@ CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat",
            "find_answer": ("name_box", "box")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
 TASKS = ("find", "marked", "list")
+FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 
 
@@ -550,10 +551,12 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     return row, m["examples"]
 
 
-def save_curve(cfg, curve, clock, step):
-    """curve.json and curve.png, rewritten at every evaluation so a stopped run keeps its curve."""
+def save_curve(cfg, curve, clock, step, first_losses=()):
+    """curve.json and curve.png, rewritten at every evaluation so a stopped run keeps its curve.
+    first_losses: the text loss of each of the first steps (a fingerprint of the run: the probe is
+    deterministic, so the same command gives the same numbers)."""
     result = {"config": dataclasses.asdict(cfg), "s_per_step": clock["wall"] / max(step, 1),
-              "cpu_s_per_step": clock["cpu"] / max(step, 1), "curve": curve}
+              "cpu_s_per_step": clock["cpu"] / max(step, 1), "first_losses": list(first_losses), "curve": curve}
     with open(os.path.join(cfg.out, "curve.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_plot(curve, os.path.join(cfg.out, "curve.png"))
@@ -602,7 +605,7 @@ def run(cfg, log=print):
     opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
-    curve, clock, next_eval, step, losses = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, []
+    curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
     if cfg.aux_steps > 0:
         pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
         next_eval = clock["wall"]
@@ -614,7 +617,7 @@ def run(cfg, log=print):
         if due or done:
             row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
             curve.append(row)
-            result = save_curve(cfg, curve, clock, step)
+            result = save_curve(cfg, curve, clock, step, first)
             if cfg.save:
                 save_model(vlm, os.path.join(cfg.out, "model"))
             losses, next_eval = [], clock["wall"] + cfg.eval_every
@@ -633,6 +636,8 @@ def run(cfg, log=print):
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         losses.append(loss)
+        if len(first) < FIRST_STEPS:
+            first.append(loss)
         for s, v in zip(samples, per_sample):
             task_loss[s.task].append(v)
         step += 1

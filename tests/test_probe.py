@@ -120,6 +120,7 @@ def test_two_steps_give_finite_loss_and_a_curve(tmp_path):
         assert 0.0 <= last[key] <= 1.0
     saved = json.load(open(tmp_path / "curve.json"))
     assert saved["curve"] == result["curve"]
+    assert len(saved["first_losses"]) == 2 and sum(saved["first_losses"]) / 2 == pytest.approx(last["loss"], abs=1e-4)
     assert os.path.getsize(tmp_path / "curve.png") > 1000
     vision = M.VisionProcessor.load(str(tmp_path / "model"))
     assert vision.patch_size == 7
