@@ -874,11 +874,12 @@ def make_coach(cfg, records):
                              f"(or use --coach=random / fixed:darken / none)")
         with open(path) as f:
             predictions = json.load(f)
-        promptable = [r for r in records if distill.can_prompt(r)]
+        drawn = {i for step in range(cfg.rl_steps) for i in rl_batch(cfg, len(records), step)}
+        promptable = [records[i] for i in sorted(drawn) if distill.can_prompt(records[i])]
         missing = sum(str(r["id"]) not in predictions for r in promptable)
         if missing:
-            print(f"[coach] selector cache {path} misses {missing} of {len(promptable)} promptable "
-                  f"training ids; those fall back to raw (counted as coach/fallback/selector_miss; "
+            print(f"[coach] selector cache {path} misses {missing} of the {len(promptable)} promptable "
+                  f"training ids RL draws; those fall back to raw (counted as coach/fallback/selector_miss; "
                   f"--stage=selector --selector_predict=all --resume=false predicts every id)")
     return distill.Coach(cfg.coach, predictions)
 

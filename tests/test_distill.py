@@ -1,4 +1,5 @@
 """distill.py: the hard gate, candidate selection, the SD loss, drawn visual prompts, the coach."""
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -96,8 +97,13 @@ def test_selector_cache_misses_are_counted_and_announced(tmp_path, capsys):
                {"id": "t", "key_frames": [], "key_items": {}}]                     # not promptable: not a miss
     (tmp_path / "selector").mkdir()
     (tmp_path / "selector" / "predictions.json").write_text(json.dumps({"a": "darken"}))
-    coach = train.make_coach(train.Config(out_dir=str(tmp_path), coach="selector"), records)
-    assert "misses 1 of 2 promptable" in capsys.readouterr().out
+    cfg = train.Config(out_dir=str(tmp_path), coach="selector", batch_size=1, rl_steps=3)   # RL draws all 3
+    coach = train.make_coach(cfg, records)
+    assert "misses 1 of the 2 promptable training ids RL draws" in capsys.readouterr().out
+    for steps in (1, 2):                                        # fewer steps draw fewer ids: a miss only if b is drawn
+        drawn = {records[train.rl_batch(cfg, 3, k)[0]]["id"] for k in range(steps)}
+        train.make_coach(dataclasses.replace(cfg, rl_steps=steps), records)
+        assert ("misses 1 of the" in capsys.readouterr().out) == ("b" in drawn)
     assert coach.choose(records[1]) == ("raw", "selector_miss")
     assert train.make_coach(train.Config(coach="none"), records) is None
     with pytest.raises(SystemExit, match="run --stage=selector first"):
