@@ -785,8 +785,7 @@ def stage_selector(cfg, rt, proxy_path):
                   if len(labels) > n_train else None}
         torch.save(head.state_dict(), os.path.join(out, "head.pt"))
         if cfg.selector_predict == "rl":  # RL reads only these: the same predictions, fewer forwards
-            records = [records[i] for i in sorted({i for step in range(cfg.rl_steps)
-                                                   for i in rl_batch(cfg, len(records), step)})]
+            records = rl_drawn(cfg, records)
         predictions = selector_predictions(cfg, rt, proxy, head, records)
         with open(os.path.join(out, "predictions.json"), "w") as f:
             json.dump(predictions, f)
@@ -874,8 +873,7 @@ def make_coach(cfg, records):
                              f"(or use --coach=random / fixed:darken / none)")
         with open(path) as f:
             predictions = json.load(f)
-        drawn = {i for step in range(cfg.rl_steps) for i in rl_batch(cfg, len(records), step)}
-        promptable = [records[i] for i in sorted(drawn) if distill.can_prompt(records[i])]
+        promptable = [r for r in rl_drawn(cfg, records) if distill.can_prompt(r)]
         missing = sum(str(r["id"]) not in predictions for r in promptable)
         if missing:
             print(f"[coach] selector cache {path} misses {missing} of the {len(promptable)} promptable "
@@ -933,6 +931,12 @@ def rl_batch(cfg, n_records, step):
     epoch, i = divmod(step, per_epoch)
     order = epoch_order(n_records, epoch + 10_000, cfg.seed)
     return order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+
+
+def rl_drawn(cfg, records):
+    """The records RL draws in its rl_steps, in file order (what the selector must predict)."""
+    drawn = {i for step in range(cfg.rl_steps) for i in rl_batch(cfg, len(records), step)}
+    return [records[i] for i in sorted(drawn)]
 
 
 def rl_rollouts(cfg, rt, run, rl, step):

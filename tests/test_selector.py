@@ -54,6 +54,7 @@ def test_label_making_on_a_tiny_set(tiny_data, tiny_model_dir, tmp_path):
     predictions = json.load(open(out / "predictions.json"))
     records = train.load_train_records(cfg)
     drawn = {str(records[i]["id"]) for step in range(2) for i in train.rl_batch(cfg, len(records), step)}
+    assert {str(r["id"]) for r in train.rl_drawn(cfg, records)} == drawn
     promptable = {str(r["id"]) for r in records if distill.can_prompt(r)}
     assert set(predictions) == drawn & promptable and 0 < len(predictions) < len(promptable)
     state = torch.load(out / "head.pt")
