@@ -2,7 +2,7 @@
 
 A library: the score of one vp on one sample from a group of scored answers, the label rule, the
 small MLP head, its training and its evaluation. The loops (labelling samples with a frozen proxy,
-predicting a vp for every training id) are train.py's `stage_selector`.
+predicting a vp for each training id RL draws) are train.py's `stage_selector`.
 
     python train.py --stage=selector --model=runs/default/sft/last
 
