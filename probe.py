@@ -85,6 +85,10 @@ class ProbeConfig:
     aux_steps: int = 0            # > 0: first train the vision tower + merger alone this many steps on dense cell targets
     aux_lr: float = 3e-3          # learning rate of those steps
     aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training
+    # text-only pretraining (a stand-in for a pretrained language model's lookup skill)
+    text_steps: int = 0           # > 0: first train the text model alone this many steps on the tasks in words:
+                                  # no frame, the objects listed as text after the question (text_sample)
+    text_batch: int = 64          # questions per text-only step
     # binding aids (what pretraining gives a real model: image tokens that know what they show, a head
     # that looks at the object the question means); extra losses only, the model and its answers unchanged
     bind_weight: float = 0.0      # > 0: a linear head (dropped afterwards) on the text model's states at the image
@@ -211,6 +215,80 @@ def objects_as_text(rng, sample):
     size = (sample.frame.shape[-1], sample.frame.shape[-2])
     listed = rng.sample(sample.objects, len(sample.objects))
     return "Objects: " + "; ".join(f"{n} {pixel_box(b, size)}" for n, b in listed)
+
+
+def text_sample(rng, cfg):
+    """The find and marked questions asked about objects listed in words, no frame: "Where is the
+    blue square?" with "Objects: red circle [10,20,30,40]; blue square [50,8,70,28]" -> the blue
+    square's claim; "Which object is marked?" with one listed object preceded by "marked" -> its name.
+    Learning to look a name up in the context is what a from-scratch text model is slowest at (probe
+    rounds 3-4), and text is cheap: no frame, no vision tower. -> (task, prompt text, target text)."""
+    task = rng.choices(("find", "marked"), weights=(cfg.find_weight, cfg.marked_weight))[0]
+    names = [f"{c} {k}" for c, k in rng.sample(NAMES, rng.randint(0, cfg.max_distractors) + 1)]
+    boxes = []
+    for _ in names:
+        r = rng.uniform(cfg.min_radius, cfg.max_radius)
+        cx, cy = rng.uniform(r + 1, synth.SIZE - r - 1), rng.uniform(r + 1, synth.SIZE - r - 1)
+        boxes.append([(cx - r) / synth.SIZE, (cy - r) / synth.SIZE, (cx + r) / synth.SIZE, (cy + r) / synth.SIZE])
+    size = (synth.SIZE, synth.SIZE)
+    listed = ["marked " * (task == "marked" and k == 0) + f"{n} {pixel_box(b, size)}" for k, (n, b) in
+              enumerate(zip(names, boxes))]
+    listed = rng.sample(listed, len(listed))  # the target (first) anywhere in the list
+    question = (FIND_Q.format(names[0]) if task == "find" else MARKED_Q) + "\nObjects: " + "; ".join(listed)
+    answer = claim(names[0], boxes[0], size) if task == "find" else f"{data.OBJ_OPEN}{names[0]}{data.OBJ_CLOSE}"
+    return task, question, answer
+
+
+def text_batch_ids(tokenizer, items, device):
+    """text_sample results -> (ids (B, L), attention mask (B, L), target mask (B, L) at the positions whose
+    next token is a target token), in the chat layout with no frame, right-padded."""
+    sp = lambda t: [tokenizer.convert_tokens_to_ids(t)]
+    rows = []
+    for _, question, answer in items:
+        prompt_ids = (sp(data.IM_START) + model.encode_text(tokenizer, "user\n" + question) + sp(data.IM_END)
+                      + model.encode_text(tokenizer, "\n") + sp(data.IM_START) + model.encode_text(tokenizer, "assistant\n"))
+        target = model.encode_text(tokenizer, answer) + sp(data.IM_END)
+        rows.append((prompt_ids, target))
+    L = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    mask, predicts = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.bool)
+    for b, (p, t) in enumerate(rows):
+        ids[b, :len(p) + len(t)] = torch.tensor(p + t)
+        mask[b, :len(p) + len(t)] = 1
+        predicts[b, len(p) - 1:len(p) + len(t) - 1] = True
+    return ids.to(device), mask.to(device), predicts.to(device)
+
+
+def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
+    """cfg.text_steps steps of next-token loss on text_sample questions, the text model alone (no frame:
+    the vision tower does not run). Logs the loss and the share of answers right token for token
+    (teacher-forced argmax) per task."""
+    params = [p for n, p in vlm.named_parameters() if "visual" not in n]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    stats = []
+    for step in range(1, cfg.text_steps + 1):
+        t0, c0 = time.time(), time.process_time()
+        items = [text_sample(rng, cfg) for _ in range(cfg.text_batch)]
+        ids, mask, predicts = text_batch_ids(tokenizer, items, cfg.device)
+        logits = vlm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        targets, at = ids[:, 1:], predicts[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits[at], targets[at])
+        opt.zero_grad(set_to_none=True)
+        nll.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        clock["wall"] += time.time() - t0
+        clock["cpu"] += time.process_time() - c0
+        wrong = ((logits.argmax(-1) != targets) & at).any(1)
+        for (task, _, _), w in zip(items, wrong.tolist()):
+            stats.append((task, nll.item(), float(not w)))
+        if step % cfg.log_every == 0 or step == cfg.text_steps:
+            right = {t: [r for k, _, r in stats if k == t] for t in ("find", "marked")}
+            acc = " ".join(f"{t} exact {sum(v) / max(len(v), 1):.2f}" for t, v in right.items())
+            log(f"[probe] text step {step:5d} {clock['wall']:6.0f}s loss {sum(s[1] for s in stats) / len(stats):.3f} {acc}")
+            stats = []
 
 
 def held_out(cfg):
@@ -606,9 +684,11 @@ def run(cfg, log=print):
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
+    if cfg.text_steps > 0:
+        pretrain_text(cfg, vlm, tokenizer, rng, clock, log)
     if cfg.aux_steps > 0:
         pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
-        next_eval = clock["wall"]
+    next_eval = clock["wall"]
     task_loss = {"find": [], "marked": [], "list": []}  # per-sample token-mean losses since the last log line
     aid_stats = []  # the binding aids' stats since the last log line
     while True:
