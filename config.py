@@ -131,6 +131,7 @@ class Config:
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
     eval_batch: int = 32          # samples decoded together at evaluation (greedy, one row each); 1: one at a time
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
+    eval_forced_boxes: bool = True  # STGR: also read the gold traces' boxes teacher-forced (forced_box/*, one forward a record)
     eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
     sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps

@@ -16,8 +16,9 @@ settings are the one config's (config.py): --data, --kind, --out, --limit, --max
 --temperature and --max_prompt_tokens are eval.py's names for eval_data, benchmark, eval_out,
 eval_samples, eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; frames (--fps,
 --min_frames, --max_frames, --max_pixels) are the training run's fields, read the same way
-(--max_pixels=0: the checkpoint's own preprocessor_config budget). The metrics themselves are pure
-and live in metrics.py.
+(--max_pixels=0: the checkpoint's own preprocessor_config budget). On STGR files each gold trace is
+also read teacher-forced (forced_boxes: can the model box what the trace has named?). The metrics
+themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """
@@ -86,6 +87,42 @@ def infer_stgr(bundle, records, cfg, rt):
                              [records[i]["question"]], [], cfg, data.origin(records[i]), rt) for i in chunk]
         texts = generate_texts(vlm, tokenizer, inputs, cfg, [(i,) for i in chunk])
         out += [(i, t, x.frame_size) for i, t, x in zip(chunk, texts, inputs)]
+    return out
+
+
+def forced_boxes(vlm, tokenizer, inputs, trace):
+    """Box reading given the reasoning: the gold trace (boxes in pixels of the frame the model sees)
+    is fed whole after the prompt, one forward, and inside every <box>...</box> the model's argmax
+    stands in for each gold token (each still sees the gold tokens before it). What it measures is
+    whether the model can put a box on an object the trace has just named, apart from whether it
+    would have named that object. -> [(predicted box text, gold box text)], one per box."""
+    target = torch.tensor(model.encode_text(tokenizer, trace), device=inputs.input_ids.device)
+    guess = vlm.lm_head(model.plain_hidden(vlm, [inputs], [target])[0]).argmax(-1)  # guess[k] predicts target[k]
+    opens, closes = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOX_OPEN, data.BOX_CLOSE))
+    pairs, start = [], None
+    for k, tok in enumerate(target.tolist()):
+        if tok == opens:
+            start = k + 1
+        elif tok == closes and start is not None:
+            pairs.append((tokenizer.decode(guess[start:k]), tokenizer.decode(target[start:k])))
+            start = None
+    return pairs
+
+
+def infer_forced_boxes(bundle, records, cfg, rt):
+    """forced_boxes for this rank's share of the STGR records whose trace has a box:
+    [(index, [(predicted, gold), ...])]."""
+    vlm, tokenizer, _ = bundle
+    out = []
+    for i in range(rt.rank, len(records), rt.world):
+        rec = records[i]
+        if data.BOX_OPEN not in (rec.get("reasoning_process") or ""):
+            continue
+        video = data.load_video_sample(rec, config.frames(cfg))
+        inputs = _input_for(bundle, video, [rec["question"]], [], cfg, data.origin(rec), rt)
+        trace = data.trace_to_frame_pixels(rec["reasoning_process"], video.source_size, inputs.frame_size,
+                                           data.origin(rec))
+        out.append((i, forced_boxes(vlm, tokenizer, inputs, trace)))
     return out
 
 
@@ -211,6 +248,12 @@ def evaluate(cfg, bundle, rt=None):
         summary = metrics.stgr_summary(per)
         preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t),
                   "frame_size": list(size), **p} for (i, t, size), p in zip(rows, per)]
+        if cfg.eval_forced_boxes:
+            forced = dict(gather_in_order(infer_forced_boxes(bundle, items, cfg, rt), rt.world))
+            summary.update(metrics.forced_box_summary([pair for pairs in forced.values() for pair in pairs]))
+            for (i, _, _), pred in zip(rows, preds):
+                if i in forced:
+                    pred["forced_boxes"] = forced[i]
     if rt.main:
         write_results(out, benchmark, preds, summary, cfg.model)
     return summary

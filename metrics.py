@@ -664,6 +664,23 @@ def stgr_summary(per_sample):
     return out
 
 
+def forced_box_summary(pairs):
+    """Teacher-forced box reading (eval.forced_boxes): [(predicted box text, gold box text)] ->
+    'forced_box/mIoU' (x100; a prediction the rewards' box reader rejects scores 0),
+    'forced_box/IoU50' (share with IoU >= 0.5, x100) and 'forced_box/n'; {} without boxes."""
+    ious = []
+    for pred, gold in pairs:
+        g = rewards.parse_box(gold)
+        if g is None:  # a gold trace box that is not four numbers: nothing to score against
+            continue
+        p = rewards.parse_box(pred)
+        ious.append(rewards.box_iou(p, g) if p is not None else 0.0)
+    if not ious:
+        return {}
+    return {"forced_box/mIoU": 100.0 * _mean(ious), "forced_box/IoU50": 100.0 * _mean(x >= 0.5 for x in ious),
+            "forced_box/n": len(ious)}
+
+
 def score_stgr(records, completions, ctx, cfg=None, judge=default_judge):
     """Summary of one checkpoint on an STGR split (see stgr_summary). ctx is one
     rewards.RewardContext for every record, or a list with one per record."""

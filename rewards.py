@@ -363,6 +363,11 @@ def _read_letter(ans, task, cfg):
     return next(g for g in m.groups() if g) if m else None
 
 
+def parse_box(box_text) -> list[float] | None:
+    """The inside of <box>...</box>, '[x1,y1,x2,y2]': 4 finite floats, else None (the rewards' reader)."""
+    return _box(box_text) if isinstance(box_text, str) else None
+
+
 def parse_span(answer_text) -> tuple[float, float] | None:
     """'From <t>s</t>s to <t>e</t>s' (exactly two times) or one '[s, e]'; None unless 0 <= s <= e."""
     if not isinstance(answer_text, str):

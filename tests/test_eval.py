@@ -23,6 +23,13 @@ def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
     assert len(preds) == summary["n"] == 6
     assert {"id", "completion", "answer", "correct"} <= set(preds[0])
     assert json.load(open(tmp_path / "stgr_summary.json"))["n"] == 6
+    records = json.load(open(os.path.join(tiny_data, "test.json")))
+    boxes = sum(r["reasoning_process"].count("<box>") for r in records)
+    assert boxes > 0 and summary["forced_box/n"] == boxes                     # every gold box read once
+    assert sum(len(p.get("forced_boxes", [])) for p in preds) == boxes
+    assert 0 <= summary["forced_box/mIoU"] <= 100
+    off = eval.evaluate(dataclasses.replace(cfg, eval_forced_boxes=False, eval_out=str(tmp_path / "off")), tiny_policy)
+    assert not any(k.startswith("forced_box") for k in off)
     assert "| tiny |" in open(tmp_path / "stgr_summary.md").read()
 
 
@@ -145,3 +152,41 @@ def test_batched_eval_equals_one_sample_at_a_time(tiny_data, sharp, tmp_path):
         texts = [p[k] for p in out[1][1] for k in (("what", "when1", "where1", "where2", "when2")
                                                    if kind == "vstar" else ("completion",))]
         assert len(set(texts)) > len(texts) // 2          # the answers depend on the prompt
+
+
+def test_forced_box_summary_hand_computed():
+    pairs = [("[0,0,10,10]", "[0,0,10,10]"),       # IoU 1
+             ("[0,0,10,10]", "[5,0,15,10]"),       # 50 / 150 = 1/3
+             ("[0,0,10", "[0,0,10,10]"),           # not four numbers: 0, and still counted
+             ("[1,2,3,4]", "[1,2,3]")]             # a gold box that is not a box: not counted
+    s = metrics.forced_box_summary(pairs)
+    assert s["forced_box/n"] == 3
+    assert s["forced_box/mIoU"] == pytest.approx(100 * (1 + 1 / 3 + 0) / 3)
+    assert s["forced_box/IoU50"] == pytest.approx(100 / 3)
+    assert metrics.forced_box_summary([]) == {}
+
+
+def test_forced_boxes_read_each_box_where_greedy_decoding_would(tiny_data, sharp):
+    import re
+    import torch
+    import config
+    import data
+    import model as M
+    vlm, tok, vision = sharp
+    cfg = train.Config(max_frames=4)
+    rec = next(r for r in data.load_records(os.path.join(tiny_data, "test.json")) if "<box>" in r["reasoning_process"])
+    video = data.load_video_sample(rec, config.frames(cfg))
+    inputs = M.model_input(tok, vision, video, rec["question"])
+    trace = data.trace_to_frame_pixels(rec["reasoning_process"], video.source_size, inputs.frame_size, "t")
+    with torch.no_grad():
+        pairs = eval.forced_boxes(vlm, tok, inputs, trace)
+    assert [g for _, g in pairs] == re.findall(r"<box>(.*?)</box>", trace)      # every box, the gold text
+    # the first predicted token of the first box is the greedy next token after the trace up to its <box>
+    prefix = M.encode_text(tok, trace[:trace.index("<box>") + len("<box>")])
+    longer = M.Prompt(torch.cat([inputs.input_ids, torch.tensor(prefix)]),
+                      torch.cat([inputs.mm_token_type_ids, torch.zeros(len(prefix), dtype=torch.int32)]),
+                      inputs.pixel_values, inputs.image_grid_thw, inputs.frame_size)
+    with torch.no_grad():
+        ids, mask, _ = M.generate(vlm, longer, 1, 1, [], tok.pad_token_id, 0.0, 1.0, None)
+    first = tok.decode(ids[0][mask[0]])
+    assert first and pairs[0][0].startswith(first)
