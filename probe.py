@@ -20,7 +20,9 @@ patches (--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
 Binding aids (--bind_weight, --attend_weight: extra losses during training, the model unchanged)
 stand in for what pretraining gives a real model: image tokens whose text-model states say what
 they show and whether the question or mark points at them, and one attention head that looks from
-the answer at the object meant; with them boxes are learned with distractors (README).
+the answer at the object meant; with them boxes are learned with distractors. --text_steps first
+trains the text model alone on the same questions asked in words (no frame). Every round's numbers
+are in docs/perception.md.
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
 share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
 only; evaluations are timed apart.
@@ -88,7 +90,7 @@ class ProbeConfig:
     # text-only pretraining (a stand-in for a pretrained language model's lookup skill)
     text_steps: int = 0           # > 0: first train the text model alone this many steps on the tasks in words:
                                   # no frame, the objects listed as text after the question (text_sample)
-    text_batch: int = 64          # questions per text-only step
+    text_batch: int = 32          # questions per text-only step
     # binding aids (what pretraining gives a real model: image tokens that know what they show, a head
     # that looks at the object the question means); extra losses only, the model and its answers unchanged
     bind_weight: float = 0.0      # > 0: a linear head (dropped afterwards) on the text model's states at the image
@@ -221,8 +223,9 @@ def text_sample(rng, cfg):
     """The find and marked questions asked about objects listed in words, no frame: "Where is the
     blue square?" with "Objects: red circle [10,20,30,40]; blue square [50,8,70,28]" -> the blue
     square's claim; "Which object is marked?" with one listed object preceded by "marked" -> its name.
-    Learning to look a name up in the context is what a from-scratch text model is slowest at (probe
-    rounds 3-4), and text is cheap: no frame, no vision tower. -> (task, prompt text, target text)."""
+    Looking a name up in the context is what a from-scratch text model is slowest at (probe rounds
+    3-4); here it can be learned without a frame (the vision tower does not run, though a listing of
+    five boxes is as many tokens as a frame). -> (task, prompt text, target text)."""
     task = rng.choices(("find", "marked"), weights=(cfg.find_weight, cfg.marked_weight))[0]
     names = [f"{c} {k}" for c, k in rng.sample(NAMES, rng.randint(0, cfg.max_distractors) + 1)]
     boxes = []
