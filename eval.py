@@ -79,14 +79,23 @@ def my_chunks(n, cfg, rt, desc):
 
 
 def infer_stgr(bundle, records, cfg, rt):
-    """Completions for this rank's share of STGR records: [(index, completion, frame_size)]."""
+    """Completions for this rank's share of STGR records: [(index, completion, frame_size, forced)],
+    forced: forced_boxes' pairs when --eval_forced_boxes and the record's trace has a box, else None
+    (read from the same decoded video and prompt as the completion)."""
     vlm, tokenizer, _ = bundle
     out = []
     for chunk in my_chunks(len(records), cfg, rt, "eval"):
-        inputs = [_input_for(bundle, data.load_video_sample(records[i], config.frames(cfg)),
-                             [records[i]["question"]], [], cfg, data.origin(records[i]), rt) for i in chunk]
+        videos = [data.load_video_sample(records[i], config.frames(cfg)) for i in chunk]
+        inputs = [_input_for(bundle, v, [records[i]["question"]], [], cfg, data.origin(records[i]), rt)
+                  for i, v in zip(chunk, videos)]
         texts = generate_texts(vlm, tokenizer, inputs, cfg, [(i,) for i in chunk])
-        out += [(i, t, x.frame_size) for i, t, x in zip(chunk, texts, inputs)]
+        for i, t, v, x in zip(chunk, texts, videos, inputs):
+            trace = records[i].get("reasoning_process") or ""
+            forced = None
+            if cfg.eval_forced_boxes and data.BOX_OPEN in trace:
+                trace = data.trace_to_frame_pixels(trace, v.source_size, x.frame_size, data.origin(records[i]))
+                forced = forced_boxes(vlm, tokenizer, x, trace)
+            out.append((i, t, x.frame_size, forced))
     return out
 
 
@@ -107,23 +116,6 @@ def forced_boxes(vlm, tokenizer, inputs, trace):
             pairs.append((tokenizer.decode(guess[start:k]), tokenizer.decode(target[start:k])))
             start = None
     return pairs
-
-
-def infer_forced_boxes(bundle, records, cfg, rt):
-    """forced_boxes for this rank's share of the STGR records whose trace has a box:
-    [(index, [(predicted, gold), ...])]."""
-    vlm, tokenizer, _ = bundle
-    out = []
-    for i in range(rt.rank, len(records), rt.world):
-        rec = records[i]
-        if data.BOX_OPEN not in (rec.get("reasoning_process") or ""):
-            continue
-        video = data.load_video_sample(rec, config.frames(cfg))
-        inputs = _input_for(bundle, video, [rec["question"]], [], cfg, data.origin(rec), rt)
-        trace = data.trace_to_frame_pixels(rec["reasoning_process"], video.source_size, inputs.frame_size,
-                                           data.origin(rec))
-        out.append((i, forced_boxes(vlm, tokenizer, inputs, trace)))
-    return out
 
 
 def infer_vstar(bundle, samples, video_root, cfg, rt):
@@ -243,17 +235,13 @@ def evaluate(cfg, bundle, rt=None):
     else:
         items = data.load_records(cfg.eval_data, cfg.data_root or None)[:limit]
         rows = gather_in_order(infer_stgr(bundle, items, cfg, rt), rt.world)
-        ctxs = [rewards.RewardContext(frame_width=w, frame_height=h, progress=1.0) for _, _, (w, h) in rows]
-        per = [metrics.score_stgr_sample(items[i], t, c) for (i, t, _), c in zip(rows, ctxs)]
+        ctxs = [rewards.RewardContext(frame_width=w, frame_height=h, progress=1.0) for _, _, (w, h), _ in rows]
+        per = [metrics.score_stgr_sample(items[i], t, c) for (i, t, _, _), c in zip(rows, ctxs)]
         summary = metrics.stgr_summary(per)
-        preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t),
-                  "frame_size": list(size), **p} for (i, t, size), p in zip(rows, per)]
-        if cfg.eval_forced_boxes:
-            forced = dict(gather_in_order(infer_forced_boxes(bundle, items, cfg, rt), rt.world))
-            summary.update(metrics.forced_box_summary([pair for pairs in forced.values() for pair in pairs]))
-            for (i, _, _), pred in zip(rows, preds):
-                if i in forced:
-                    pred["forced_boxes"] = forced[i]
+        summary.update(metrics.forced_box_summary([pair for *_, forced in rows for pair in forced or ()]))
+        preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), "frame_size": list(size),
+                  **p, **({"forced_boxes": forced} if forced is not None else {})}
+                 for (i, t, size, forced), p in zip(rows, per)]
     if rt.main:
         write_results(out, benchmark, preds, summary, cfg.model)
     return summary

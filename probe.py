@@ -244,14 +244,13 @@ def text_sample(rng, cfg):
 
 def text_batch_ids(tokenizer, items, device):
     """text_sample results -> (ids (B, L), attention mask (B, L), target mask (B, L) at the positions whose
-    next token is a target token), in the chat layout with no frame, right-padded."""
-    sp = lambda t: [tokenizer.convert_tokens_to_ids(t)]
+    next token is a target token), in prompt_parts' chat layout with the frame left out, right-padded."""
+    one = lambda part: ([tokenizer.convert_tokens_to_ids(part)] if isinstance(part, data.Special)
+                        else model.encode_text(tokenizer, part))   # as model.tokenize_prompt reads a part
     rows = []
     for _, question, answer in items:
-        prompt_ids = (sp(data.IM_START) + model.encode_text(tokenizer, "user\n" + question) + sp(data.IM_END)
-                      + model.encode_text(tokenizer, "\n") + sp(data.IM_START) + model.encode_text(tokenizer, "assistant\n"))
-        target = model.encode_text(tokenizer, answer) + sp(data.IM_END)
-        rows.append((prompt_ids, target))
+        prompt_ids = [i for part in prompt_parts(question, "short") if not isinstance(part, int) for i in one(part)]
+        rows.append((prompt_ids, one(answer) + one(data.Special(data.IM_END))))
     L = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
     mask, predicts = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.bool)

@@ -3,13 +3,18 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
+import config
+import data
 import eval
 import metrics
+import model as M
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,11 +172,6 @@ def test_forced_box_summary_hand_computed():
 
 
 def test_forced_boxes_read_each_box_where_greedy_decoding_would(tiny_data, sharp):
-    import re
-    import torch
-    import config
-    import data
-    import model as M
     vlm, tok, vision = sharp
     cfg = train.Config(max_frames=4)
     rec = next(r for r in data.load_records(os.path.join(tiny_data, "test.json")) if "<box>" in r["reasoning_process"])

@@ -210,7 +210,7 @@ def test_visual_qa_image_trains_rolls_out_scores_and_evaluates(clips, tiny_polic
                      generator=torch.Generator().manual_seed(0))
     assert set(g.rewards) == {"answer", "format", "spatial", "total"} and len(g.texts) == 2
     ecfg = T.Config(eval_max_new_tokens=6)
-    (i, text, size), = E.infer_stgr(tiny_policy, [rec], ecfg, E.one_process())
+    (i, text, size, _), = E.infer_stgr(tiny_policy, [rec], ecfg, E.one_process())
     score = metrics.score_stgr_sample(rec, text, E.rewards.RewardContext(*size, progress=1.0))
     assert size == (140, 56) and score["task"] == "visual QA" and "reward/spatial" in score
 
