@@ -7,7 +7,8 @@
 
 SFT and the VP-Selector run once (the main job's, under --base, made if missing); then, for each
 seed, RL for every arm, each from the same SFT checkpoint; then eval.py on the synthetic test
-split (raw videos, greedy) for the SFT checkpoint and every RL checkpoint. Writes
+split (raw videos, greedy) for the SFT checkpoint and every RL checkpoint, and (unless
+--no_perception=0) for an SFT from a random tiny model instead of the perception checkpoint. Writes
 {out}/results.md (mean +/- std over seeds), {out}/results.json and PNG plots (training reward per
 arm, hard share over time, test metrics per arm). Runs that finished are skipped, so the command
 can be stopped and started again. Tuning belongs on the validation split: this script only reads
@@ -36,13 +37,13 @@ METRICS = ["mAM", "mLGM", "Acc", "mtIoU_1", "mvIoU_1", "stgr/Acc", "stgr/reward/
 # --preset=quick: a first look (one seed, GRPO against VisionCoach, shorter RL and eval, its own
 # output folder); flags given beside it still win.
 PRESETS = {"quick": {"seeds": "0", "arms": "grpo,visioncoach", "rl_steps": "20", "eval_samples": "50",
-                     "out": "runs/experiment_quick"}}
+                     "out": "runs/experiment_quick", "no_perception": "0"}}
 
 
 def parse(argv):
     opts = {"seeds": "0,1,2", "arms": ",".join(ARMS), "rl_steps": "40", "base": "runs/default",
             "out": "runs/experiment", "eval_samples": "100", "selector_samples": "256", "extra": "",
-            "calibrate": "0", "preset": ""}
+            "calibrate": "0", "preset": "", "no_perception": "1"}
     given = {}
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
@@ -75,6 +76,15 @@ def ensure_base(o, selector=True):
          f"--selector_samples={o['selector_samples']}", f"--selector_dir={selector_dir(o)}",
          "--selector_predict=all"])                      # one selector for every seed's draws
     return sft
+
+
+def sft_without_perception(o):
+    """The main job's SFT on the same data from a random tiny model instead of the perception
+    checkpoint (--base_model=tiny): the row that shows what the checkpoint adds."""
+    base = os.path.join(o["base"], "no_perception")
+    for stage in ("data", "sft"):
+        run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={base}", "--base_model=tiny"])
+    return os.path.join(base, "sft", "last")
 
 
 def evaluate(ckpt, out, o):
@@ -186,6 +196,8 @@ def main(argv):
         return calibrate(ensure_base(o, selector=False), o)
     sft = ensure_base(o)
     results = {"sft": [evaluate(sft, os.path.join(o["out"], "sft"), o)]}
+    if o["no_perception"] != "0":
+        results["sft_no_perception"] = [evaluate(sft_without_perception(o), os.path.join(o["out"], "sft_no_perception"), o)]
     out_dirs = {}
     for seed in [int(s) for s in o["seeds"].split(",")]:
         for arm in o["arms"].split(","):
@@ -224,7 +236,7 @@ def write(o, results, out_dirs, final):
     with open(os.path.join(o["out"], "results.md"), "w") as f:
         f.write(md + "\n")
     if final:
-        plot(out_dirs, {k: v for k, v in results.items() if k != "sft"}, o["out"])
+        plot(out_dirs, {k: v for k, v in results.items() if not k.startswith("sft")}, o["out"])
         print(md)
 
 

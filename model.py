@@ -161,6 +161,45 @@ def ordinal_embeddings(n, dim, freqs, norm):
     return rows * norm / rows.norm(dim=1, keepdim=True).mean()
 
 
+@torch.no_grad()
+def rescale_residual(vlm, embed_norm=None):
+    """Rescale a Qwen2.5-VL's weights in place so its residual stream is smaller by a factor c and
+    every RMSNorm gain is 1, computing the same function (up to the norms' epsilon). -> c.
+    embed_norm: the mean embedding row norm wanted; None -> a freshly built model's
+    (initializer_range * sqrt(hidden size), ~0.28 for the tiny model).
+
+    Each RMSNorm's gain is folded into the linears it feeds (q/k/v, gate/up); everything that
+    writes into the residual stream (token embeddings, the vision merger's output, o_proj,
+    down_proj) is divided by c, chosen so the mean embedding row norm becomes embed_norm; the
+    final norm's gain is multiplied by c where the output head is the (now smaller) embedding.
+    Why: AdamW moves every weight by about lr per step whatever its size. Weight decay on the
+    perception stage's norm gains shrinks them (to ~0.2) and the embeddings grow to make up
+    (row norm ~5 against ~0.3 at init), so SFT at its usual lr barely moves the embeddings and
+    jolts the gains; SFT from the same function at a fresh model's scale learns the grammar.
+    """
+    lm = vlm.model.language_model
+    emb = lm.embed_tokens.weight
+    if embed_norm is None:
+        embed_norm = vlm.config.get_text_config().initializer_range * emb.shape[1] ** 0.5
+    c = emb.norm(dim=1).mean().item() / embed_norm
+    for layer in lm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            for lin in readers:
+                lin.weight.mul_(norm.weight[None, :])
+            norm.weight.fill_(1.0)
+    writers = [lin for layer in lm.layers for lin in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    for lin in writers + [vlm.model.visual.merger.mlp[-1]]:
+        lin.weight.div_(c)
+        if lin.bias is not None:
+            lin.bias.div_(c)
+    emb.div_(c)
+    if vlm.config.tie_word_embeddings:
+        lm.norm.weight.mul_(c)
+    return c
+
+
 def _mrope_section(head_dim):
     """Split head_dim/2 rotary frequencies over (time, height, width) like Qwen (16, 24, 24 of 64)."""
     half = head_dim // 2

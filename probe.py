@@ -29,6 +29,7 @@ only; evaluations are timed apart.
 
 Test: python -m pytest tests/test_probe.py -q
 """
+import copy
 import dataclasses
 import json
 import math
@@ -736,9 +737,13 @@ def run(cfg, log=print):
 
 def save_model(vlm, folder):
     """The weights into folder/model.safetensors (build_model wrote the config and tokenizer there),
-    written beside it and moved into place, so a run stopped at any instant keeps its last evaluation's model."""
+    written beside it and moved into place, so a run stopped at any instant keeps its last evaluation's model.
+    Saved at a fresh model's scale (model.rescale_residual on a copy: the same function, the weight
+    sizes SFT's learning rate suits; the run itself trains on unchanged)."""
     tmp = folder + ".tmp"
-    vlm.save_pretrained(tmp)
+    saved = copy.deepcopy(vlm)
+    model.rescale_residual(saved)
+    saved.save_pretrained(tmp)
     os.replace(os.path.join(tmp, "model.safetensors"), os.path.join(folder, "model.safetensors"))
     shutil.rmtree(tmp)
 

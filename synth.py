@@ -495,6 +495,7 @@ def make_sample(job):
     out = Path(out)
     encode(frames, out / f"videos/{sid}.mp4")
     rec = build_record(sid, split, scene, story, frames, task, rng, out, difficulty)
+    rec["meta"]["background"] = background  # a later run checks it against its --background
     return rec, vstar_entry(sid, scene, story)
 
 

@@ -503,20 +503,47 @@ def vp_input(cfg, rt, tokenizer, vision, record, video, vp):
 # ---------------------------------------------------------------------------------------------
 
 def stage_data(cfg, rt):
-    """Generate the synthetic set (once; skipped when it exists) and build the tiny model."""
+    """Generate the synthetic set (once; skipped when it exists) and, with --base_model=tiny, build
+    the tiny model."""
     written = all(os.path.isfile(os.path.join(cfg.data_dir, f)) for f in ("test.json", "vstar_train.json"))
     if rt.main and not written:  # (a set from before V-STAR chains joined SFT lacks vstar_train.json)
         t0 = time.time()
         synth.generate(cfg)
         log(rt, f"[data] generated {cfg.n_train}/{cfg.n_val}/{cfg.n_test} samples in {time.time() - t0:.1f}s "
                 f"-> {cfg.data_dir}")
-    base = os.path.join(cfg.out_dir, "base")
-    if rt.main and not os.path.isfile(os.path.join(base, "config.json")):
+    elif written:
+        check_background(cfg)
+    base = base_model(cfg)
+    if rt.main and cfg.base_model == "tiny" and not os.path.isfile(os.path.join(base, "config.json")):
         records = json.load(open(os.path.join(cfg.data_dir, "train.json")))
         vlm, _ = model.build_tiny_model(base, tokenizer_corpus(records), seed=cfg.seed)
         log(rt, f"[data] tiny Qwen2.5-VL: {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters -> {base}")
     rt.accelerator.wait_for_everyone()
-    return base
+
+
+def check_background(cfg):
+    """A synthetic set found on disk must have been drawn on --background: frames of the other
+    background would train silently on what the model (and the perception checkpoint) never saw."""
+    path = os.path.join(cfg.data_dir, "train.json")
+    first = (json.load(open(path)) or [{}])[0]
+    meta = first.get("meta")
+    if not isinstance(meta, dict) or first.get("source") != "synth":
+        return                                     # not a synthetic set: nothing to check
+    drawn = meta.get("background", "flat")         # sets from before the field were all flat
+    if drawn != cfg.background:
+        raise SystemExit(f"{path}: record {first.get('id')!r}: meta.background is {drawn!r} but "
+                         f"--background={cfg.background}: pass --background={drawn}, or another --data_dir "
+                         f"to generate a {cfg.background} set")
+
+
+def base_model(cfg):
+    """The folder a fresh run starts from: {out_dir}/base (the random tiny model) or --base_model,
+    read from the working directory or, failing that, from beside this file (the committed
+    checkpoints/perception when train.py runs from elsewhere)."""
+    if cfg.base_model == "tiny":
+        return os.path.join(cfg.out_dir, "base")
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base_model)
+    return beside if not os.path.exists(cfg.base_model) and os.path.exists(beside) else cfg.base_model
 
 
 def tokenizer_corpus(records):
@@ -1227,16 +1254,20 @@ def main(argv):
     cfg = parse_args(argv)
     if cfg.pretrain_steps > 0 or cfg.sft_perception > 0:
         perception_tasks(cfg)      # a bad --pretrain_tasks stops the run before any stage
+    if (cfg.stage in ("all", "pretrain", "sft") and not cfg.model and cfg.base_model != "tiny"
+            and not os.path.isfile(os.path.join(base_model(cfg), "config.json"))):
+        raise SystemExit(f"--base_model={cfg.base_model}: no config.json there; expected a model folder "
+                         f"(see README: the perception checkpoint), or tiny for a random tiny model")
     rt = setup_runtime(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = cfg.model
     for stage in config.STAGES if cfg.stage == "all" else [cfg.stage]:
         if stage == "data":
-            path = stage_data(cfg, rt)
+            stage_data(cfg, rt)
         elif stage == "pretrain":
-            path = stage_pretrain(cfg, rt, path or os.path.join(cfg.out_dir, "base"))
+            path = stage_pretrain(cfg, rt, path or base_model(cfg))
         elif stage == "sft":
-            start = stage_model(cfg, "pretrain") if cfg.pretrain_steps > 0 else os.path.join(cfg.out_dir, "base")
+            start = stage_model(cfg, "pretrain") if cfg.pretrain_steps > 0 else base_model(cfg)
             path = stage_sft(cfg, rt, path or start)
         elif stage == "selector":
             stage_selector(cfg, rt, path or stage_model(cfg, "sft"))

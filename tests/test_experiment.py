@@ -48,3 +48,22 @@ def test_coach_table_sums_over_steps_and_seeds(tmp_path):
     # darken: 4 groups, raw 2.0 / 4 = 0.5, prompted 3.0 / 4 = 0.75, +50%; spotlight's raw mean is 0: no lift
     assert lines[2] == "| visioncoach | 0.75 | darken | 4 | 0.500 | 0.750 | +50.0% |"
     assert lines[3] == "| visioncoach | 0.75 | spotlight | 1 | 0.000 | 1.500 | - |"
+
+
+def test_the_no_perception_row_is_the_same_sft_from_a_random_tiny_model(tmp_path, monkeypatch):
+    """One extra SFT (data and SFT stages with --base_model=tiny, in its own folder) evaluated as its
+    own row; the quick preset leaves it out."""
+    cmds = []
+    monkeypatch.setattr(experiment, "run", lambda cmd: cmds.append(cmd[1:]))
+    monkeypatch.setattr(experiment, "evaluate", lambda ckpt, out, o: {"ckpt": ckpt, "out": out})
+    written = []
+    monkeypatch.setattr(experiment, "write", lambda o, results, out_dirs, final: written.append(results))
+    base, out = str(tmp_path / "base"), str(tmp_path / "exp")
+    experiment.main([f"--base={base}", f"--out={out}", "--arms=grpo", "--seeds=0"])
+    assert written[-1]["sft_no_perception"] == [{"ckpt": f"{base}/no_perception/sft/last",
+                                                 "out": f"{out}/sft_no_perception"}]
+    none = [c for c in cmds if "--base_model=tiny" in c]
+    assert none == [["train.py", f"--stage={s}", f"--out_dir={base}/no_perception", "--base_model=tiny"]
+                    for s in ("data", "sft")]
+    assert all("--base_model=tiny" not in c for c in cmds if f"--out_dir={base}" in c)   # the main SFT: the checkpoint
+    assert experiment.parse(["--preset=quick"])["no_perception"] == "0"

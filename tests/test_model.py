@@ -238,3 +238,37 @@ def test_gradient_checkpointing_keeps_shared_prefix_values_and_gradients(tiny_da
         torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-6, rtol=1e-5)
     with torch.no_grad():                                         # generation: no recompute, the cache as usual
         torch.testing.assert_close(M.shared_prefix_logprobs(model, p, comps), plain, atol=1e-6, rtol=1e-6)
+
+
+def test_rescale_residual_keeps_the_function_at_a_fresh_models_scale(tiny_data, tiny_policy, sharp):
+    """Gains and embeddings far from a fresh model's (as weight decay in the perception stage leaves
+    them): after the rescale every gain is 1, the embeddings have a fresh model's norm, and the
+    log-probs of a completion after a prompt with frames (text and image tokens) are unchanged."""
+    import copy
+    vlm, tok, _ = sharp
+    vlm = copy.deepcopy(vlm)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.language_model.norm.weight":
+                p.copy_(0.1 + 0.5 * torch.rand(p.shape, generator=g))
+        vlm.model.language_model.embed_tokens.weight.mul_(20.0)
+        vlm.model.visual.merger.mlp[-1].weight.mul_(20.0)   # image tokens the size of text tokens
+    for module in vlm.model.language_model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0   # the rescale keeps the function up to the norms' epsilon: test the rest
+    prompt = _prompt(tiny_data, tiny_policy)
+    comp = torch.tensor(tok.encode("<think><obj>red circle</obj><box>[1,2,3,4]</box></think><answer>A</answer>",
+                                   add_special_tokens=False))
+    before = M.plain_logprobs(vlm, [prompt], [comp])[0]
+    fresh = vlm.config.get_text_config().initializer_range * vlm.config.get_text_config().hidden_size ** 0.5
+    c = M.rescale_residual(vlm)
+    assert c > 10
+    lm = vlm.model.language_model
+    assert lm.embed_tokens.weight.norm(dim=1).mean().item() == pytest.approx(fresh, rel=1e-5)
+    for layer in lm.layers:
+        assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+        assert torch.equal(layer.post_attention_layernorm.weight, torch.ones_like(layer.post_attention_layernorm.weight))
+    after = M.plain_logprobs(vlm, [prompt], [comp])[0]
+    assert before.std() > 0.5                          # a model whose answer depends on what it reads
+    torch.testing.assert_close(after, before, atol=2e-4, rtol=1e-4)

@@ -86,10 +86,11 @@ def test_sft_starts_from_the_pretrained_model(tiny_data, tiny_model_dir, tmp_pat
     os.symlink(tiny_model_dir, out / "base")
     seen = []
     monkeypatch.setattr(train, "stage_sft", lambda cfg, rt, start: seen.append(start) or start)
-    common = ["--pretrain_steps=2", "--pretrain_batch=2", f"--out_dir={out}", f"--data_dir={tiny_data}"]
+    common = ["--pretrain_steps=2", "--pretrain_batch=2", f"--out_dir={out}", f"--data_dir={tiny_data}",
+              "--base_model=tiny"]
     train.main(["--stage=pretrain"] + common)
     train.main(["--stage=sft"] + common)                     # a later call finds the stage's model
-    train.main(["--stage=sft", f"--out_dir={out}", f"--data_dir={tiny_data}"])   # no pretraining: the base
+    train.main(["--stage=sft", f"--out_dir={out}", f"--data_dir={tiny_data}", "--base_model=tiny"])  # the base
     assert seen == [train.stage_model(train.Config(out_dir=str(out)), "pretrain"), str(out / "base")]
 
 
@@ -130,3 +131,37 @@ def test_sft_perception_adds_perception_frames_to_each_batch(tiny_data, tiny_mod
     assert all("<think>" in t for t in records) and not any("<think>" in t for t in frames)
     assert all(t.startswith("<obj>") for t in frames)
     assert all(p.image_grid_thw.shape[0] == 1 for p, _ in seen[0][4:])     # one frame each
+
+
+def test_a_fresh_run_starts_from_base_model_and_model_overrides_it(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    out, other = tmp_path / "run", tmp_path / "other"
+    common = [f"--out_dir={out}", f"--data_dir={tiny_data}", f"--base_model={tiny_model_dir}",
+              f"--background={json.load(open(os.path.join(tiny_data, 'train.json')))[0]['meta']['background']}"]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def sft(cfg, rt, start):
+        seen.append(start)
+        raise Stop
+    monkeypatch.setattr(train, "stage_sft", sft)
+    train.main(["--stage=data"] + common)
+    assert not (out / "base").exists()                       # no random model is built
+    for extra in ([], [f"--model={other}"]):
+        with pytest.raises(Stop):
+            train.main(["--stage=all"] + common + extra)
+    assert seen == [tiny_model_dir, str(other)]              # --model is not lost to the data stage
+
+
+def test_a_synthetic_set_drawn_on_the_other_background_stops_the_run(tiny_data, tmp_path):
+    drawn = json.load(open(os.path.join(tiny_data, "train.json")))[0]["meta"]["background"]
+    other = {"flat": "gradient", "gradient": "flat"}[drawn]
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stage=data", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--background={other}"])
+    says = str(stop.value)
+    assert "train.json" in says and "train_00000" in says and f"meta.background is '{drawn}'" in says
+    train.main(["--stage=data", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--background={drawn}",
+                f"--base_model={tmp_path}"])                 # the matching background passes (no model built)
+    with pytest.raises(SystemExit, match="--base_model=.*no config.json"):
+        train.main(["--stage=sft", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--base_model={tmp_path}"])

@@ -1,4 +1,5 @@
 """The perception probe: its frames, targets and scoring, a two-step run, and value tokens."""
+import dataclasses
 import json
 import math
 import os
@@ -127,6 +128,10 @@ def test_two_steps_give_finite_loss_and_a_curve(tmp_path):
     saved = M.load_policy(str(tmp_path / "model"))[0].state_dict()   # the last evaluation's weights, moved into place
     assert saved.keys() == init.keys() and not (tmp_path / "model.tmp").exists()
     assert any(not torch.equal(saved[k], init[k]) for k in init)      # trained, not the initial weights
+    gains = [v for k, v in saved.items() if k.startswith("model.language_model.layers") and k.endswith("norm.weight")]
+    assert gains and all(torch.equal(g, torch.ones_like(g)) for g in gains)   # saved at a fresh model's scale
+    emb = "model.language_model.embed_tokens.weight"
+    assert saved[emb].norm(dim=1).mean().item() == pytest.approx(init[emb].norm(dim=1).mean().item(), rel=0.05)
 
 
 def test_bad_argument_names_the_field():
@@ -359,3 +364,26 @@ def test_text_pretraining_moves_only_the_text_model_and_learns(tmp_path):
     ids, mask, predicts = probe.text_batch_ids(tok, [probe.text_sample(random.Random(1), cfg)], "cpu")
     answer = tok.decode(ids[0, 1:][predicts[0, :-1]])
     assert answer.startswith("<obj>") and answer.endswith("<|im_end|>")   # the target mask covers the answer only
+
+
+CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "perception")
+
+
+def test_the_committed_perception_checkpoint_is_what_its_command_makes(tmp_path):
+    """checkpoints/perception holds the model and curve.json of one probe.py run (the README gives
+    the command). Its first steps, rerun here, give the recorded losses; it builds the same tokenizer
+    and model config; and the committed weights score the run's last held-out evaluation (the
+    same frames, greedy; saved rescaled, so near-ties may flip a token)."""
+    record = json.load(open(os.path.join(CHECKPOINT, "curve.json")))
+    cfg = probe.ProbeConfig(**record["config"])
+    rerun = dataclasses.replace(cfg, out=str(tmp_path), max_steps=2, eval_frames=2, save=False)
+    result = probe.run(rerun, log=lambda *a: None)
+    assert result["first_losses"] == pytest.approx(record["first_losses"][:2], rel=1e-4)
+    for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
+        assert json.load(open(tmp_path / "model" / name)) == json.load(open(os.path.join(CHECKPOINT, name))), name
+    vlm, tok, vision = M.load_policy(CHECKPOINT)
+    last = record["curve"][-1]
+    scores = probe.evaluate(vlm.eval(), tok, vision, probe.held_out(cfg), cfg.prompt)
+    assert last["step"] == cfg.max_steps
+    assert scores["box_miou"] == pytest.approx(last["box_miou"], abs=0.02)
+    assert scores["marked_acc"] == pytest.approx(last["marked_acc"], abs=0.02)

@@ -142,14 +142,14 @@ def test_sft_visual_prompts_are_drawn_on_a_share_of_records(tiny_data, tiny_poli
     its hint after the question, the target unchanged; the choice depends on (seed, id) only."""
     recs = data.load_records(os.path.join(tiny_data, "train.json"))
     keyed = [r for r in recs if r["key_frames"]]
-    assert all(train.sft_visual_prompt(r, train.Config()) == "raw" for r in recs)       # default share 0
+    assert all(train.sft_visual_prompt(r, train.Config(sft_vp_share=0.0)) == "raw" for r in recs)
     every = train.Config(sft_vp_share=1.0, max_frames=4)
     chosen = [train.sft_visual_prompt(r, every) for r in keyed]
     assert "raw" not in chosen and chosen == [train.sft_visual_prompt(r, every) for r in keyed]
     assert all(train.sft_visual_prompt(r, every) == "raw" for r in recs if not r["key_frames"])
     vlm, tok, vision = tiny_policy
     rec, vp = keyed[0], chosen[0]
-    raw_in, raw_target = train.sft_example(rec, tok, vision, train.Config(max_frames=4))
+    raw_in, raw_target = train.sft_example(rec, tok, vision, train.Config(sft_vp_share=0.0, max_frames=4))
     vp_in, vp_target = train.sft_example(rec, tok, vision, every)
     assert torch.equal(raw_target, vp_target)
     assert prompt.HINTS[vp] in tok.decode(vp_in.input_ids) and prompt.HINTS[vp] not in tok.decode(raw_in.input_ids)
