@@ -43,8 +43,7 @@ class Config:
     data_root: str = ""           # media root, or one per record `source` (a=/x,b=/y); empty -> the JSON's folder
     max_bad_samples: int = 20     # samples whose media fail mid-run are skipped and counted; one more stops the run
     model: str = ""               # checkpoint dir to start from; empty -> the previous stage's output
-    base_model: str = "checkpoints/perception"  # what a fresh run starts from: a model folder (default: the committed
-                                  # perception model, probe.py; see README) | tiny (a random tiny model built from the data)
+    base_model: str = "checkpoints/perception"  # a fresh run's start: a model folder (the committed perception model) | tiny (random)
     seed: int = 0                 # seeds data order, rollouts, the synthetic set and the selector
     device: str = "auto"          # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"           # compute: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 (weights trained stay fp32)
@@ -61,8 +60,7 @@ class Config:
     n_test: int = 200             # test records (plus one V-STAR annotation per test clip)
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
     synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
-    background: str = "gradient"  # synthetic frames: gradient (its colour says where a pixel is; the perception
-                                  # model's frames) | flat grey
+    background: str = "gradient"  # synthetic frames: gradient (colour says where; the perception model's frames) | flat grey
     # ---- perception pretraining (stage pretrain, before SFT: probe.py's single-frame tasks) ----
     pretrain_steps: int = 0       # optimizer steps on frames rendered in memory (find / marked / list); 0 skips the stage
     pretrain_batch: int = 32      # frames per pretraining step, over all ranks
@@ -83,8 +81,7 @@ class Config:
     sft_warmup: int = 20          # SFT warmup steps
     sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json
     sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
-    sft_vp_share: float = 0.25    # share of SFT records shown with a visual prompt on their key frames + its hint
-                                  # (prompted inputs in distribution: at 0 the coach's prompted rollouts broke the grammar)
+    sft_vp_share: float = 0.25    # share of SFT records shown with a visual prompt on key frames + hint (at 0, prompted rollouts broke)
     sft_perception: float = 0.0   # perception frames (--pretrain_tasks) added to each SFT micro-batch, per record in it
     # ---- RL (train.py runs the loop, grpo.py the math) ----
     rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
