@@ -172,10 +172,10 @@ def rescale_residual(vlm, embed_norm=None):
     writes into the residual stream (token embeddings, the vision merger's output, o_proj,
     down_proj) is divided by c, chosen so the mean embedding row norm becomes embed_norm; the
     final norm's gain is multiplied by c where the output head is the (now smaller) embedding.
-    Why: AdamW moves every weight by about lr per step whatever its size. Weight decay on the
-    perception stage's norm gains shrinks them (to ~0.2) and the embeddings grow to make up
-    (row norm ~5 against ~0.3 at init), so SFT at its usual lr barely moves the embeddings and
-    jolts the gains; SFT from the same function at a fresh model's scale learns the grammar.
+    Why: AdamW moves every weight by about lr per step whatever its size. The probe's weight decay
+    (on every parameter) shrinks its norm gains (to ~0.2) and the embeddings grow to make up (row
+    norm ~5 against ~0.3 at init), so SFT at its usual lr barely moves the embeddings and jolts
+    the gains; SFT from the same function at a fresh model's scale learns the grammar in an epoch.
     """
     lm = vlm.model.language_model
     emb = lm.embed_tokens.weight
