@@ -65,11 +65,16 @@ def selector_dir(o):
     return os.path.join(o["base"], f"selector_{o['selector_samples']}")
 
 
+def data_and_sft(out_dir, *flags):
+    """The main job's data and SFT stages into out_dir (each skipped when done) -> the SFT model."""
+    for stage in ("data", "sft"):
+        run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={out_dir}", *flags])
+    return os.path.join(out_dir, "sft", "last")
+
+
 def ensure_base(o, selector=True):
     """Data and SFT once (the main job's stages), and a selector trained on more labels."""
-    for stage in ("data", "sft"):
-        run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={o['base']}"])
-    sft = os.path.join(o["base"], "sft", "last")
+    sft = data_and_sft(o["base"])
     if not selector:
         return sft
     run([sys.executable, "train.py", "--stage=selector", f"--out_dir={o['base']}", f"--model={sft}",
@@ -81,10 +86,7 @@ def ensure_base(o, selector=True):
 def sft_without_perception(o):
     """The main job's SFT on the same data from a random tiny model instead of the perception
     checkpoint (--base_model=tiny): the row that shows what the checkpoint adds."""
-    base = os.path.join(o["base"], "no_perception")
-    for stage in ("data", "sft"):
-        run([sys.executable, "train.py", f"--stage={stage}", f"--out_dir={base}", "--base_model=tiny"])
-    return os.path.join(base, "sft", "last")
+    return data_and_sft(os.path.join(o["base"], "no_perception"), "--base_model=tiny")
 
 
 def evaluate(ckpt, out, o):

@@ -1,4 +1,5 @@
 """model.py: vision preprocessing, tokenizer, log-probs (fast path == slow path), generation."""
+import copy
 import json
 import os
 
@@ -244,7 +245,6 @@ def test_rescale_residual_keeps_the_function_at_a_fresh_models_scale(tiny_data, 
     """Gains and embeddings far from a fresh model's (as weight decay in the perception stage leaves
     them): after the rescale every gain is 1, the embeddings have a fresh model's norm, and the
     log-probs of a completion after a prompt with frames (text and image tokens) are unchanged."""
-    import copy
     vlm, tok, _ = sharp
     vlm = copy.deepcopy(vlm)
     g = torch.Generator().manual_seed(1)
