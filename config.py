@@ -115,6 +115,7 @@ class Config:
     vp_digit_scale: int = 0       # frame_numbers: pixels per font pixel; 0 -> about 1/50 of the short side
     vp_spotlight_dim: float = _VP.spotlight_dim  # spotlight: brightness far from every box
     vp_spotlight_falloff: float = _VP.spotlight_falloff  # spotlight: Gaussian edge sigma, normalized units
+    hint_position: str = "before"  # the prompt's hint before the question (the tiny model reads the question last) | after (paper: q + hint)
     # ---- VP-Selector (selector.py) ----
     selector_dir: str = ""        # where predictions.json lives; empty -> {out_dir}/selector
     selector_samples: int = 64    # samples labelled by the proxy (every visual prompt x selector_group answers)
@@ -132,7 +133,7 @@ class Config:
     eval_max_new_tokens: int = 128  # longest answer at evaluation (eval.py --max_new_tokens)
     eval_batch: int = 32          # samples decoded together at evaluation (greedy, one row each); 1: one at a time
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
-    eval_forced_boxes: bool = True  # STGR: also read the gold traces' boxes teacher-forced (forced_box/*, one forward a record)
+    eval_forced_boxes: bool = True  # STGR: also read the gold traces' boxes and names teacher-forced (forced_box/*, forced_name/*; one forward a record)
     eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
     sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
@@ -152,6 +153,7 @@ CHOICES = {
     "coach": distill.COACH_MODES,
     "selector_predict": ("rl", "all"),
     "sd_condition": distill.SD_CONDITIONS,
+    "hint_position": prompt.HINT_POSITIONS,
     "reward_rules": rewards.REWARD_RULES,
     "benchmark": ("auto", "stgr", "vstar", "mcq", "tg"),
     "report_to": ("none", "tensorboard", "wandb"),

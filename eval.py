@@ -17,7 +17,8 @@ settings are the one config's (config.py): --data, --kind, --out, --limit, --max
 eval_samples, eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; frames (--fps,
 --min_frames, --max_frames, --max_pixels) are the training run's fields, read the same way
 (--max_pixels=0: the checkpoint's own preprocessor_config budget). On STGR files each gold trace is
-also read teacher-forced (forced_boxes: can the model box what the trace has named?). The metrics
+also read teacher-forced (forced_spans: can the model name what the trace is about, and box
+what it has named?). The metrics
 themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
@@ -80,8 +81,8 @@ def my_chunks(n, cfg, rt, desc):
 
 def infer_stgr(bundle, records, cfg, rt):
     """Completions for this rank's share of STGR records: [(index, completion, frame_size, forced)],
-    forced: forced_boxes' pairs when --eval_forced_boxes and the record's trace has a box, else None
-    (read from the same decoded video and prompt as the completion)."""
+    forced: forced_spans' pairs when --eval_forced_boxes and the record's trace names or boxes
+    something, else None (read from the same decoded video and prompt as the completion)."""
     vlm, tokenizer, _ = bundle
     out = []
     for chunk in my_chunks(len(records), cfg, rt, "eval"):
@@ -92,30 +93,35 @@ def infer_stgr(bundle, records, cfg, rt):
         for i, t, v, x in zip(chunk, texts, videos, inputs):
             trace = records[i].get("reasoning_process") or ""
             forced = None
-            if cfg.eval_forced_boxes and data.BOX_OPEN in trace:
+            if cfg.eval_forced_boxes and (data.BOX_OPEN in trace or data.OBJ_OPEN in trace):
                 trace = data.trace_to_frame_pixels(trace, v.source_size, x.frame_size, data.origin(records[i]))
-                forced = forced_boxes(vlm, tokenizer, x, trace)
+                forced = forced_spans(vlm, tokenizer, x, trace)
             out.append((i, t, x.frame_size, forced))
     return out
 
 
-def forced_boxes(vlm, tokenizer, inputs, trace):
-    """Box reading given the reasoning: the gold trace (boxes in pixels of the frame the model sees)
-    is fed whole after the prompt, one forward, and inside every <box>...</box> the model's argmax
-    stands in for each gold token (each still sees the gold tokens before it). What it measures is
-    whether the model can put a box on an object the trace has just named, apart from whether it
-    would have named that object. -> [(predicted box text, gold box text)], one per box."""
+def forced_spans(vlm, tokenizer, inputs, trace):
+    """Reading given the reasoning: the gold trace (boxes in pixels of the frame the model sees) is
+    fed whole after the prompt, one forward, and inside every <box>...</box> and <obj>...</obj> the
+    model's argmax stands in for each gold token (each still sees the gold tokens before it). Boxes:
+    can the model box an object the trace has just named, apart from whether it would have named it;
+    names: can it name the object the trace is about (mostly the question's, copied from it).
+    -> {"box": [(predicted text, gold text)], "obj": [...]}, one pair per span, in trace order."""
     target = torch.tensor(model.encode_text(tokenizer, trace), device=inputs.input_ids.device)
     guess = vlm.lm_head(model.plain_hidden(vlm, [inputs], [target])[0]).argmax(-1)  # guess[k] predicts target[k]
-    opens, closes = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOX_OPEN, data.BOX_CLOSE))
-    pairs, start = [], None
-    for k, tok in enumerate(target.tolist()):
-        if tok == opens:
-            start = k + 1
-        elif tok == closes and start is not None:
-            pairs.append((tokenizer.decode(guess[start:k]), tokenizer.decode(target[start:k])))
-            start = None
-    return pairs
+    spans = {"box": (data.BOX_OPEN, data.BOX_CLOSE), "obj": (data.OBJ_OPEN, data.OBJ_CLOSE)}
+    out = {}
+    for kind, tags in spans.items():
+        opens, closes = (tokenizer.convert_tokens_to_ids(t) for t in tags)
+        pairs, start = [], None
+        for k, tok in enumerate(target.tolist()):
+            if tok == opens:
+                start = k + 1
+            elif tok == closes and start is not None:
+                pairs.append((tokenizer.decode(guess[start:k]), tokenizer.decode(target[start:k])))
+                start = None
+        out[kind] = pairs
+    return out
 
 
 def infer_vstar(bundle, samples, video_root, cfg, rt):
@@ -238,10 +244,12 @@ def evaluate(cfg, bundle, rt=None):
         ctxs = [rewards.RewardContext(frame_width=w, frame_height=h, progress=1.0) for _, _, (w, h), _ in rows]
         per = [metrics.score_stgr_sample(items[i], t, c) for (i, t, _, _), c in zip(rows, ctxs)]
         summary = metrics.stgr_summary(per)
-        summary.update(metrics.forced_box_summary([pair for *_, forced in rows for pair in forced or ()]))
+        forced = [f for *_, f in rows if f is not None]
+        summary.update(metrics.forced_box_summary([pair for f in forced for pair in f["box"]]))
+        summary.update(metrics.forced_name_summary([pair for f in forced for pair in f["obj"]]))
         preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), "frame_size": list(size),
-                  **p, **({"forced_boxes": forced} if forced is not None else {})}
-                 for (i, t, size, forced), p in zip(rows, per)]
+                  **p, **({"forced_boxes": f["box"], "forced_names": f["obj"]} if f is not None else {})}
+                 for (i, t, size, f), p in zip(rows, per)]
     if rt.main:
         write_results(out, benchmark, preds, summary, cfg.model)
     return summary

@@ -621,9 +621,19 @@ def stgr_correct(record, completion, judge=default_judge):
     return bool(judge(record.get("question", ""), str(record["answer"]), answer))
 
 
+_FIRST_OBJ = re.compile(re.escape(data.OBJ_OPEN) + "(.*?)" + re.escape(data.OBJ_CLOSE), re.S)
+
+
+def first_object(text):
+    """The first <obj>name</obj> of a text, whitespace-collapsed and lower-case; None without one."""
+    m = _FIRST_OBJ.search(text)
+    return " ".join(m.group(1).split()).lower() if m else None
+
+
 def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
     """One STGR record: 'correct' (0/1), the rewards.py components that apply ('reward/<name>',
-    reward scale) and, on temporal tasks, the predicted and true spans."""
+    reward scale), where the gold trace names an object 'first_name' (1 when the completion's first
+    <obj> is the gold trace's first) and, on temporal tasks, the predicted and true spans."""
     cfg = cfg if cfg is not None else rewards.RewardConfig()
     text = completion if isinstance(completion, str) else ""
     scores = rewards.score_completion(text, record, ctx, cfg)
@@ -636,6 +646,9 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
         out["hard"] = meta["hard"]
     out.update({f"reward/{k}": float(v) for k, v in scores.items()
                 if _finite_number(v) is not None})
+    gold = first_object(record.get("reasoning_process") or "")
+    if gold is not None:  # does the free answer name first the object the gold trace starts from?
+        out["first_name"] = float(first_object(text) == gold)
     if record.get("task") in data.TEMPORAL_TASKS:
         out["pred_span"] = parse_time_span(text)
         out["gt_span"] = rewards.parse_span(str(record.get("answer", "")))
@@ -644,8 +657,9 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
 
 def stgr_summary(per_sample):
     """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall, per task and, where records say
-    it, on hard and easy samples), temporal grounding on the temporal tasks ('TG/...', x100), and
-    each reward's mean over the records where it applies (reward scale, not x100)."""
+    it, on hard and easy samples), 'name/first' (x100, over records whose trace names an object),
+    temporal grounding on the temporal tasks ('TG/...', x100), and each reward's mean over the
+    records where it applies (reward scale, not x100)."""
     by_task, comps = defaultdict(list), defaultdict(list)
     for s in per_sample:
         by_task[f"Acc[task={s['task']}]"].append(s["correct"])
@@ -656,6 +670,9 @@ def stgr_summary(per_sample):
                 comps[k].append(v)
     out = {"Acc": 100.0 * _mean(s["correct"] for s in per_sample), "n": len(per_sample)}
     out.update({k: 100.0 * _mean(v) for k, v in sorted(by_task.items())})
+    named = [s["first_name"] for s in per_sample if "first_name" in s]
+    if named:
+        out["name/first"] = 100.0 * _mean(named)
     spans = [(s["pred_span"], s["gt_span"]) for s in per_sample if "gt_span" in s]
     if spans:
         tg = temporal_grounding_metrics([p for p, _ in spans], [g for _, g in spans])
@@ -665,7 +682,7 @@ def stgr_summary(per_sample):
 
 
 def forced_box_summary(pairs):
-    """Teacher-forced box reading (eval.forced_boxes): [(predicted box text, gold box text)] ->
+    """Teacher-forced box reading (eval.forced_spans): [(predicted box text, gold box text)] ->
     'forced_box/mIoU' (x100; a prediction the rewards' box reader rejects scores 0),
     'forced_box/IoU50' (share with IoU >= 0.5, x100) and 'forced_box/n'; {} without boxes."""
     ious = []
@@ -679,6 +696,13 @@ def forced_box_summary(pairs):
         return {}
     return {"forced_box/mIoU": 100.0 * _mean(ious), "forced_box/IoU50": 100.0 * _mean(x >= 0.5 for x in ious),
             "forced_box/n": len(ious)}
+
+
+def forced_name_summary(pairs):
+    """Teacher-forced naming (eval.forced_spans): [(predicted name, gold name)] -> 'forced_name/acc'
+    (x100, exact after collapsing whitespace, any case) and 'forced_name/n'; {} without names."""
+    same = [" ".join(p.split()).lower() == " ".join(g.split()).lower() for p, g in pairs]
+    return {"forced_name/acc": 100.0 * _mean(same), "forced_name/n": len(same)} if same else {}
 
 
 def score_stgr(records, completions, ctx, cfg=None, judge=default_judge):

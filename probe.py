@@ -21,8 +21,10 @@ Binding aids (--bind_weight, --attend_weight: extra losses during training, the 
 stand in for what pretraining gives a real model: image tokens whose text-model states say what
 they show and whether the question or mark points at them, and one attention head that looks from
 the answer at the object meant; with them boxes are learned with distractors. --text_steps first
-trains the text model alone on the same questions asked in words (no frame). Every round's numbers
-are in docs/perception.md.
+trains the text model alone on the same questions asked in words (no frame); --text_mix adds such a
+batch to every frame step. --init starts from a saved model instead of a fresh one (the committed
+checkpoint is two runs: frames from scratch, then frames and words from that model; README). Every
+round's numbers are in docs/perception.md.
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
 share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
 only; evaluations are timed apart.
@@ -92,6 +94,10 @@ class ProbeConfig:
     text_steps: int = 0           # > 0: first train the text model alone this many steps on the tasks in words:
                                   # no frame, the objects listed as text after the question (text_sample)
     text_batch: int = 32          # questions per text-only step
+    text_mix: bool = False        # every frame step also trains on text_batch questions in words (loss added):
+                                  # the lookup-and-copy skill SFT needs (name the asked object), kept beside frames
+    init: str = ""                # a saved model folder (probe --save, or checkpoints/...) to start from instead of
+                                  # a fresh model; the shape flags above are then the folder's
     # binding aids (what pretraining gives a real model: image tokens that know what they show, a head
     # that looks at the object the question means); extra losses only, the model and its answers unchanged
     bind_weight: float = 0.0      # > 0: a linear head (dropped afterwards) on the text model's states at the image
@@ -262,6 +268,16 @@ def text_batch_ids(tokenizer, items, device):
     return ids.to(device), mask.to(device), predicts.to(device)
 
 
+def text_loss(vlm, tokenizer, items, device):
+    """Next-token loss on text_sample items (no frame: the vision tower does not run)
+    -> (mean NLL per target token, (B,) True where the answer was right token for token, teacher-forced)."""
+    ids, mask, predicts = text_batch_ids(tokenizer, items, device)
+    logits = vlm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    targets, at = ids[:, 1:], predicts[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits[at], targets[at])
+    return nll, ~((logits.argmax(-1) != targets) & at).any(1)
+
+
 def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
     """cfg.text_steps steps of next-token loss on text_sample questions, the text model alone (no frame:
     the vision tower does not run). Logs the loss and the share of answers right token for token
@@ -273,10 +289,7 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
     for step in range(1, cfg.text_steps + 1):
         t0, c0 = time.time(), time.process_time()
         items = [text_sample(rng, cfg) for _ in range(cfg.text_batch)]
-        ids, mask, predicts = text_batch_ids(tokenizer, items, cfg.device)
-        logits = vlm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        targets, at = ids[:, 1:], predicts[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits[at], targets[at])
+        nll, right = text_loss(vlm, tokenizer, items, cfg.device)
         opt.zero_grad(set_to_none=True)
         nll.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -284,9 +297,8 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
         sched.step()
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
-        wrong = ((logits.argmax(-1) != targets) & at).any(1)
-        for (task, _, _), w in zip(items, wrong.tolist()):
-            stats.append((task, nll.item(), float(not w)))
+        for (task, _, _), r in zip(items, right.tolist()):
+            stats.append((task, nll.item(), float(r)))
         if step % cfg.log_every == 0 or step == cfg.text_steps:
             right = {t: [r for k, _, r in stats if k == t] for t in ("find", "marked")}
             acc = " ".join(f"{t} exact {sum(v) / max(len(v), 1):.2f}" for t, v in right.items())
@@ -526,6 +538,19 @@ def build_model(cfg, out_dir):
     return vlm, tokenizer, vision
 
 
+def start_from(cfg, out_dir):
+    """cfg.init's model (config, tokenizer, weights) copied to out_dir and loaded from there, so --save
+    writes beside the same config and tokenizer."""
+    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
+        raise SystemExit(f"--init={cfg.init}: no config.json there; expected a saved model folder")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(cfg.init, out_dir, ignore=shutil.ignore_patterns("curve.json", "curve.png"))
+    vlm, tokenizer, vision = model.load_policy(out_dir, cfg.device)
+    if cfg.attend_weight > 0:  # SDPA returns no attention weights
+        vlm.set_attn_implementation("eager")
+    return vlm, tokenizer, vision
+
+
 def make_optimizer(cfg, vlm, head=None, bind_head=None):
     """AdamW with the vision tower and merger (and the dense head) in their own group (lr * vision_lr_mult);
     the binding head trains with the text model."""
@@ -567,9 +592,10 @@ def token_losses(vlm, hidden, targets, values=None):
     return out
 
 
-def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None):
+def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None, words=None):
     """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
-    dense vision loss, binding = (head, samples, cfg) the binding aids' losses (binding_loss).
+    dense vision loss, binding = (head, samples, cfg) the binding aids' losses (binding_loss), words =
+    (tokenizer, text_sample items, device) the same tasks asked in words (text_loss; its value in stats).
 
     Returns (mean loss per target token, each sample's mean loss per token, binding stats or {})."""
     prompts, targets = [p for p, _ in batch], [t for _, t in batch]
@@ -588,6 +614,9 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
     if dense is not None:
         head, samples, weight = dense
         loss = loss + weight * dense_loss(vlm, head, [p for p, _ in batch], samples)[0]
+    if words is not None:
+        nll, _ = text_loss(vlm, *words)
+        loss, stats = loss + nll, {**stats, "words": nll.item()}
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vlm.parameters(), grad_clip)
@@ -673,7 +702,8 @@ def run(cfg, log=print):
     """Train for the budget, evaluating every cfg.eval_every training seconds. -> the curve."""
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vlm, tokenizer, vision = build_model(cfg, os.path.join(cfg.out, "model"))
+    vlm, tokenizer, vision = (start_from(cfg, os.path.join(cfg.out, "model")) if cfg.init
+                              else build_model(cfg, os.path.join(cfg.out, "model")))
     vlm.train()
     log(f"[probe] {sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters, "
         f"vocab {len(tokenizer)}, load {os.getloadavg()[0]:.1f}")
@@ -714,7 +744,8 @@ def run(cfg, log=print):
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
         batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer) for s in samples]
         binding = (bind_head, samples, cfg) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
-        loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding)
+        words = (tokenizer, [text_sample(rng, cfg) for _ in range(cfg.text_batch)], cfg.device) if cfg.text_mix else None
+        loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding, words)
         aid_stats.append(stats)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0

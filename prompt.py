@@ -60,10 +60,20 @@ def check_vp(vp):
         raise ValueError(f"unknown visual prompt {vp!r}; expected one of {', '.join(VISUAL_PROMPTS)}")
 
 
-def add_hint(question, vp):
-    """The question the model sees under visual prompt `vp`: its hint on a new line (raw: as is)."""
+HINT_POSITIONS = ("before", "after")
+
+
+def add_hint(question, vp, position="before"):
+    """The question the model sees under visual prompt `vp` (raw: as is): its hint on a line of its
+    own before the question, or after it (the paper's q + hint). Before keeps the question the last
+    text the answer follows: with the hint after it, the tiny model's SFT checkpoint lost the question
+    (asked when, it answered which) and prompted rollouts scored 57-61% below raw, 17-32% with it before."""
     check_vp(vp)
-    return question if not HINTS[vp] else f"{question.rstrip()}\n{HINTS[vp]}"
+    if position not in HINT_POSITIONS:
+        raise ValueError(f"hint position {position!r}; expected one of {HINT_POSITIONS}")
+    if not HINTS[vp]:
+        return question
+    return f"{HINTS[vp]}\n{question.lstrip()}" if position == "before" else f"{question.rstrip()}\n{HINTS[vp]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -493,9 +493,9 @@ def model_input(cfg, rt, tokenizer, vision, video, question):
 
 
 def vp_input(cfg, rt, tokenizer, vision, record, video, vp):
-    """The model input under visual prompt `vp`: drawn on the key frames, its hint after the question."""
+    """The model input under visual prompt `vp`: drawn on the key frames, its hint beside the question."""
     video = distill.draw_vp(video, record, vp, config.vp_config(cfg))
-    return model_input(cfg, rt, tokenizer, vision, video, prompt.add_hint(record["question"], vp))
+    return model_input(cfg, rt, tokenizer, vision, video, prompt.add_hint(record["question"], vp, cfg.hint_position))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,7 +652,7 @@ def sft_example(rec, tokenizer, vision, cfg):
     video, question = data.load_video_sample(rec, config.frames(cfg)), rec["question"]
     vp = sft_visual_prompt(rec, cfg)
     if vp != "raw":  # prompted frames in distribution before RL's coach shows them
-        video, question = distill.draw_vp(video, rec, vp, config.vp_config(cfg)), prompt.add_hint(question, vp)
+        video, question = distill.draw_vp(video, rec, vp, config.vp_config(cfg)), prompt.add_hint(question, vp, cfg.hint_position)
     height, width = vision.target_size(*video.frames.shape[-2:], cfg.max_pixels or None)
     turns = [(data.trace_to_frame_pixels(a, video.source_size, (width, height), data.origin(rec), "history"), q)
              for a, q in rec.get("history", ())]

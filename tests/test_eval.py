@@ -15,6 +15,7 @@ import data
 import eval
 import metrics
 import model as M
+import rewards
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +34,12 @@ def test_eval_writes_predictions_and_summary(tiny_data, tiny_policy, tmp_path):
     assert boxes > 0 and summary["forced_box/n"] == boxes                     # every gold box read once
     assert sum(len(p.get("forced_boxes", [])) for p in preds) == boxes
     assert 0 <= summary["forced_box/mIoU"] <= 100
+    names = sum(r["reasoning_process"].count("<obj>") for r in records)
+    assert summary["forced_name/n"] == names == sum(len(p.get("forced_names", [])) for p in preds)
+    claims = [r for r in records if "<obj>" in r["reasoning_process"]]
+    assert 0 <= summary["name/first"] <= 100 and sum("first_name" in p for p in preds) == len(claims) > 0
     off = eval.evaluate(dataclasses.replace(cfg, eval_forced_boxes=False, eval_out=str(tmp_path / "off")), tiny_policy)
-    assert not any(k.startswith("forced_box") for k in off)
+    assert not any(k.startswith("forced_") for k in off)
     assert "| tiny |" in open(tmp_path / "stgr_summary.md").read()
 
 
@@ -171,7 +176,35 @@ def test_forced_box_summary_hand_computed():
     assert metrics.forced_box_summary([]) == {}
 
 
-def test_forced_boxes_read_each_box_where_greedy_decoding_would(tiny_data, sharp):
+def test_forced_name_summary_hand_computed():
+    pairs = [("red  circle", "red circle"),        # whitespace collapsed: same
+             ("Red circle", "red circle"),         # any case: same
+             ("red square", "red circle"),         # another object
+             ("", "blue square")]                  # nothing named
+    s = metrics.forced_name_summary(pairs)
+    assert s == {"forced_name/acc": pytest.approx(50.0), "forced_name/n": 4}
+    assert metrics.forced_name_summary([]) == {}
+
+
+def test_first_name_compares_the_first_claims():
+    rec = {"task": "temporal-spatial free-form QA", "question": "Which way does the red circle move?",
+           "answer": "up", "reasoning_process": "<think><obj>red circle</obj><box>[1,2,3,4]</box>at<t>1.0</t>s "
+                                                 "then <obj>blue square</obj><box>[5,6,7,8]</box></think><answer>up</answer>",
+           "key_frames": [], "key_items": {}}
+    ctx = rewards.RewardContext(frame_width=112, frame_height=112, progress=1.0)
+    score = lambda text: metrics.score_stgr_sample(rec, text, ctx).get("first_name")
+    assert score("<think><obj>Red circle</obj> moves</think><answer>up</answer>") == 1.0
+    assert score("<think><obj>blue square</obj> then <obj>red circle</obj></think><answer>up</answer>") == 0.0
+    assert score("<think>it moves</think><answer>up</answer>") == 0.0          # nothing named
+    assert score("garbage") == 0.0
+    no_claims = dict(rec, reasoning_process="<think>it moves up</think><answer>up</answer>")
+    assert "first_name" not in metrics.score_stgr_sample(no_claims, "x", ctx)   # the trace names nothing
+    rows = [{"task": "t", "correct": 0.0, "first_name": 1.0}, {"task": "t", "correct": 1.0, "first_name": 0.0},
+            {"task": "t", "correct": 1.0}]
+    assert metrics.stgr_summary(rows)["name/first"] == pytest.approx(50.0)
+
+
+def test_forced_spans_read_each_box_and_name_where_greedy_decoding_would(tiny_data, sharp):
     vlm, tok, vision = sharp
     cfg = train.Config(max_frames=4)
     rec = next(r for r in data.load_records(os.path.join(tiny_data, "test.json")) if "<box>" in r["reasoning_process"])
@@ -179,8 +212,10 @@ def test_forced_boxes_read_each_box_where_greedy_decoding_would(tiny_data, sharp
     inputs = M.model_input(tok, vision, video, rec["question"])
     trace = data.trace_to_frame_pixels(rec["reasoning_process"], video.source_size, inputs.frame_size, "t")
     with torch.no_grad():
-        pairs = eval.forced_boxes(vlm, tok, inputs, trace)
+        spans = eval.forced_spans(vlm, tok, inputs, trace)
+    pairs = spans["box"]
     assert [g for _, g in pairs] == re.findall(r"<box>(.*?)</box>", trace)      # every box, the gold text
+    assert [g for _, g in spans["obj"]] == re.findall(r"<obj>(.*?)</obj>", trace)  # every name, the gold text
     # the first predicted token of the first box is the greedy next token after the trace up to its <box>
     prefix = M.encode_text(tok, trace[:trace.index("<box>") + len("<box>")])
     longer = M.Prompt(torch.cat([inputs.input_ids, torch.tensor(prefix)]),

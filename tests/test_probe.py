@@ -366,22 +366,58 @@ def test_text_pretraining_moves_only_the_text_model_and_learns(tmp_path):
     assert answer.startswith("<obj>") and answer.endswith("<|im_end|>")   # the target mask covers the answer only
 
 
-CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "perception")
+def test_init_starts_from_the_saved_model_and_text_mix_adds_words(tmp_path):
+    small = probe.ProbeConfig(out=str(tmp_path / "a"), max_steps=1, batch_size=4, eval_frames=2, eval_steps=1,
+                              num_layers=2, save=True)
+    probe.run(small, log=lambda *a: None)                            # a 2-layer model saved in a/model
+    saved = M.load_policy(str(tmp_path / "a" / "model"))[0].state_dict()
+    cfg = probe.ProbeConfig(init=str(tmp_path / "a" / "model"), max_steps=2, batch_size=4, text_batch=4,
+                            eval_frames=2, eval_steps=100, log_every=1)   # its own shape flags say 4 layers
+    plain = probe.run(dataclasses.replace(cfg, out=str(tmp_path / "b")), log=lambda *a: None)
+    lines = []
+    mixed = probe.run(dataclasses.replace(cfg, out=str(tmp_path / "c"), text_mix=True), log=lines.append)
+    assert json.load(open(tmp_path / "c" / "model" / "config.json"))["num_hidden_layers"] == 2   # the folder's shape
+    assert plain["curve"][0]["box_miou"] == mixed["curve"][0]["box_miou"]
+    # the first step's frame loss is the saved model's (both start from it); the words change the update
+    assert mixed["first_losses"][0] == pytest.approx(plain["first_losses"][0], rel=1e-6)
+    assert mixed["first_losses"][1] != pytest.approx(plain["first_losses"][1], rel=1e-6)
+    assert sum(" words " in line for line in lines) == 2
+    fresh = probe.run(dataclasses.replace(cfg, init="", num_layers=2, out=str(tmp_path / "d")), log=lambda *a: None)
+    assert fresh["first_losses"][0] != pytest.approx(plain["first_losses"][0], rel=1e-3)   # not a fresh model
+    trained = M.load_policy(str(tmp_path / "a" / "model"))[0].state_dict()
+    assert all(torch.equal(trained[k], saved[k]) for k in saved)    # the init folder itself is left as it was
+    with pytest.raises(SystemExit, match="--init"):
+        probe.run(dataclasses.replace(cfg, init=str(tmp_path / "nowhere"), out=str(tmp_path / "e")))
 
 
-def test_the_committed_perception_checkpoint_is_what_its_command_makes(tmp_path):
-    """checkpoints/perception holds the model and curve.json of one probe.py run (the README gives
-    the command). Its first steps, rerun here, give the recorded losses; it builds the same tokenizer
-    and model config; and the committed weights score the run's last held-out evaluation (the
-    same frames, greedy; saved rescaled, so near-ties may flip a token)."""
-    record = json.load(open(os.path.join(CHECKPOINT, "curve.json")))
+CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def rerun_two_steps(folder, tmp_path):
+    """A committed checkpoint folder's run (curve.json's config), its first two steps rerun into tmp_path
+    (--init resolved against the repository) -> (its config, the record, the rerun's result)."""
+    record = json.load(open(os.path.join(folder, "curve.json")))
     cfg = probe.ProbeConfig(**record["config"])
-    rerun = dataclasses.replace(cfg, out=str(tmp_path), max_steps=2, eval_frames=2, save=False)
-    result = probe.run(rerun, log=lambda *a: None)
+    init = os.path.join(os.path.dirname(CHECKPOINTS), cfg.init) if cfg.init else ""
+    rerun = dataclasses.replace(cfg, out=str(tmp_path), max_steps=2, eval_frames=2, save=False, init=init)
+    return cfg, record, probe.run(rerun, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", ["perception_frames", "perception"])
+def test_the_committed_perception_checkpoints_are_what_their_commands_make(name, tmp_path):
+    """checkpoints/perception_frames holds the model and curve.json of one probe.py run from a fresh
+    model; checkpoints/perception of a second run from that model (--init, --text_mix; the README
+    gives both commands). Each run's first steps, rerun here, give the recorded losses; the first
+    builds the same tokenizer and model config, the second keeps its start's; and the committed
+    weights score the run's last held-out evaluation (the same frames, greedy; saved rescaled, so
+    near-ties may flip a token)."""
+    folder = os.path.join(CHECKPOINTS, name)
+    cfg, record, result = rerun_two_steps(folder, tmp_path)
     assert result["first_losses"] == pytest.approx(record["first_losses"][:2], rel=1e-4)
-    for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
-        assert json.load(open(tmp_path / "model" / name)) == json.load(open(os.path.join(CHECKPOINT, name))), name
-    vlm, tok, vision = M.load_policy(CHECKPOINT)
+    assert (cfg.init == os.path.join("checkpoints", "perception_frames")) == (name == "perception")
+    for file in ("tokenizer.json", "config.json", "preprocessor_config.json"):
+        assert json.load(open(tmp_path / "model" / file)) == json.load(open(os.path.join(folder, file))), file
+    vlm, tok, vision = M.load_policy(folder)
     last = record["curve"][-1]
     scores = probe.evaluate(vlm.eval(), tok, vision, probe.held_out(cfg), cfg.prompt)
     assert last["step"] == cfg.max_steps

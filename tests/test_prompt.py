@@ -191,7 +191,11 @@ def test_registry_order_and_hints():
     q = "What colour is the square at the end?"
     assert add_hint(q, "raw") == q
     for kind in VISUAL_PROMPTS[1:]:
-        assert add_hint(q, kind) == q + "\n" + HINTS[kind]
+        assert add_hint(q, kind) == HINTS[kind] + "\n" + q                  # default: the question stays last
+        assert add_hint(q, kind, "before") == HINTS[kind] + "\n" + q
+        assert add_hint(q, kind, "after") == q + "\n" + HINTS[kind]         # the paper's q + hint
+    with pytest.raises(ValueError, match="hint position"):
+        add_hint(q, "darken", "middle")
 
 
 def test_raw_is_identity_and_a_new_tensor():
