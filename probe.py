@@ -532,7 +532,11 @@ def build_model(cfg, out_dir):
     if mc.vision_hidden_size % mc.vision_heads:
         mc.vision_heads = mc.vision_hidden_size // 32
     model.build_tiny_model(out_dir, tokenizer_corpus(cfg.seed), mc, seed=cfg.seed)
-    vlm, tokenizer, vision = model.load_policy(out_dir, cfg.device)
+    return load_for_run(cfg, out_dir)
+
+
+def load_for_run(cfg, folder):
+    vlm, tokenizer, vision = model.load_policy(folder, cfg.device)
     if cfg.attend_weight > 0:  # SDPA returns no attention weights
         vlm.set_attn_implementation("eager")
     return vlm, tokenizer, vision
@@ -545,10 +549,7 @@ def start_from(cfg, out_dir):
         raise SystemExit(f"--init={cfg.init}: no config.json there; expected a saved model folder")
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(cfg.init, out_dir, ignore=shutil.ignore_patterns("curve.json", "curve.png"))
-    vlm, tokenizer, vision = model.load_policy(out_dir, cfg.device)
-    if cfg.attend_weight > 0:  # SDPA returns no attention weights
-        vlm.set_attn_implementation("eager")
-    return vlm, tokenizer, vision
+    return load_for_run(cfg, out_dir)
 
 
 def make_optimizer(cfg, vlm, head=None, bind_head=None):
