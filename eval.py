@@ -17,9 +17,8 @@ settings are the one config's (config.py): --data, --kind, --out, --limit, --max
 eval_samples, eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; frames (--fps,
 --min_frames, --max_frames, --max_pixels) are the training run's fields, read the same way
 (--max_pixels=0: the checkpoint's own preprocessor_config budget). On STGR files each gold trace is
-also read teacher-forced (forced_spans: can the model name what the trace is about, and box
-what it has named?). The metrics
-themselves are pure and live in metrics.py.
+also read teacher-forced (forced_spans: can the model name what the trace is about, and box what
+it has named?). The metrics themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """

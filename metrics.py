@@ -621,13 +621,12 @@ def stgr_correct(record, completion, judge=default_judge):
     return bool(judge(record.get("question", ""), str(record["answer"]), answer))
 
 
-_FIRST_OBJ = re.compile(re.escape(data.OBJ_OPEN) + "(.*?)" + re.escape(data.OBJ_CLOSE), re.S)
-
-
 def first_object(text):
-    """The first <obj>name</obj> of a text, whitespace-collapsed and lower-case; None without one."""
-    m = _FIRST_OBJ.search(text)
-    return " ".join(m.group(1).split()).lower() if m else None
+    """The first <obj>name</obj> of a text, whitespace-collapsed and lower-case; None without one.
+    Two finds, so linear in the text whatever it holds."""
+    start = text.find(data.OBJ_OPEN)
+    end = text.find(data.OBJ_CLOSE, start + len(data.OBJ_OPEN)) if start >= 0 else -1
+    return " ".join(text[start + len(data.OBJ_OPEN):end].split()).lower() if end >= 0 else None
 
 
 def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):

@@ -197,6 +197,9 @@ def test_first_name_compares_the_first_claims():
     assert score("<think><obj>blue square</obj> then <obj>red circle</obj></think><answer>up</answer>") == 0.0
     assert score("<think>it moves</think><answer>up</answer>") == 0.0          # nothing named
     assert score("garbage") == 0.0
+    assert score("<think><obj>red circle") == 0.0                              # never closed: no name
+    assert metrics.first_object("</obj><obj> Red  circle </obj>") == "red circle"
+    assert metrics.first_object("<obj>" * 50_000) is None                      # linear: two finds
     no_claims = dict(rec, reasoning_process="<think>it moves up</think><answer>up</answer>")
     assert "first_name" not in metrics.score_stgr_sample(no_claims, "x", ctx)   # the trace names nothing
     rows = [{"task": "t", "correct": 0.0, "first_name": 1.0}, {"task": "t", "correct": 1.0, "first_name": 0.0},
