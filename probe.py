@@ -12,6 +12,9 @@ held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py'
   find    "Where is the red circle?"  -> <obj>red circle</obj><box>[x1,y1,x2,y2]</box>
   marked  a frame with one object circled, spotlit or left lit by darkening (prompt.py draws
           them), "Which object is marked?" -> <obj>blue square</obj>
+  at      a whole clip (synth.py's scenes, every frame after its time, as SFT shows a video),
+          "Where is the red circle at 2.5s?" -> <obj>red circle</obj><box>[..]</box>at<t>2.5</t>s
+          (--at_weight; off by default): the traces' claim, the frame chosen by its time
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
@@ -67,6 +70,10 @@ class ProbeConfig:
     find_weight: float = 1.0      # task mix: probability weights of find / marked samples
     marked_weight: float = 1.0
     list_weight: float = 0.0      # "What objects are in the frame?" -> every object and its box, left to right
+    at_weight: float = 0.0        # "Where is the red circle at 2.5s?" on a clip (synth.py's scenes, SFT's layout)
+                                  # -> the trace's claim <obj>..</obj><box>..</box>at<t>2.5</t>s
+    at_question_first: bool = False  # at: the question before the frames (image tokens can read it), not SFT's layout
+    at_curriculum_steps: int = 0  # > 0: an at clip shows the asked frame and few others at first, all from this step on
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
     text_objects_steps: int = 0   # > 0: find questions list every object and its box as text for these first steps
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
@@ -120,9 +127,10 @@ class ProbeConfig:
 CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
            "find_answer": ("name_box", "box")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
-TASKS = ("find", "marked", "list")
+TASKS = ("find", "marked", "list", "at")
 FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
+AT_Q = "Where is the {} at {}s?"
 
 
 def parse_args(argv):
@@ -186,9 +194,32 @@ class Sample:
     name: str           # the target's name
     box: list           # the target's normalized xyxy box
     objects: list = None  # every object in the frame as (name, normalized box), the target first
+    clip: tuple = None  # at: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
 
 
-def make_sample(rng, cfg, task, n_distractors):
+def clip_sample(rng, cfg, most_frames=None):
+    """The at task: a synthetic clip (synth.make_scene, hard or easy at even odds, rendered in memory
+    and shown at data.sample_times, as SFT sees a video), one shown time and one object visible then.
+    The object is named as it looks at that time (a colour event renames it), as in the traces.
+    most_frames: show only the asked frame and random others up to this many, in time order."""
+    scene = synth.make_scene(rng, rng.random() < 0.5)
+    times = data.sample_times(scene.duration)
+    k = rng.randrange(len(times))
+    if most_frames is not None and most_frames < len(times):
+        keep = sorted([k] + rng.sample([i for i in range(len(times)) if i != k], most_frames - 1))
+        times, k = [times[i] for i in keep], keep.index(k)
+    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    f = synth.frame_of(times[k])
+    shape = rng.choice([sh for sh in scene.shapes if sh.visible[f]])
+    name, box = shape.name(f), shape.box(f)
+    objects = [(sh.name(f), sh.box(f)) for sh in scene.shapes if sh.visible[f]]
+    return Sample("at", frames[k], AT_Q.format(name, data.format_seconds(times[k])), name, box, objects,
+                  (frames, times, scene.duration, times[k]))
+
+
+def make_sample(rng, cfg, task, n_distractors, most_frames=None):
+    if task == "at":
+        return clip_sample(rng, cfg, most_frames)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -211,8 +242,11 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    task = rng.choices(TASKS, weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight))[0]
-    sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)))
+    task = rng.choices(TASKS, weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight))[0]
+    most_frames = None
+    if cfg.at_curriculum_steps > 0 and step < cfg.at_curriculum_steps:  # 1 frame at step 0, 16 at the end
+        most_frames = 1 + step * 15 // cfg.at_curriculum_steps
+    sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)), most_frames)
     if task == "find" and step < cfg.text_objects_steps:
         sample.question = f"{objects_as_text(rng, sample)}\n{sample.question}"
     return sample
@@ -309,8 +343,9 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
 def held_out(cfg):
     """A fixed set of eval frames per task, from a seed no training frame uses."""
     rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
+    tasks = ("find", "marked") + (("at",) if cfg.at_weight > 0 else ())
     return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
-            for task in ("find", "marked") for _ in range(cfg.eval_frames)]
+            for task in tasks for _ in range(cfg.eval_frames)]
 
 
 def prompt_parts(question, style):
@@ -337,7 +372,10 @@ def claim(name, box, frame_size):
 def target_text(sample, frame_size, find_answer="name_box"):
     """The answer: marked names the object; find names it and gives its box (or, with find_answer
     box, gives the box alone: no name to copy from the question first); list names and boxes every
-    object, left to right by box centre."""
+    object, left to right by box centre; at names and boxes the object and says the time asked."""
+    if sample.task == "at":
+        t = data.format_seconds(sample.clip[3])
+        return f"{claim(sample.name, sample.box, frame_size)}at{data.T_OPEN}{t}{data.T_CLOSE}s"
     if sample.task == "marked":
         return f"{data.OBJ_OPEN}{sample.name}{data.OBJ_CLOSE}"
     if sample.task == "list":
@@ -348,9 +386,28 @@ def target_text(sample, frame_size, find_answer="name_box"):
     return claim(sample.name, sample.box, frame_size)
 
 
-def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box"):
-    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device."""
-    model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
+def clip_parts(question, times, duration, question_first=False):
+    """A clip's chat prompt: SFT's (data.render_prompt: every frame after its time, then the question),
+    or with question_first the question before the frames, so causal attention lets the image tokens
+    read it (the layout the committed checkpoint's find skill was trained in)."""
+    parts = data.render_prompt(question, times, duration)
+    if not question_first:
+        return parts
+    tail = f"\nThe video is in total {data.format_seconds(duration)} seconds.\n{question}"
+    k = parts.index(tail)
+    first = next(i for i, p in enumerate(parts) if isinstance(p, str) and p.startswith("Frame 1 at"))
+    return parts[:first] + [f"{question}\n"] + parts[first:k] + [tail[:tail.index(question)].rstrip()] + parts[k + 1:]
+
+
+def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
+    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at) is in
+    SFT's layout, or with at_question_first the question first (clip_parts)."""
+    if sample.task == "at":
+        frames, times, duration, _ = sample.clip
+        model_in = model.tokenize_prompt(tokenizer, clip_parts(sample.question, times, duration, at_question_first),
+                                         frames, vision)
+    else:
+        model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
     text = target_text(sample, model_in.frame_size, find_answer) + data.IM_END
     return model_in.to(device), torch.tensor(tokenizer.encode(text, add_special_tokens=False), device=device)
 
@@ -380,7 +437,7 @@ def box_iou(a, b):
 
 
 def score(sample, text, frame_size):
-    """One greedy answer -> {'iou': ...} (find) or {'correct': ...} (marked), plus 'parsed'."""
+    """One greedy answer -> {'iou': ...} (find, at) or {'correct': ...} (marked), plus 'parsed'."""
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}
@@ -390,12 +447,12 @@ def score(sample, text, frame_size):
 
 
 @torch.no_grad()
-def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24, device="cpu", batch=32):
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="cpu", batch=32, at_question_first=False):
     """Greedy answers on the held-out samples, `batch` decoded together (the same tokens as one at a
     time) -> metrics dict."""
     how = model.Sampling(max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id, 0.0, 1.0,
                          tuple(model.vision_token_ids(tokenizer)))
-    inputs = [encode(s, tokenizer, vision, style, device)[0] for s in samples]
+    inputs = [encode(s, tokenizer, vision, style, device, at_question_first=at_question_first)[0] for s in samples]
     outs = model.generate_groups(vlm, inputs, 1, how, None, batch)
     rows, examples = [], []
     for s, model_in, (ids, mask, _) in zip(samples, inputs, outs):
@@ -405,8 +462,11 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=24, device="
             examples.append(text)
     find = [r for t, r in rows if t == "find"]
     marked = [r for t, r in rows if t == "marked"]
+    at = [r for t, r in rows if t == "at"]
     mean = lambda xs: sum(xs) / max(len(xs), 1)
-    return {"box_miou": mean([r["iou"] for r in find]),
+    clips = {"at_miou": mean([r["iou"] for r in at]), "at_iou50": mean([float(r["iou"] >= 0.5) for r in at]),
+             "at_name_acc": mean([r["name_ok"] for r in at])} if at else {}
+    return {**clips, "box_miou": mean([r["iou"] for r in find]),
             "box_iou50": mean([float(r["iou"] >= 0.5) for r in find]),
             "marked_acc": mean([r["correct"] for r in marked]),
             "find_name_acc": mean([r["name_ok"] for r in find]),
@@ -653,7 +713,7 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     """One point of the curve: held-out metrics plus where training stands."""
     vlm.eval()
     t0 = time.time()
-    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device)
+    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device, at_question_first=cfg.at_question_first)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
@@ -723,7 +783,7 @@ def run(cfg, log=print):
     if cfg.aux_steps > 0:
         pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
     next_eval = clock["wall"]
-    task_loss = {"find": [], "marked": [], "list": []}  # per-sample token-mean losses since the last log line
+    task_loss = {t: [] for t in TASKS}  # per-sample token-mean losses since the last log line
     aid_stats = []  # the binding aids' stats since the last log line
     while True:
         done = clock["wall"] >= cfg.train_seconds or (cfg.max_steps and step >= cfg.max_steps)
@@ -735,15 +795,17 @@ def run(cfg, log=print):
             if cfg.save:
                 save_model(vlm, os.path.join(cfg.out, "model"))
             losses, next_eval = [], clock["wall"] + cfg.eval_every
+            at = f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}" if "at_miou" in row else ""
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
-                f"parsed {row['parsed']:.2f} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
+                f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
         if done:
             break
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
-        batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer) for s in samples]
+        batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer, cfg.at_question_first)
+                 for s in samples]
         binding = (bind_head, samples, cfg) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
         words = (tokenizer, [text_sample(rng, cfg) for _ in range(cfg.text_batch)], cfg.device) if cfg.text_mix else None
         loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding, words)
@@ -760,8 +822,8 @@ def run(cfg, log=print):
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
             aids = "".join(f" {k} {sum(a[k] for a in aid_stats) / len(aid_stats):.3f}" for k in aid_stats[-1])
             log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
-                f"list {mean['list']:.3f}{aids}")
-            task_loss, aid_stats = {"find": [], "marked": [], "list": []}, []
+                f"list {mean['list']:.3f} at {mean['at']:.3f}{aids}")
+            task_loss, aid_stats = {t: [] for t in TASKS}, []
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")
     return result

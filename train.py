@@ -558,7 +558,7 @@ def tokenizer_corpus(records):
 # ---------------------------------------------------------------------------------------------
 
 def perception_tasks(cfg):
-    """The perception stage's tasks (probe.py's single frames of the synthetic world): the task mix
+    """The perception stage's tasks (probe.py's frames and clips of the synthetic world): the task mix
     from --pretrain_tasks, the distractor cap growing from 1 over the first half of the steps."""
     weights = {}
     for item in cfg.pretrain_tasks.split(","):
@@ -573,7 +573,7 @@ def perception_tasks(cfg):
         raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
-                             max_distractors=cfg.pretrain_distractors, curriculum_steps=cfg.pretrain_steps // 2,
+                             at_weight=weights.get("at", 0.0), max_distractors=cfg.pretrain_distractors, curriculum_steps=cfg.pretrain_steps // 2,
                              background=cfg.background, prompt="short", eval_frames=32)
 
 

@@ -423,3 +423,60 @@ def test_the_committed_perception_checkpoints_are_what_their_commands_make(name,
     assert last["step"] == cfg.max_steps
     assert scores["box_miou"] == pytest.approx(last["box_miou"], abs=0.02)
     assert scores["marked_acc"] == pytest.approx(last["marked_acc"], abs=0.02)
+
+
+def test_at_sample_boxes_the_named_object_in_the_frame_shown_at_the_asked_time():
+    rng, cfg = random.Random(3), probe.ProbeConfig(at_weight=1.0)
+    for _ in range(12):
+        s = probe.make_sample(rng, cfg, "at", 0)
+        frames, times, duration, t = s.clip
+        assert len(times) == len(frames) == len(D.sample_times(duration)) and t in times
+        assert s.question == f"Where is the {s.name} at {D.format_seconds(t)}s?"
+        shown = frames[times.index(t)]
+        assert torch.equal(shown, s.frame)
+        x1, y1, x2, y2 = D.norm_box_to_pixels(s.box, synth.SIZE, synth.SIZE)
+        cx, cy = (x1 + x2) // 2, (y1 + y2 + 1) // 2
+        colour = tuple(synth.COLOURS[s.name.split()[0]])
+        assert (s.name, s.box) in s.objects
+        # the object is at its box in the asked frame (unless another object's box holds its centre)
+        u, v = (cx + 0.5) / synth.SIZE, (cy + 0.5) / synth.SIZE
+        if not any(n != s.name and b[0] <= u <= b[2] and b[1] <= v <= b[3] for n, b in s.objects):
+            assert tuple(shown[:, cy, cx].tolist()) == colour
+        text = probe.target_text(s, (synth.SIZE, synth.SIZE))
+        assert text.endswith(f"at<t>{D.format_seconds(t)}</t>s")
+        r = probe.score(s, text, (synth.SIZE, synth.SIZE))
+        assert r["parsed"] and r["iou"] > 0.9 and r["name_ok"] == 1.0
+
+
+def test_at_sample_is_read_in_the_sft_layout(tiny_policy):
+    vlm, tok, vision = tiny_policy
+    s = probe.make_sample(random.Random(4), probe.ProbeConfig(at_weight=1.0), "at", 0)
+    frames, times, duration, _ = s.clip
+    prompt, target = probe.encode(s, tok, vision, "short")
+    expected = M.tokenize_prompt(tok, D.render_prompt(s.question, times, duration), frames, vision)
+    assert torch.equal(prompt.input_ids, expected.input_ids)
+    assert prompt.image_grid_thw.shape[0] == len(times)
+    assert tok.decode(target).startswith(f"<obj>{s.name}</obj><box>")
+
+
+def test_at_question_first_moves_only_the_question_before_the_frames():
+    times, q = [0.0, 0.5, 1.0], "Where is the red circle at 0.5s?"
+    sft, first = probe.clip_parts(q, times, 1.5), probe.clip_parts(q, times, 1.5, question_first=True)
+    assert sft == D.render_prompt(q, times, 1.5)
+    frames_at = lambda parts: [i for i, p in enumerate(parts) if isinstance(p, int)]
+    asked = lambda parts: next(i for i, p in enumerate(parts) if isinstance(p, str) and q in p)
+    assert asked(sft) > max(frames_at(sft)) and asked(first) < min(frames_at(first))
+    assert "".join(p for p in first if isinstance(p, str)).replace(q + "\n", "") == \
+        "".join(p for p in sft if isinstance(p, str)).replace("\n" + q, "")
+
+
+def test_at_curriculum_grows_the_clip_from_the_asked_frame_alone_to_every_frame():
+    cfg = probe.ProbeConfig(find_weight=0, marked_weight=0, at_weight=1.0, at_curriculum_steps=30)
+    rng = random.Random(6)
+    for step, most in ((0, 1), (2, 2), (15, 8), (29, 15), (30, 16), (500, 16)):
+        s = probe.training_sample(rng, cfg, step)
+        frames, times, duration, t = s.clip
+        full = D.sample_times(duration)
+        assert len(times) == min(most, len(full)) == len(frames)
+        assert t in times and set(times) <= set(full) and times == sorted(times)
+        assert torch.equal(frames[times.index(t)], s.frame)
