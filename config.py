@@ -61,7 +61,7 @@ class Config:
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
     synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
     background: str = "gradient"  # synthetic frames: gradient (colour says where; the perception model's frames) | flat grey
-    # ---- perception pretraining (stage pretrain, before SFT: probe.py's single-frame tasks) ----
+    # ---- perception pretraining (stage pretrain, before SFT: probe.py's frame and clip tasks) ----
     pretrain_steps: int = 0       # optimizer steps on frames and clips rendered in memory (--pretrain_tasks); 0 skips the stage
     pretrain_batch: int = 32      # frames per pretraining step, over all ranks
     pretrain_lr: float = 2e-3     # its peak learning rate (sft_warmup steps of warmup, cosine to 10%)

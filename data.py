@@ -745,22 +745,27 @@ class Special(str):
     maps a Special to its single id and tokenizes every other piece with specials as plain text."""
 
 
-def render_prompt(question, times, duration, system=SYSTEM_PROMPT, history=()):
+def render_prompt(question, times, duration, system=SYSTEM_PROMPT, history=(), question_first=False):
     """Chat prompt as parts: text (str), chat tokens (Special) and frame indices (int).
 
     <|im_start|>system ... <|im_end|> <|im_start|>user "Frame 1 at 0.0s:" [frame 0] "Frame 2 at
     0.5s:" [frame 1] ... "The video is in total 6.0 seconds." question <|im_end|>, then the
     assistant turn opens. An image (duration None) is one frame without a time. history: earlier
-    (answer, next question) turns of a multi-turn chat (V-STAR's chains), in order.
+    (answer, next question) turns of a multi-turn chat (V-STAR's chains), in order. question_first
+    puts a video's question before its frames instead (causal attention then lets the image tokens
+    read it; probe.py's at task, docs/perception.md session 11); every run here keeps it after.
     """
     S = Special
     parts = [S(IM_START), f"system\n{system}", S(IM_END), "\n", S(IM_START), "user\n"]
     if duration is None:
         parts += [0, f"\n{question}"]
     else:
+        if question_first:
+            parts.append(f"{question}\n")
         for i, t in enumerate(times):
             parts += [f"Frame {i + 1} at {format_seconds(t)}s:", i]
-        parts.append(f"\nThe video is in total {format_seconds(duration)} seconds.\n{question}")
+        total = f"\nThe video is in total {format_seconds(duration)} seconds."
+        parts.append(total if question_first else f"{total}\n{question}")
     for answer, next_question in history:
         parts += [S(IM_END), "\n", S(IM_START), f"assistant\n{answer}", S(IM_END), "\n", S(IM_START),
                   f"user\n{next_question}"]

@@ -109,11 +109,11 @@ def forced_spans(vlm, tokenizer, inputs, trace):
     target = torch.tensor(model.encode_text(tokenizer, trace), device=inputs.input_ids.device)
     guess = vlm.lm_head(model.plain_hidden(vlm, [inputs], [target])[0]).argmax(-1)  # guess[k] predicts target[k]
     spans = {"box": (data.BOX_OPEN, data.BOX_CLOSE), "obj": (data.OBJ_OPEN, data.OBJ_CLOSE)}
-    out = {}
+    ids, out = target.tolist(), {}
     for kind, tags in spans.items():
         opens, closes = (tokenizer.convert_tokens_to_ids(t) for t in tags)
         pairs, start = [], None
-        for k, tok in enumerate(target.tolist()):
+        for k, tok in enumerate(ids):
             if tok == opens:
                 start = k + 1
             elif tok == closes and start is not None:

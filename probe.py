@@ -244,8 +244,8 @@ def distractor_cap(cfg, step):
 def training_sample(rng, cfg, step):
     task = rng.choices(TASKS, weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight))[0]
     most_frames = None
-    if cfg.at_curriculum_steps > 0 and step < cfg.at_curriculum_steps:  # 1 frame at step 0, 16 at the end
-        most_frames = 1 + step * 15 // cfg.at_curriculum_steps
+    if cfg.at_curriculum_steps > 0 and step < cfg.at_curriculum_steps:  # 1 frame at step 0, all at the end
+        most_frames = 1 + step * (data.FrameConfig.max_frames - 1) // cfg.at_curriculum_steps
     sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)), most_frames)
     if task == "find" and step < cfg.text_objects_steps:
         sample.question = f"{objects_as_text(rng, sample)}\n{sample.question}"
@@ -386,26 +386,13 @@ def target_text(sample, frame_size, find_answer="name_box"):
     return claim(sample.name, sample.box, frame_size)
 
 
-def clip_parts(question, times, duration, question_first=False):
-    """A clip's chat prompt: SFT's (data.render_prompt: every frame after its time, then the question),
-    or with question_first the question before the frames, so causal attention lets the image tokens
-    read it (the layout the committed checkpoint's find skill was trained in)."""
-    parts = data.render_prompt(question, times, duration)
-    if not question_first:
-        return parts
-    tail = f"\nThe video is in total {data.format_seconds(duration)} seconds.\n{question}"
-    k = parts.index(tail)
-    first = next(i for i, p in enumerate(parts) if isinstance(p, str) and p.startswith("Frame 1 at"))
-    return parts[:first] + [f"{question}\n"] + parts[first:k] + [tail[:tail.index(question)].rstrip()] + parts[k + 1:]
-
-
 def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
     """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at) is in
-    SFT's layout, or with at_question_first the question first (clip_parts)."""
+    SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
     if sample.task == "at":
         frames, times, duration, _ = sample.clip
-        model_in = model.tokenize_prompt(tokenizer, clip_parts(sample.question, times, duration, at_question_first),
-                                         frames, vision)
+        parts = data.render_prompt(sample.question, times, duration, question_first=at_question_first)
+        model_in = model.tokenize_prompt(tokenizer, parts, frames, vision)
     else:
         model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
     text = target_text(sample, model_in.frame_size, find_answer) + data.IM_END
@@ -447,7 +434,8 @@ def score(sample, text, frame_size):
 
 
 @torch.no_grad()
-def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="cpu", batch=32, at_question_first=False):
+def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="cpu", batch=32,
+             at_question_first=False):
     """Greedy answers on the held-out samples, `batch` decoded together (the same tokens as one at a
     time) -> metrics dict."""
     how = model.Sampling(max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id, 0.0, 1.0,
@@ -713,7 +701,8 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     """One point of the curve: held-out metrics plus where training stands."""
     vlm.eval()
     t0 = time.time()
-    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device, at_question_first=cfg.at_question_first)
+    m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device,
+                 at_question_first=cfg.at_question_first)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
@@ -795,7 +784,8 @@ def run(cfg, log=print):
             if cfg.save:
                 save_model(vlm, os.path.join(cfg.out, "model"))
             losses, next_eval = [], clock["wall"] + cfg.eval_every
-            at = f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}" if "at_miou" in row else ""
+            at = (f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}"
+                  if "at_miou" in row else "")
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
                 f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
