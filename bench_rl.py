@@ -259,6 +259,13 @@ def prepare(args, workdir):
     return len(prompt), int(prompt.mm_token_type_ids.sum())
 
 
+def loss_tolerance(device, loss):
+    """How far two paths' losses may differ: float summation order on CPU (fp32); on a GPU (bf16)
+    5% of the loss, which is small here (mostly the KL term), so an absolute bound would pass a
+    path that scores completions without their prompt (seen: 15% off, under transformers 5.17)."""
+    return 1e-5 if device == "cpu" else 0.05 * abs(loss)
+
+
 def run_child(path, workdir):
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--path={path}", f"--workdir={workdir}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -283,7 +290,7 @@ def main_single(args):
         print(f"| {r['path']} | {r['fb_s']:.2f} | {r['step_s']:.2f} | {r['peak_mib']:.0f} | {r['loss']:.9g} |")
     s, p = res["shared"], res["plain"]
     fb, st, mem = p["fb_s"] / s["fb_s"], p["step_s"] / s["step_s"], s["peak_mib"] / p["peak_mib"]
-    diff, tol = abs(s["loss"] - p["loss"]), 1e-5 if args.device == "cpu" else 5e-2
+    diff, tol = abs(s["loss"] - p["loss"]), loss_tolerance(args.device, p["loss"])
     print(f"\nfwd+bwd speed-up {fb:.1f}x (target >= 5x: {verdict(fb >= 5)})")
     print(f"step speed-up    {st:.1f}x (target >= 3x: {verdict(st >= 3)})")
     print(f"peak memory      shared / plain = {mem:.2f} (target < 1: {verdict(mem < 1)})")
@@ -417,7 +424,7 @@ def main_multi(args):
         print(f"\nbatched vs {other}: step {o['step'] / b['step']:.1f}x (CPU {o['cpu'] / b['cpu']:.1f}x), " +
               ", ".join(f"{k} {o[k] / b[k]:.1f}x" for k in PARTS[:3]) + f", peak memory {b['peak_mib'] / o['peak_mib']:.2f}")
     diff = max(abs(b["loss"] - res[k]["loss"]) for k in ("one", "plain"))
-    tol = 1e-5 if args.device == "cpu" else 5e-2
+    tol = loss_tolerance(args.device, res["plain"]["loss"])
     print(f"step speed-up vs plain {res['plain']['step'] / b['step']:.1f}x "
           f"(issue 14 target >= 5x: {verdict(res['plain']['step'] / b['step'] >= 5)})")
     print(f"loss |diff| {diff:.2e} (target <= {tol:g}: {verdict(diff <= tol)})")

@@ -65,7 +65,7 @@ class Config:
     pretrain_steps: int = 0       # optimizer steps on frames and clips rendered in memory (--pretrain_tasks); 0 skips the stage
     pretrain_batch: int = 32      # frames per pretraining step, over all ranks
     pretrain_lr: float = 2e-3     # its peak learning rate (sft_warmup steps of warmup, cosine to 10%)
-    pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at: a box at a named time in a clip)
+    pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when on clips)
     pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)

@@ -745,27 +745,34 @@ class Special(str):
     maps a Special to its single id and tokenizes every other piece with specials as plain text."""
 
 
-def render_prompt(question, times, duration, system=SYSTEM_PROMPT, history=(), question_first=False):
+QUESTION_AT = ("after", "before", "both")  # where a video's question goes in the chat prompt
+
+
+def render_prompt(question, times, duration, system=SYSTEM_PROMPT, history=(), question_at="after"):
     """Chat prompt as parts: text (str), chat tokens (Special) and frame indices (int).
 
     <|im_start|>system ... <|im_end|> <|im_start|>user "Frame 1 at 0.0s:" [frame 0] "Frame 2 at
     0.5s:" [frame 1] ... "The video is in total 6.0 seconds." question <|im_end|>, then the
     assistant turn opens. An image (duration None) is one frame without a time. history: earlier
-    (answer, next question) turns of a multi-turn chat (V-STAR's chains), in order. question_first
-    puts a video's question before its frames instead (causal attention then lets the image tokens
-    read it; probe.py's at task, docs/perception.md session 11); every run here keeps it after.
+    (answer, next question) turns of a multi-turn chat (V-STAR's chains), in order.
+    question_at (a video's question; one of QUESTION_AT): after the frames (Qwen2.5-VL's layout),
+    before them (causal attention then lets the image tokens read it: probe.py's at task), or both
+    (read by the image tokens and again next to the answer). A checkpoint names its own layout
+    (model.VisionProcessor.question_at); docs/perception.md, sessions 11 and 12, says why.
     """
+    if question_at not in QUESTION_AT:
+        raise ValueError(f"question_at={question_at!r}: expected one of {QUESTION_AT}")
     S = Special
     parts = [S(IM_START), f"system\n{system}", S(IM_END), "\n", S(IM_START), "user\n"]
     if duration is None:
         parts += [0, f"\n{question}"]
     else:
-        if question_first:
+        if question_at != "after":
             parts.append(f"{question}\n")
         for i, t in enumerate(times):
             parts += [f"Frame {i + 1} at {format_seconds(t)}s:", i]
         total = f"\nThe video is in total {format_seconds(duration)} seconds."
-        parts.append(total if question_first else f"{total}\n{question}")
+        parts.append(total if question_at == "before" else f"{total}\n{question}")
     for answer, next_question in history:
         parts += [S(IM_END), "\n", S(IM_START), f"assistant\n{answer}", S(IM_END), "\n", S(IM_START),
                   f"user\n{next_question}"]

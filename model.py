@@ -25,6 +25,7 @@ Decoding writes into a KV cache allocated once per call (SlotCache), not one gro
 
 Test: python -m pytest tests/test_model.py tests/test_batch.py
 """
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+import transformers
 from einops import rearrange
 from transformers import AutoTokenizer, DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicLayer
@@ -46,6 +48,18 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_P
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 MM_TEXT, MM_IMAGE = 0, 1  # mm_token_type_ids values
+
+
+def check_transformers(text_forward):
+    """Refuse a transformers whose text model takes the KV cache as past_key_values (before 5.24):
+    our calls pass cache=, which such a version puts into **kwargs unread, so every decoded token
+    would see only itself: garbage answers and no error (seen with 5.17 on a GPU machine)."""
+    if "cache" not in inspect.signature(text_forward).parameters:
+        raise ImportError(f"transformers {transformers.__version__}: its Qwen2.5-VL text model takes no `cache` "
+                          f"argument (it came in 5.24); install requirements.txt (transformers>=5.24,<6)")
+
+
+check_transformers(transformers.Qwen2_5_VLTextModel.forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +304,12 @@ def stop_token_ids(model, tokenizer):
 # Frames -> pixel_values (Qwen2.5-VL's image preprocessing, without torchvision)
 # ---------------------------------------------------------------------------------------------
 
+def _question_at(path, value):
+    if value not in data.QUESTION_AT:
+        raise ValueError(f"{path}/preprocessor_config.json: question_at={value!r}, expected one of {data.QUESTION_AT}")
+    return value
+
+
 @dataclass
 class VisionProcessor:
     """The numbers of preprocessor_config.json that matter; resize, normalize and patchify frames."""
@@ -300,6 +320,7 @@ class VisionProcessor:
     max_pixels: int = 128 * 28 * 28
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+    question_at: str = "after"    # where prompts put a video's question (data.QUESTION_AT); a real Qwen2.5-VL: after
 
     @classmethod
     def load(cls, path):
@@ -311,7 +332,8 @@ class VisionProcessor:
                    min_pixels=size.get("shortest_edge", c.get("min_pixels", 4 * 28 * 28)),
                    max_pixels=size.get("longest_edge", c.get("max_pixels", 128 * 28 * 28)),
                    image_mean=tuple(c.get("image_mean", cls.image_mean)),
-                   image_std=tuple(c.get("image_std", cls.image_std)))
+                   image_std=tuple(c.get("image_std", cls.image_std)),
+                   question_at=_question_at(path, c.get("question_at", "after")))
 
     def save(self, path):
         c = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
@@ -320,6 +342,8 @@ class VisionProcessor:
              "max_pixels": self.max_pixels, "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
              "image_mean": list(self.image_mean), "image_std": list(self.image_std),
              "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+        if self.question_at != "after":  # Qwen2.5-VL's own layout goes unsaid, as in its own file
+            c["question_at"] = self.question_at
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(c, f, indent=2)
 
@@ -423,13 +447,14 @@ def tokenize_prompt(tokenizer, parts, frames, vision, max_pixels=None):
 def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
     """What the model reads: a decoded video (data.VideoSample) and a question -> Prompt.
 
-    The text is data.render_prompt's chat layout (each frame after `Frame i at t s:`); `turns` are
-    earlier (answer, next question) pairs of a multi-turn conversation (eval.py's V-STAR chains).
+    The text is data.render_prompt's chat layout (each frame after `Frame i at t s:`, the question
+    where the checkpoint puts it: vision.question_at); `turns` are earlier (answer, next question)
+    pairs of a multi-turn conversation (eval.py's V-STAR chains).
     Chat tokens are placed by the template alone: questions and earlier answers go through
     encode_text, so text spelling `<|im_end|>` stays text. max_pixels overrides the checkpoint's
     per-frame pixel budget.
     """
-    parts = data.render_prompt(question, video.times, video.duration, history=turns)
+    parts = data.render_prompt(question, video.times, video.duration, history=turns, question_at=vision.question_at)
     return tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
 
 

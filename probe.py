@@ -74,6 +74,11 @@ class ProbeConfig:
                                   # -> the trace's claim <obj>..</obj><box>..</box>at<t>2.5</t>s
     at_question_first: bool = False  # at: the question before the frames (image tokens can read it), not SFT's layout
     at_curriculum_steps: int = 0  # > 0: an at clip shows the asked frame and few others at first, all from this step on
+    when_weight: float = 0.0      # "When is the red circle visible?" on a clip (synth.tell's temporal question, its
+                                  # event's span) -> From <t>2.5</t>s to <t>4.0</t>s; the layout of at_question_first
+    when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS)
+    question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
+                                  # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
     text_objects_steps: int = 0   # > 0: find questions list every object and its box as text for these first steps
     marks: str = "red_circle,darken,spotlight"  # prompt.py drawings used by the marked task
@@ -125,9 +130,10 @@ class ProbeConfig:
 
 
 CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
-           "find_answer": ("name_box", "box")}
+           "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
-TASKS = ("find", "marked", "list", "at")
+TASKS = ("find", "marked", "list", "at", "when")
+CLIP_TASKS = ("at", "when")
 FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 AT_Q = "Where is the {} at {}s?"
@@ -194,7 +200,8 @@ class Sample:
     name: str           # the target's name
     box: list           # the target's normalized xyxy box
     objects: list = None  # every object in the frame as (name, normalized box), the target first
-    clip: tuple = None  # at: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
+    clip: tuple = None  # at, when: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
+    span: tuple = None  # when: the event's (start, end) in seconds
 
 
 def clip_sample(rng, cfg, most_frames=None):
@@ -217,9 +224,26 @@ def clip_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, times[k]))
 
 
+def when_sample(rng, cfg):
+    """The when task: a synthetic clip whose event is one of cfg.when_events, shown as SFT sees a
+    video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span."""
+    events = cfg.when_events.split(",")
+    scene = synth.make_scene(rng, rng.random() < 0.5)
+    while scene.event not in events:
+        scene = synth.make_scene(rng, rng.random() < 0.5)
+    times = data.sample_times(scene.duration)
+    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    f, target = synth.frame_of(times[0]), scene.shapes[0]
+    objects = [(sh.name(f), sh.box(f)) for sh in scene.shapes if sh.visible[f]]   # in the first frame shown
+    return Sample("when", frames[0], synth.tell(scene).when, target.name(0), target.box(0), objects,
+                  (frames, times, scene.duration, None), scene.span)
+
+
 def make_sample(rng, cfg, task, n_distractors, most_frames=None):
     if task == "at":
         return clip_sample(rng, cfg, most_frames)
+    if task == "when":
+        return when_sample(rng, cfg)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -242,7 +266,8 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    task = rng.choices(TASKS, weights=(cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight))[0]
+    weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight)
+    task = rng.choices(TASKS, weights=weights)[0]
     most_frames = None
     if cfg.at_curriculum_steps > 0 and step < cfg.at_curriculum_steps:  # 1 frame at step 0, all at the end
         most_frames = 1 + step * (data.FrameConfig.max_frames - 1) // cfg.at_curriculum_steps
@@ -343,7 +368,7 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
 def held_out(cfg):
     """A fixed set of eval frames per task, from a seed no training frame uses."""
     rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
-    tasks = ("find", "marked") + (("at",) if cfg.at_weight > 0 else ())
+    tasks = ("find", "marked") + (("at",) if cfg.at_weight > 0 else ()) + (("when",) if cfg.when_weight > 0 else ())
     return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
             for task in tasks for _ in range(cfg.eval_frames)]
 
@@ -372,7 +397,10 @@ def claim(name, box, frame_size):
 def target_text(sample, frame_size, find_answer="name_box"):
     """The answer: marked names the object; find names it and gives its box (or, with find_answer
     box, gives the box alone: no name to copy from the question first); list names and boxes every
-    object, left to right by box centre; at names and boxes the object and says the time asked."""
+    object, left to right by box centre; at names and boxes the object and says the time asked; when
+    gives the event's span as the temporal answers do."""
+    if sample.task == "when":
+        return synth.span_text(*sample.span)
     if sample.task == "at":
         t = data.format_seconds(sample.clip[3])
         return f"{claim(sample.name, sample.box, frame_size)}at{data.T_OPEN}{t}{data.T_CLOSE}s"
@@ -389,9 +417,10 @@ def target_text(sample, frame_size, find_answer="name_box"):
 def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
     """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at) is in
     SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
-    if sample.task == "at":
+    if sample.task in CLIP_TASKS:
         frames, times, duration, _ = sample.clip
-        parts = data.render_prompt(sample.question, times, duration, question_first=at_question_first)
+        layout = "before" if at_question_first else "after"
+        parts = data.render_prompt(sample.question, times, duration, question_at=layout)
         model_in = model.tokenize_prompt(tokenizer, parts, frames, vision)
     else:
         model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
@@ -423,8 +452,21 @@ def box_iou(a, b):
     return iw * ih / union if union > 0 else 0.0
 
 
+_SPAN = re.compile(r"<t>\s*(\d+(?:\.\d+)?)\s*</t>s to <t>\s*(\d+(?:\.\d+)?)\s*</t>s")
+
+
+def span_iou(a, b):
+    """Temporal IoU of two (start, end) spans; 0 for an empty or inverted one."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if a[1] > a[0] and union > 0 else 0.0
+
+
 def score(sample, text, frame_size):
-    """One greedy answer -> {'iou': ...} (find, at) or {'correct': ...} (marked), plus 'parsed'."""
+    """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked), plus 'parsed'."""
+    if sample.task == "when":
+        m = _SPAN.search(text)
+        return {"parsed": m is not None, "iou": span_iou([float(v) for v in m.groups()], sample.span) if m else 0.0}
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}
@@ -451,9 +493,12 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="
     find = [r for t, r in rows if t == "find"]
     marked = [r for t, r in rows if t == "marked"]
     at = [r for t, r in rows if t == "at"]
+    when = [r for t, r in rows if t == "when"]
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     clips = {"at_miou": mean([r["iou"] for r in at]), "at_iou50": mean([float(r["iou"] >= 0.5) for r in at]),
              "at_name_acc": mean([r["name_ok"] for r in at])} if at else {}
+    if when:
+        clips.update(when_tiou=mean([r["iou"] for r in when]), when_iou50=mean([float(r["iou"] >= 0.5) for r in when]))
     return {**clips, "box_miou": mean([r["iou"] for r in find]),
             "box_iou50": mean([float(r["iou"] >= 0.5) for r in find]),
             "marked_acc": mean([r["correct"] for r in marked]),
@@ -585,6 +630,9 @@ def build_model(cfg, out_dir):
 
 def load_for_run(cfg, folder):
     vlm, tokenizer, vision = model.load_policy(folder, cfg.device)
+    if cfg.question_at:  # the layout the model's users will prompt it with, saved beside its weights
+        vision.question_at = cfg.question_at
+        vision.save(folder)
     if cfg.attend_weight > 0:  # SDPA returns no attention weights
         vlm.set_attn_implementation("eager")
     return vlm, tokenizer, vision
@@ -786,6 +834,7 @@ def run(cfg, log=print):
             losses, next_eval = [], clock["wall"] + cfg.eval_every
             at = (f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}"
                   if "at_miou" in row else "")
+            at += f" when tIoU {row['when_tiou']:.3f} IoU>=.5 {row['when_iou50']:.2f}" if "when_tiou" in row else ""
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
                 f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
@@ -812,7 +861,7 @@ def run(cfg, log=print):
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
             aids = "".join(f" {k} {sum(a[k] for a in aid_stats) / len(aid_stats):.3f}" for k in aid_stats[-1])
             log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
-                f"list {mean['list']:.3f} at {mean['at']:.3f}{aids}")
+                f"list {mean['list']:.3f} at {mean['at']:.3f} when {mean['when']:.3f}{aids}")
             task_loss, aid_stats = {t: [] for t in TASKS}, []
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")

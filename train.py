@@ -573,7 +573,8 @@ def perception_tasks(cfg):
         raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
-                             at_weight=weights.get("at", 0.0), max_distractors=cfg.pretrain_distractors,
+                             at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
+                             max_distractors=cfg.pretrain_distractors,
                              curriculum_steps=cfg.pretrain_steps // 2,
                              background=cfg.background, prompt="short", eval_frames=32)
 

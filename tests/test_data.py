@@ -33,6 +33,21 @@ def test_render_prompt_interleaves_frames_and_duration():
     assert [p for p in parts if isinstance(p, D.Special)] == [D.IM_START, D.IM_END, D.IM_START, D.IM_END, D.IM_START]
 
 
+def test_render_prompt_question_at_before_and_both():
+    q, times = "What moves?", [0.0, 0.5]
+    after = D.render_prompt(q, times, 1.4)
+    before, both = (D.render_prompt(q, times, 1.4, question_at=a) for a in ("before", "both"))
+    assert D.render_prompt(q, times, 1.4, question_at="after") == after
+    assert before[6:11] == ["What moves?\n", "Frame 1 at 0.0s:", 0, "Frame 2 at 0.5s:", 1]
+    assert before[11] == "\nThe video is in total 1.4 seconds."
+    assert both[:11] == before[:11] and both[11] == after[10] == "\nThe video is in total 1.4 seconds.\nWhat moves?"
+    assert both[12:] == before[12:] == after[11:]
+    image = D.render_prompt(q, [0.0], None, question_at="both")   # an image keeps its one layout
+    assert image == D.render_prompt(q, [0.0], None)
+    with pytest.raises(ValueError, match="question_at='first'"):
+        D.render_prompt(q, times, 1.4, question_at="first")
+
+
 def test_trace_boxes_pixels_rescaled():
     text = "<obj>a</obj><box>[10,20,30,40]</box>at<t>1.0</t>s <box> [0, 0, 100, 100] </box>"
     assert D.trace_to_frame_pixels(text, (100, 100), (200, 50), "r") == \

@@ -197,6 +197,43 @@ def test_model_input_multi_turn_appends_answer_and_next_question(tiny_data, tiny
     assert int(two.mm_token_type_ids.sum()) == int(one.mm_token_type_ids.sum())   # same frames, more text
 
 
+def test_model_input_puts_the_question_where_the_checkpoint_says(tiny_data, tiny_policy, tmp_path):
+    _, tok, vision = tiny_policy
+    assert vision.question_at == "after"
+    video = D.load_video_sample(D.load_records(os.path.join(tiny_data, "train.json"))[0])
+    q = "Where is the odd one?"
+    both = copy.deepcopy(vision)
+    both.question_at = "both"
+    both.save(str(tmp_path))
+    loaded = M.VisionProcessor.load(str(tmp_path))
+    assert loaded == both
+    after, twice = M.model_input(tok, vision, video, q), M.model_input(tok, loaded, video, q)
+    image = (twice.mm_token_type_ids == M.MM_IMAGE).nonzero()
+    text = tok.decode(twice.input_ids)
+    assert text.count(q) == 2 and tok.decode(after.input_ids).count(q) == 1
+    assert q in tok.decode(twice.input_ids[:image.min()]) and q in tok.decode(twice.input_ids[image.max():])
+    assert torch.equal(twice.pixel_values, after.pixel_values)
+
+
+def test_vision_processor_reads_a_real_checkpoints_layout_and_refuses_a_bad_one(tmp_path):
+    M.VisionProcessor().save(str(tmp_path))
+    path = os.path.join(str(tmp_path), "preprocessor_config.json")
+    with open(path) as f:
+        c = json.load(f)
+    assert "question_at" not in c                                  # as in Qwen2.5-VL's own file
+    assert M.VisionProcessor.load(str(tmp_path)).question_at == "after"
+    with open(path, "w") as f:
+        json.dump({**c, "question_at": "first"}, f)
+    with pytest.raises(ValueError, match="preprocessor_config.json: question_at='first'"):
+        M.VisionProcessor.load(str(tmp_path))
+
+
+def test_check_transformers_refuses_a_text_model_without_the_cache_argument():
+    M.check_transformers(lambda self, input_ids=None, cache=None, use_cache=None, **kwargs: None)
+    with pytest.raises(ImportError, match="no `cache` argument"):   # transformers < 5.24's signature
+        M.check_transformers(lambda self, input_ids=None, past_key_values=None, use_cache=None, **kwargs: None)
+
+
 def test_model_input_multi_turn_keeps_chat_tokens_in_answers_and_questions_as_text(tiny_data, tiny_policy):
     _, tok, vision = tiny_policy
     rec = D.load_records(os.path.join(tiny_data, "train.json"))[0]

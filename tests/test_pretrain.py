@@ -167,9 +167,9 @@ def test_a_synthetic_set_drawn_on_the_other_background_stops_the_run(tiny_data, 
         train.main(["--stage=sft", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--base_model={tmp_path}"])
 
 
-def test_the_at_task_joins_the_stage_mix(tmp_path):
-    tasks = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="find:1,at:2"))
-    assert (tasks.find_weight, tasks.marked_weight, tasks.at_weight) == (1.0, 0.0, 2.0)
+def test_the_clip_tasks_join_the_stage_mix(tmp_path):
+    tasks = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="find:1,at:2,when:1"))
+    assert (tasks.find_weight, tasks.marked_weight, tasks.at_weight, tasks.when_weight) == (1.0, 0.0, 2.0, 1.0)
     rng = random.Random(0)
     drawn = {probe.training_sample(rng, tasks, 0).task for _ in range(30)}
-    assert drawn == {"find", "at"}
+    assert drawn == {"find", "at", "when"}

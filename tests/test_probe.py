@@ -393,6 +393,18 @@ def test_init_starts_from_the_saved_model_and_text_mix_adds_words(tmp_path):
 CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 
 
+def test_question_at_is_saved_with_the_model_for_sft_and_eval(tmp_path):
+    init = os.path.join(CHECKPOINTS, "perception")
+    cfg = probe.ProbeConfig(init=init, question_at="both")
+    probe.start_from(cfg, str(tmp_path / "a"))
+    assert M.VisionProcessor.load(str(tmp_path / "a")).question_at == "both"
+    probe.start_from(dataclasses.replace(cfg, init=str(tmp_path / "a"), question_at=""), str(tmp_path / "b"))
+    assert M.VisionProcessor.load(str(tmp_path / "b")).question_at == "both"     # empty keeps the init's
+    assert M.VisionProcessor.load(init).question_at == "after"                   # the init folder is untouched
+    with pytest.raises(SystemExit, match="question_at"):
+        probe.parse_args(["--question_at=first"])
+
+
 def rerun_two_steps(folder, tmp_path):
     """A committed checkpoint folder's run (curve.json's config), its first two steps rerun into tmp_path
     (--init resolved against the repository) -> (its config, the record, the rerun's result)."""
@@ -453,6 +465,41 @@ def test_at_sample_boxes_the_named_object_in_the_frame_shown_at_the_asked_time()
     assert checked >= 6
 
 
+def test_when_sample_asks_the_events_tg_question_and_its_span_is_where_the_frames_show_it():
+    cfg = probe.ProbeConfig(when_weight=1.0, when_events="appear")
+    rng, checked = random.Random(5), 0
+    for _ in range(6):
+        s = probe.make_sample(rng, cfg, "when", 0)
+        frames, times, duration, _ = s.clip
+        assert times == D.sample_times(duration) and len(frames) == len(times)
+        start, end = s.span
+        assert start in times and end in times and end > start
+        assert s.question == f"When is the {s.name} visible?"              # synth's TG question for appear
+        colour = torch.tensor(synth.COLOURS[s.name.split()[0]], dtype=torch.uint8)[:, None, None]
+        count = [int((f == colour).all(0).sum()) for f in frames]
+        inside = [c for c, t in zip(count, times) if start <= t <= end]
+        outside = [c for c, t in zip(count, times) if not start <= t <= end]
+        assert min(inside) - max(outside) > 50                           # the target shows only in its span
+        text = probe.target_text(s, (synth.SIZE, synth.SIZE))
+        assert text == f"From <t>{D.format_seconds(start)}</t>s to <t>{D.format_seconds(end)}</t>s"
+        assert probe.score(s, text, (synth.SIZE, synth.SIZE)) == {"parsed": True, "iou": 1.0}
+        checked += 1
+    asked = [probe.make_sample(rng, probe.ProbeConfig(when_events="stop,meet"), "when", 0).question for _ in range(8)]
+    kinds = {"stop" if q.endswith("stop moving?") else "meet" if " touch the " in q else q for q in asked}
+    assert kinds == {"stop", "meet"}                                     # only the events asked for
+    assert checked == 6
+
+
+def test_span_iou_and_when_scoring_by_hand():
+    assert probe.span_iou((1.0, 3.0), (2.0, 4.0)) == pytest.approx(1 / 3)
+    assert probe.span_iou((2.0, 4.0), (2.0, 4.0)) == 1.0
+    assert probe.span_iou((3.0, 1.0), (0.0, 5.0)) == 0.0                  # inverted
+    assert probe.span_iou((0.0, 1.0), (2.0, 3.0)) == 0.0
+    s = probe.Sample("when", None, "q", "red circle", [0, 0, 1, 1], span=(2.5, 4.0))
+    assert probe.score(s, "From <t>2.5</t>s to <t>5.5</t>s", None) == {"parsed": True, "iou": 0.5}
+    assert probe.score(s, "<obj>red circle</obj> at <t>2.5</t>s", None) == {"parsed": False, "iou": 0.0}
+
+
 def test_at_sample_is_read_in_the_sft_layout(tiny_policy):
     vlm, tok, vision = tiny_policy
     s = probe.make_sample(random.Random(4), probe.ProbeConfig(at_weight=1.0), "at", 0)
@@ -466,7 +513,7 @@ def test_at_sample_is_read_in_the_sft_layout(tiny_policy):
 
 def test_at_question_first_moves_only_the_question_before_the_frames():
     times, q = [0.0, 0.5, 1.0], "Where is the red circle at 0.5s?"
-    sft, first = D.render_prompt(q, times, 1.5), D.render_prompt(q, times, 1.5, question_first=True)
+    sft, first = D.render_prompt(q, times, 1.5), D.render_prompt(q, times, 1.5, question_at="before")
     frames_at = lambda parts: [i for i, p in enumerate(parts) if isinstance(p, int)]
     asked = lambda parts: next(i for i, p in enumerate(parts) if isinstance(p, str) and q in p)
     assert asked(sft) > max(frames_at(sft)) and asked(first) < min(frames_at(first))
