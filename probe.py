@@ -15,6 +15,8 @@ held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py'
   at      a whole clip (synth.py's scenes, every frame after its time, as SFT shows a video),
           "Where is the red circle at 2.5s?" -> <obj>red circle</obj><box>[..]</box>at<t>2.5</t>s
           (--at_weight; off by default): the traces' claim, the frame chosen by its time
+  when    a whole clip, synth.py's temporal question for its event, "When is the red circle
+          visible?" -> From <t>2.5</t>s to <t>4.0</t>s (--when_weight; off by default)
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
@@ -160,6 +162,8 @@ def parse_args(argv):
     for key in ("bind_layer", "attend_layer"):
         if not 1 <= getattr(cfg, key) <= cfg.num_layers:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
+    if not set(cfg.when_events.split(",")) <= set(synth.EVENTS):
+        raise SystemExit(f"--when_events={cfg.when_events!r}: expected a comma list of {', '.join(synth.EVENTS)}")
     for mark in cfg.marks.split(","):
         if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
             raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
@@ -228,6 +232,8 @@ def when_sample(rng, cfg):
     """The when task: a synthetic clip whose event is one of cfg.when_events, shown as SFT sees a
     video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span."""
     events = cfg.when_events.split(",")
+    if not set(events) <= set(synth.EVENTS):   # else the draw below would never end
+        raise ValueError(f"when_events={cfg.when_events!r}: expected events among {synth.EVENTS}")
     scene = synth.make_scene(rng, rng.random() < 0.5)
     while scene.event not in events:
         scene = synth.make_scene(rng, rng.random() < 0.5)
@@ -415,8 +421,8 @@ def target_text(sample, frame_size, find_answer="name_box"):
 
 
 def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
-    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at) is in
-    SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
+    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at, when)
+    is in SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
     if sample.task in CLIP_TASKS:
         frames, times, duration, _ = sample.clip
         layout = "before" if at_question_first else "after"

@@ -487,6 +487,10 @@ def test_when_sample_asks_the_events_tg_question_and_its_span_is_where_the_frame
     asked = [probe.make_sample(rng, probe.ProbeConfig(when_events="stop,meet"), "when", 0).question for _ in range(8)]
     kinds = {"stop" if q.endswith("stop moving?") else "meet" if " touch the " in q else q for q in asked}
     assert kinds == {"stop", "meet"}                                     # only the events asked for
+    with pytest.raises(SystemExit, match="--when_events"):
+        probe.parse_args(["--when_events=stop,jump"])
+    with pytest.raises(ValueError, match="jump"):
+        probe.make_sample(rng, probe.ProbeConfig(when_events="jump"), "when", 0)
     assert checked == 6
 
 
