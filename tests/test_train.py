@@ -436,6 +436,18 @@ def test_bf16_step_at_paper_lr_moves_fp32_master_weights(tiny_data, tiny_model_d
     assert changed > 0.99, changed
 
 
+def test_sft_checkpoint_keeps_its_starts_question_layout(tiny_data, tiny_model_dir, tmp_path):
+    start = str(tmp_path / "start")
+    shutil.copytree(tiny_model_dir, start)
+    vision = model.VisionProcessor.load(start)
+    vision.question_at = "both"
+    vision.save(start)
+    cfg = sft_cfg(tiny_data, tmp_path / "run", sft_epochs=0.34)
+    ckpt = train.stage_sft(cfg, train.setup_runtime(cfg), start)
+    assert model.VisionProcessor.load(ckpt).question_at == "both"      # RL and eval will prompt as SFT did
+    assert model.VisionProcessor.load(tiny_model_dir).question_at == "after"
+
+
 SNAPSHOT_AT_STEP_2 = """import shutil
 import sys
 sys.path.insert(0, {root!r})
