@@ -53,6 +53,7 @@ import torch
 import data
 import model
 import prompt
+import rewards
 import synth
 
 
@@ -458,21 +459,11 @@ def box_iou(a, b):
     return iw * ih / union if union > 0 else 0.0
 
 
-_SPAN = re.compile(r"<t>\s*(\d+(?:\.\d+)?)\s*</t>s to <t>\s*(\d+(?:\.\d+)?)\s*</t>s")
-
-
-def span_iou(a, b):
-    """Temporal IoU of two (start, end) spans; 0 for an empty or inverted one."""
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if a[1] > a[0] and union > 0 else 0.0
-
-
 def score(sample, text, frame_size):
     """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked), plus 'parsed'."""
-    if sample.task == "when":
-        m = _SPAN.search(text)
-        return {"parsed": m is not None, "iou": span_iou([float(v) for v in m.groups()], sample.span) if m else 0.0}
+    if sample.task == "when":  # the rewards' reader and tIoU, as the TG answers are scored
+        span = rewards.parse_span(text)
+        return {"parsed": span is not None, "iou": rewards.segment_iou(span, sample.span)}
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}

@@ -494,13 +494,12 @@ def test_when_sample_asks_the_events_tg_question_and_its_span_is_where_the_frame
     assert checked == 6
 
 
-def test_span_iou_and_when_scoring_by_hand():
-    assert probe.span_iou((1.0, 3.0), (2.0, 4.0)) == pytest.approx(1 / 3)
-    assert probe.span_iou((2.0, 4.0), (2.0, 4.0)) == 1.0
-    assert probe.span_iou((3.0, 1.0), (0.0, 5.0)) == 0.0                  # inverted
-    assert probe.span_iou((0.0, 1.0), (2.0, 3.0)) == 0.0
+def test_when_scoring_by_hand():
     s = probe.Sample("when", None, "q", "red circle", [0, 0, 1, 1], span=(2.5, 4.0))
     assert probe.score(s, "From <t>2.5</t>s to <t>5.5</t>s", None) == {"parsed": True, "iou": 0.5}
+    assert probe.score(s, "From <t>3.0</t>s to <t>3.5</t>s", None) == {"parsed": True, "iou": pytest.approx(1 / 3)}
+    assert probe.score(s, "From <t>5.0</t>s to <t>6.0</t>s", None) == {"parsed": True, "iou": 0.0}
+    assert probe.score(s, "From <t>4.0</t>s to <t>2.5</t>s", None) == {"parsed": False, "iou": 0.0}   # inverted
     assert probe.score(s, "<obj>red circle</obj> at <t>2.5</t>s", None) == {"parsed": False, "iou": 0.0}
 
 
