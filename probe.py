@@ -80,6 +80,8 @@ class ProbeConfig:
     when_weight: float = 0.0      # "When is the red circle visible?" on a clip (synth.tell's temporal question, its
                                   # event's span) -> From <t>2.5</t>s to <t>4.0</t>s; the layout of at_question_first
     when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS)
+    when_curriculum_steps: int = 0  # > 0: a when clip shows the span's first and last frames and few others at first,
+                                  # all from this step on
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
@@ -120,7 +122,8 @@ class ProbeConfig:
                                   # cell the mark (marked) or the question (find, --prompt=question_first) points at
     bind_layer: int = 2           # 1..num_layers
     attend_weight: float = 0.0    # > 0: head 0 of layer attend_layer learns to attend, from every answer position of
-                                  # find and marked, to the target's image token (eager attention for the text model)
+                                  # find and marked, to the target's image token, and from a when answer's start (end)
+                                  # time to the span's first (last) frame (eager attention for the text model)
     attend_layer: int = 3         # 1..num_layers
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
@@ -229,9 +232,11 @@ def clip_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, times[k]))
 
 
-def when_sample(rng, cfg):
+def when_sample(rng, cfg, most_frames=None):
     """The when task: a synthetic clip whose event is one of cfg.when_events, shown as SFT sees a
-    video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span."""
+    video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span.
+    most_frames: show only the span's first and last frames (synth puts both on shown times) and
+    random others up to this many, in time order."""
     events = cfg.when_events.split(",")
     if not set(events) <= set(synth.EVENTS):   # else the draw below would never end
         raise ValueError(f"when_events={cfg.when_events!r}: expected events among {synth.EVENTS}")
@@ -239,6 +244,11 @@ def when_sample(rng, cfg):
     while scene.event not in events:
         scene = synth.make_scene(rng, rng.random() < 0.5)
     times = data.sample_times(scene.duration)
+    if most_frames is not None and most_frames < len(times):
+        ends = {span_frame(times, t) for t in scene.span}
+        rest = [i for i in range(len(times)) if i not in ends]
+        keep = sorted(ends | set(rng.sample(rest, max(0, most_frames - len(ends)))))
+        times = [times[i] for i in keep]
     frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
     f, target = synth.frame_of(times[0]), scene.shapes[0]
     objects = [(sh.name(f), sh.box(f)) for sh in scene.shapes if sh.visible[f]]   # in the first frame shown
@@ -246,11 +256,16 @@ def when_sample(rng, cfg):
                   (frames, times, scene.duration, None), scene.span)
 
 
+def span_frame(times, t):
+    """Index of the shown time nearest t (a span end is a shown time: synth.make_scene)."""
+    return min(range(len(times)), key=lambda i: abs(times[i] - t))
+
+
 def make_sample(rng, cfg, task, n_distractors, most_frames=None):
     if task == "at":
         return clip_sample(rng, cfg, most_frames)
     if task == "when":
-        return when_sample(rng, cfg)
+        return when_sample(rng, cfg, most_frames)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -275,9 +290,10 @@ def distractor_cap(cfg, step):
 def training_sample(rng, cfg, step):
     weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight)
     task = rng.choices(TASKS, weights=weights)[0]
-    most_frames = None
-    if cfg.at_curriculum_steps > 0 and step < cfg.at_curriculum_steps:  # 1 frame at step 0, all at the end
-        most_frames = 1 + step * (data.FrameConfig.max_frames - 1) // cfg.at_curriculum_steps
+    most_frames, fewest = None, 1 if task == "at" else 2  # the asked frame; the span's two ends
+    steps = {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps}.get(task, 0)
+    if steps > 0 and step < steps:  # the fewest frames at step 0, all at the end
+        most_frames = fewest + step * (data.FrameConfig.max_frames - fewest) // steps
     sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)), most_frames)
     if task == "find" and step < cfg.text_objects_steps:
         sample.question = f"{objects_as_text(rng, sample)}\n{sample.question}"
@@ -561,7 +577,21 @@ def dense_loss(vlm, head, prompts, samples):
     return loss_cls + loss_box + loss_marked, stats
 
 
-def binding_loss(out, types, batch, samples, head, cfg, merge):
+def time_rows(ids, open_id, close_id, frames):
+    """(answer index, frame) for every token inside the n-th <t>..</t> of an answer's ids, paired with
+    frames[n]: the when task's start time with the span's first frame, its end time with the last."""
+    pairs, n, inside = [], 0, False
+    for j, i in enumerate(ids):
+        if i == open_id:
+            inside = n < len(frames)
+        elif i == close_id:
+            n, inside = n + 1, False
+        elif inside:
+            pairs.append((j, frames[n]))
+    return pairs
+
+
+def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
     """The binding aids' losses from one forward (model.plain_forward with the hidden states and/or
     attentions asked for), per frame, averaged over the batch:
       bind    head(state after layer bind_layer) at each image token: class cross-entropy and box L1
@@ -569,18 +599,20 @@ def binding_loss(out, types, batch, samples, head, cfg, merge):
               answer is the target's cell, where the token can know it (the mark is drawn; or the
               question came first); the list task has no single target and gets no pointer
       attend  -log of head 0's attention (layer attend_layer) on the target's image token, averaged
-              over the answer positions of find and marked
+              over the answer positions of find and marked; for when (with time_tags, the ids of <t>
+              and </t>), -log of its attention summed over the image tokens of the span's first frame
+              from the positions that predict the start time, of its last frame for the end time
     -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
     n, dev = len(NAMES) + 1, types.device
-    grid = torch.cat([p.image_grid_thw for p, _ in batch])
     states = out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 else None  # [0] is the embeddings
     attn = out.attentions[cfg.attend_layer - 1][:, 0] if cfg.attend_weight > 0 else None  # (B, L, L), head 0
     bind, attend, hits, pointed, attended = 0.0, 0.0, 0, 0, 0
-    for b, (s, g, (p, t)) in enumerate(zip(samples, grid, batch)):
+    for b, (s, (p, t)) in enumerate(zip(samples, batch)):
+        g = p.image_grid_thw[0]                                       # a clip's frames share one grid
         gh, gw = int(g[1]) // merge, int(g[2]) // merge
         cells = (types[b] == 1).nonzero()[:, 0]                       # positions of the frame's image tokens
         target = cell_index(s.box, gh, gw)
-        if states is not None:
+        if states is not None and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
             cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
             o = head(states[b, cells])                                # (cells, AUX_OUT)
             own = cls < len(NAMES)
@@ -592,6 +624,13 @@ def binding_loss(out, types, batch, samples, head, cfg, merge):
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)   # the positions that predict the answer
             attend = attend - attn[b, rows, cells[target]].clamp_min(1e-9).log().mean()
             attended += 1
+        if attn is not None and s.task == "when" and time_tags is not None:
+            n_cells = gh * gw  # every frame of a clip has the same grid
+            pairs = time_rows(t.tolist(), *time_tags, [span_frame(s.clip[1], x) for x in s.span])
+            if pairs:
+                mass = torch.stack([attn[b, len(p) - 1 + j, cells[k * n_cells:(k + 1) * n_cells]].sum() for j, k in pairs])
+                attend = attend - mass.clamp_min(1e-9).log().mean()
+                attended += 1
     loss = (cfg.bind_weight * bind + cfg.attend_weight * attend) / len(samples)
     attend_nll = attend.detach().item() / attended if attended else 0.0
     stats = {"bind_ptr_acc": hits / max(pointed, 1), "attend_nll": attend_nll}
@@ -688,7 +727,7 @@ def token_losses(vlm, hidden, targets, values=None):
 
 def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None, words=None):
     """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
-    dense vision loss, binding = (head, samples, cfg) the binding aids' losses (binding_loss), words =
+    dense vision loss, binding = (head, samples, cfg, tokenizer) the binding aids' losses (binding_loss), words =
     (tokenizer, text_sample items, device) the same tasks asked in words (text_loss; its value in stats).
 
     Returns (mean loss per target token, each sample's mean loss per token, binding stats or {})."""
@@ -697,11 +736,12 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
     if binding is None:
         hidden = model.plain_hidden(vlm, prompts, targets)
     else:
-        head, samples, cfg = binding
+        head, samples, cfg, tokenizer = binding
         out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0,
                                          output_attentions=cfg.attend_weight > 0)
         hidden = model.completion_rows(out.last_hidden_state, prompts, targets)
-        extra, stats = binding_loss(out, types, batch, samples, head, cfg, vlm.model.visual.spatial_merge_size)
+        tags = tuple(tokenizer.convert_tokens_to_ids([data.T_OPEN, data.T_CLOSE]))
+        extra, stats = binding_loss(out, types, batch, samples, head, cfg, vlm.model.visual.spatial_merge_size, tags)
     losses = token_losses(vlm, hidden, targets, values)
     text = sum(l.sum() for l in losses) / sum(len(t) for t in targets)
     loss = text + extra if binding is not None else text
@@ -842,7 +882,7 @@ def run(cfg, log=print):
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
         batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer, cfg.at_question_first)
                  for s in samples]
-        binding = (bind_head, samples, cfg) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
+        binding = (bind_head, samples, cfg, tokenizer) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
         words = (tokenizer, [text_sample(rng, cfg) for _ in range(cfg.text_batch)], cfg.device) if cfg.text_mix else None
         loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding, words)
         aid_stats.append(stats)

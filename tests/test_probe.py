@@ -318,7 +318,7 @@ def test_attend_aid_teaches_head_zero_to_look_at_the_target(tmp_path):
     for step in range(22):
         samples = [probe.training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         batch = [probe.encode(s, tok, vision, cfg.prompt) for s in samples]
-        _, _, stats = probe.train_step(vlm, opt, sched, batch, cfg.grad_clip, binding=(head, samples, cfg))
+        _, _, stats = probe.train_step(vlm, opt, sched, batch, cfg.grad_clip, binding=(head, samples, cfg, tok))
         nll.append(stats["attend_nll"])
     # at the start head 0 spreads over the ~40 earlier positions (-log 1/40 = 3.7); it learns to look
     # (seed 0 here: 3.62 at the start, 1.92 over the last 10 steps; batches of 8 are noisy)
@@ -536,3 +536,50 @@ def test_at_curriculum_grows_the_clip_from_the_asked_frame_alone_to_every_frame(
         assert len(times) == min(most, len(full)) == len(frames)
         assert t in times and set(times) <= set(full) and times == sorted(times)
         assert torch.equal(frames[times.index(t)], s.frame)
+
+
+def test_when_curriculum_grows_the_clip_from_the_spans_two_ends_to_every_frame():
+    cfg = probe.ProbeConfig(find_weight=0, marked_weight=0, when_weight=1.0, when_events="appear",
+                            when_curriculum_steps=28)
+    rng = random.Random(8)
+    for step, most in ((0, 2), (2, 3), (14, 9), (27, 15), (28, 16), (400, 16)):
+        s = probe.training_sample(rng, cfg, step)
+        frames, times, duration, _ = s.clip
+        full = D.sample_times(duration)
+        assert len(times) == min(most, len(full)) == len(frames)
+        assert set(times) <= set(full) and times == sorted(times)
+        assert s.span[0] in times and s.span[1] in times                 # the answer stays readable
+        colour = torch.tensor(synth.COLOURS[s.name.split()[0]], dtype=torch.uint8)[:, None, None]
+        count = [int((f == colour).all(0).sum()) for f in frames]
+        assert min(count[times.index(t)] for t in s.span) > 50           # and those frames show the target
+
+
+def test_time_rows_table():
+    # ids: 5 <t> 7 8 </t> 9 <t> 10 </t> 11, <t> = 1, </t> = 2; the first tag's tokens go with frame 3,
+    # the second's with frame 6; a third tag has no frame and is left out
+    ids = [5, 1, 7, 8, 2, 9, 1, 10, 2, 11, 1, 12, 2]
+    assert probe.time_rows(ids, 1, 2, [3, 6]) == [(2, 3), (3, 3), (7, 6)]
+    assert probe.time_rows([5, 9], 1, 2, [3, 6]) == []
+
+
+def test_when_attend_loss_hand_computed():
+    # Two frames of 2 x 2 cells at positions 2..5 and 6..9 of an 11-token prompt; the answer
+    # "<t> 7 </t> <t> 8 9 </t>" (ids 1 7 2 1 8 9 2) is predicted from positions 10..16: token 7
+    # (answer index 1) from 11, 8 and 9 (indices 4, 5) from 14 and 15. Span (0.0, 1.0) on the shown
+    # times (0.0, 1.0): the start time reads frame 0, the end time frame 1.
+    types = torch.tensor([[0, 0] + [1] * 8 + [0] * 7])
+    attn = torch.full((1, 1, 17, 17), 0.0)
+    attn[0, 0, 11, 2:6] = 0.1          # start time -> frame 0: mass 0.4
+    attn[0, 0, 14, 6:10] = 0.2         # end time -> frame 1: mass 0.8
+    attn[0, 0, 15, 6:10] = 0.05        #                      mass 0.2
+    out = SimpleNamespace(hidden_states=None, attentions=[attn])
+    cfg = probe.ProbeConfig(attend_weight=3.0, attend_layer=1)
+    sample = probe.Sample("when", None, "", "red circle", [0, 0, 1, 1], clip=(None, [0.0, 1.0], 1.5, None),
+                          span=(0.0, 1.0))
+    batch = [(_Prompt(11, [1, 4, 4]), torch.tensor([1, 7, 2, 1, 8, 9, 2]))]
+    loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2, time_tags=(1, 2))
+    nll = -(math.log(0.4) + math.log(0.8) + math.log(0.2)) / 3
+    assert stats["attend_nll"] == pytest.approx(nll, rel=1e-5)
+    assert loss.item() == pytest.approx(3.0 * nll, rel=1e-5)
+    loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2)   # no tags: no when aid
+    assert loss == 0.0 and stats["attend_nll"] == 0.0
