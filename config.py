@@ -55,7 +55,7 @@ class Config:
     max_frames: int = data.FrameConfig.max_frames  # a long video shows at most this many, spread over it
     max_pixels: int = 0           # per-frame pixel budget; 0 -> the checkpoint's preprocessor_config
     # ---- synthetic data (stage data, synth.py) ----
-    n_train: int = 2000           # training records (one clip each)
+    n_train: int = 1600           # training records (one clip each; the main job fits 15 minutes here)
     n_val: int = 200              # validation records
     n_test: int = 200             # test records (plus one V-STAR annotation per test clip)
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
@@ -77,14 +77,15 @@ class Config:
     sft_epochs: float = 1.0       # passes over the training records
     batch_size: int = 8           # samples (SFT) or prompts (RL) per optimizer step, over all ranks
     grad_accum: int = 1           # SFT micro-batches per step (RL runs one backward per logprob_batch groups)
+    sft_forward_batch: int = 4    # SFT samples per forward: a micro-batch sorted by length, in pieces this big (less padding); 0: whole
     lr: float = 2e-3              # SFT peak learning rate (linear warmup, cosine to 10%)
     sft_warmup: int = 20          # SFT warmup steps
     sft_vstar: str = ""           # V-STAR-layout JSON whose chains join SFT; empty: synth's vstar_train.json
-    sft_vstar_turns: int = 800    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
+    sft_vstar_turns: int = 400    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     sft_vp_share: float = 0.25    # share of SFT records shown with a visual prompt on key frames + hint (at 0, prompted rollouts broke)
     sft_perception: float = 0.0   # perception frames (--pretrain_tasks) added to each SFT micro-batch, per record in it
     # ---- RL (train.py runs the loop, grpo.py the math) ----
-    rl_steps: int = 50            # optimizer steps (each: batch_size prompts x group_size rollouts)
+    rl_steps: int = 40            # optimizer steps (each: batch_size prompts x group_size rollouts)
     rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)
     rl_warmup_share: float = 0.05  # RL warmup as a share of rl_steps (at least one step)
     group_size: int = 4           # G rollouts per prompt

@@ -12,7 +12,7 @@ Difficulty: each sample is hard with probability --difficulty (meta.hard says wh
 distractors, 3 in 4 sharing the target's colour or kind, radius 6-9 px, 6-8 s clips. Easy: 1-2
 distractors of another colour and kind, radius 10-13 px, 4-6 s.
 
-Run:  python synth.py --data_dir=data/synth --n_train=2000 --n_val=200 --n_test=200 --seed=0 \
+Run:  python synth.py --data_dir=data/synth --n_train=1600 --n_val=200 --n_test=200 --seed=0 \
           --difficulty=0.5         (the config's fields, config.py; `python train.py` runs it too)
 Test: python -m pytest tests/test_synth.py -q
 

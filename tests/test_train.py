@@ -106,6 +106,46 @@ def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     assert state["done"] and state["step"] == 6
 
 
+def test_length_pieces_sort_by_length_and_cut():
+    batch = [("p" * n, "t" * m) for n, m in ((5, 1), (2, 2), (9, 0), (3, 0), (1, 1))]   # lengths 6 4 9 3 2
+    assert train.length_pieces(batch, 2) == [[batch[4], batch[3]], [batch[1], batch[0]], [batch[2]]]
+    assert train.length_pieces(batch, 0) == [batch] == train.length_pieces(batch, 5)
+    # a rank that skipped samples runs the pieces a full micro-batch would: empty ones at the end
+    assert train.length_pieces(batch[:3], 2, full=6) == [[batch[1], batch[0]], [batch[2]], []]
+    assert train.length_pieces([], 4, full=8) == [[], []] and train.length_pieces([], 0, full=8) == [[]]
+
+
+def test_sft_in_length_sorted_pieces_takes_the_whole_batchs_gradient(tiny_data, tiny_model_dir, tmp_path):
+    """A batch run as length-sorted pieces (one backward each, each piece's NLL over the whole
+    batch's token count) has the whole batch's loss and gradient; sft_step runs it that way."""
+    vlm, tok, vision = model.load_policy(tiny_model_dir)
+    policy, cfg = model.LogProbModule(vlm), sft_cfg(tiny_data, tmp_path)
+    recs = data.load_records(os.path.join(tiny_data, "train.json"))[:5]
+    batch = [train.sft_example(r, tok, vision, cfg) for r in recs]
+    assert len({len(p) + len(t) for p, t in batch}) > 1                  # lengths differ: padding to save
+
+    def grads(size):
+        vlm.zero_grad()
+        n, total = sum(len(t) for _, t in batch), 0.0
+        for piece in train.length_pieces(batch, size):
+            loss = train.sft_loss(policy, piece, n)
+            loss.backward()
+            total += loss.item()
+        return total, torch.cat([q.grad.flatten() for q in vlm.parameters() if q.grad is not None])
+
+    (whole, g0), (pieces, g1) = grads(0), grads(2)
+    assert pieces == pytest.approx(whole, abs=1e-5)
+    assert (g1 - g0).abs().max() < 1e-5 * g0.abs().max() and g0.abs().max() > 0
+    wrong = sum(train.sft_loss(policy, piece).item() for piece in train.length_pieces(batch, 2))
+    assert abs(wrong - whole) > 0.1                        # each piece's own token mean would not add up
+    logged = []
+    for size in (0, 2):                                    # the SFT stage: the same first-step loss either way
+        cfg = sft_cfg(tiny_data, tmp_path / str(size), sft_epochs=0.4, sft_forward_batch=size)
+        train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+        logged.append(json.loads(open(tmp_path / str(size) / "sft" / "metrics.jsonl").readline())["loss"])
+    assert logged[1] == pytest.approx(logged[0], abs=1e-5)
+
+
 def test_vstar_chain_turns_join_sft_with_their_history(tiny_data, tiny_policy):
     """Every V-STAR turn becomes an SFT record: the first question, the gold answers and questions
     before it as history, its own gold completion as the target; the history's boxes and the
