@@ -290,9 +290,9 @@ def distractor_cap(cfg, step):
 def training_sample(rng, cfg, step):
     weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight)
     task = rng.choices(TASKS, weights=weights)[0]
-    most_frames, fewest = None, 1 if task == "at" else 2  # the asked frame; the span's two ends
-    steps = {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps}.get(task, 0)
-    if steps > 0 and step < steps:  # the fewest frames at step 0, all at the end
+    most_frames, steps = None, {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps}.get(task, 0)
+    if steps > 0 and step < steps:  # the fewest frames at step 0 (the asked one; the span's two ends), all at the end
+        fewest = {"at": 1, "when": 2}[task]
         most_frames = fewest + step * (data.FrameConfig.max_frames - fewest) // steps
     sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)), most_frames)
     if task == "find" and step < cfg.text_objects_steps:
