@@ -396,6 +396,19 @@ def held_out(cfg):
             for task in tasks for _ in range(cfg.eval_frames)]
 
 
+def blind_span(samples, grid_s=0.25):
+    """The when task's frame-blind yardstick: the one span (ends on a grid_s-second grid) that scores
+    best on these very clips, chosen knowing their answers. No answer that ignores the frames can beat
+    it on them, so a held-out when tIoU above it is the model reading the clip.
+    -> (mean tIoU, start, end), or None when no sample is a when clip."""
+    when = [s for s in samples if s.task == "when"]
+    if not when:
+        return None
+    grid = [k * grid_s for k in range(int(max(s.clip[2] for s in when) / grid_s) + 1)]
+    return max((sum(rewards.segment_iou((a, b), s.span) for s in when) / len(when), a, b)
+               for i, a in enumerate(grid) for b in grid[i + 1:])
+
+
 def prompt_parts(question, style):
     """The chat prompt as data.render_prompt parts: one frame (index 0) and the question."""
     if style == "full":
@@ -767,8 +780,10 @@ def write_plot(curve, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, x, label in ((axes[0], "step", "optimizer steps"), (axes[1], "train_s", "training seconds")):
         xs = [r[x] for r in curve]
-        for key, style in (("box_miou", "-o"), ("box_iou50", "--s"), ("marked_acc", "-^")):
-            ax.plot(xs, [r[key] for r in curve], style, ms=3, label=key)
+        for key, style in (("box_miou", "-o"), ("box_iou50", "--s"), ("marked_acc", "-^"), ("at_miou", "-v"),
+                           ("when_tiou", "-D"), ("when_blind_tiou", ":")):
+            if key in curve[-1]:
+                ax.plot(xs, [r[key] for r in curve], style, ms=3, label=key)
         ax.axhline(0.5, color="grey", lw=0.5)
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.set_xlabel(label)
@@ -850,6 +865,10 @@ def run(cfg, log=print):
         bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT).to(cfg.device)
     opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
+    blind = blind_span(evalset)
+    if blind:
+        log(f"[probe] when: the best frame-blind span on the held-out clips ({blind[1]:g}-{blind[2]:g} s) "
+            f"scores tIoU {blind[0]:.3f}")
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
     if cfg.text_steps > 0:
@@ -864,6 +883,8 @@ def run(cfg, log=print):
         due = step % cfg.eval_steps == 0 if cfg.eval_steps > 0 else clock["wall"] >= next_eval
         if due or done:
             row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
+            if blind:
+                row["when_blind_tiou"] = blind[0]
             curve.append(row)
             result = save_curve(cfg, curve, clock, step, first)
             if cfg.save:

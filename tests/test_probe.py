@@ -503,6 +503,18 @@ def test_when_scoring_by_hand():
     assert probe.score(s, "<obj>red circle</obj> at <t>2.5</t>s", None) == {"parsed": False, "iou": 0.0}
 
 
+def test_blind_span_is_the_best_constant_answer_by_hand():
+    def clip(a, b):   # only the span and the clip's duration (4 s) matter
+        return probe.Sample("when", None, "q", "red circle", [0, 0, 1, 1], clip=(None, None, 4.0, None), span=(a, b))
+    # on a 1 s grid: (1, 3) scores (1 + 1 + 1/3) / 3; (1, 4) 2/3; (2, 4) (1/3 + 1/3 + 1) / 3; (2, 3) 1/2
+    assert probe.blind_span([clip(1, 3), clip(1, 3), clip(2, 4)], grid_s=1.0) == (pytest.approx(7 / 9), 1.0, 3.0)
+    # the grid bounds the yardstick: (1.5, 2.5) is on a 0.5 s grid; on a 1 s grid the best is (1, 3), tIoU 1/2
+    assert probe.blind_span([clip(1.5, 2.5)], grid_s=0.5) == (pytest.approx(1.0), 1.5, 2.5)
+    assert probe.blind_span([clip(1.5, 2.5)], grid_s=1.0) == (pytest.approx(0.5), 1.0, 3.0)
+    frames = probe.Sample("find", None, "q", "red circle", [0, 0, 1, 1])
+    assert probe.blind_span([frames]) is None   # no when clip, no yardstick
+
+
 def test_at_sample_is_read_in_the_sft_layout(tiny_policy):
     vlm, tok, vision = tiny_policy
     s = probe.make_sample(random.Random(4), probe.ProbeConfig(at_weight=1.0), "at", 0)
