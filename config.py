@@ -67,6 +67,7 @@ class Config:
     pretrain_lr: float = 2e-3     # its peak learning rate (sft_warmup steps of warmup, cosine to 10%)
     pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when on clips)
     pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
+    pretrain_when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS; probe's clip models: appear)
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
     adam_beta1: float = 0.9       # AdamW first-moment decay

@@ -571,10 +571,13 @@ def perception_tasks(cfg):
             raise SystemExit(f"--pretrain_tasks: {item!r}: expected task:weight, e.g. find:1") from None
     if min(weights.values()) < 0 or sum(weights.values()) <= 0:
         raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
+    if not set(cfg.pretrain_when_events.split(",")) <= set(synth.EVENTS):
+        raise SystemExit(f"--pretrain_when_events={cfg.pretrain_when_events!r}: expected a comma list of "
+                         f"{', '.join(synth.EVENTS)}")
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
-                             max_distractors=cfg.pretrain_distractors,
+                             when_events=cfg.pretrain_when_events, max_distractors=cfg.pretrain_distractors,
                              curriculum_steps=cfg.pretrain_steps // 2,
                              background=cfg.background, prompt="short", eval_frames=32)
 
@@ -582,11 +585,15 @@ def perception_tasks(cfg):
 def perception_batch(cfg, rt, run, tasks, step, n, tag, level=None):
     """n (model input, target) pairs of the perception tasks, with the distractor cap of pretraining
     step `level` (default: `step`). The frames are a function of (tag, seed, step, rank): fresh at
-    every step, and a resumed run draws what an unbroken one would."""
+    every step, and a resumed run draws what an unbroken one would. A model that reads the question
+    before the frames (its question_at is before or both: probe.py's clip models) gets its frames and
+    clips with the question first, the layout the probe taught it those skills in."""
     rng = random.Random(f"{tag}-{cfg.seed}-{step}-{rt.rank}")
     level = step if level is None else level
-    return [probe.encode(probe.training_sample(rng, tasks, level), run.tokenizer, run.vision, tasks.prompt)
-            for _ in range(n)]
+    first = run.vision.question_at != "after"
+    style = "question_first" if first else tasks.prompt
+    return [probe.encode(probe.training_sample(rng, tasks, level), run.tokenizer, run.vision, style,
+                         at_question_first=first) for _ in range(n)]
 
 
 def stage_pretrain(cfg, rt, start_path):

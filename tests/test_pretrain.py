@@ -173,3 +173,32 @@ def test_the_clip_tasks_join_the_stage_mix(tmp_path):
     rng = random.Random(0)
     drawn = {probe.training_sample(rng, tasks, 0).task for _ in range(30)}
     assert drawn == {"find", "at", "when"}
+
+
+def test_perception_samples_follow_a_question_first_model_and_the_asked_events(tiny_model_dir, tmp_path):
+    """A model that reads the question before the frames (question_at before or both: probe.py's clip
+    models) gets SFT's perception frames and clips with the question before the first image token; a
+    model in Qwen2.5-VL's layout keeps the stage's own (the question after the frame)."""
+    import dataclasses
+    from types import SimpleNamespace
+    _, tok, vision = model.load_policy(tiny_model_dir)
+    cfg = pre_cfg(tmp_path, pretrain_tasks="find:1,when:1", pretrain_when_events="appear")
+    tasks = train.perception_tasks(cfg)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    for layout, first in (("after", False), ("both", True), ("before", True)):
+        run = SimpleNamespace(tokenizer=tok, vision=dataclasses.replace(vision, question_at=layout))
+        batch = train.perception_batch(cfg, SimpleNamespace(rank=0), run, tasks, 0, 12, "sft0")
+        kinds = set()
+        for prompt, _ in batch:
+            ids = prompt.input_ids.flatten().tolist()
+            text = tok.decode(ids[:ids.index(pad)])
+            kinds.add("clip" if prompt.image_grid_thw.shape[0] > 1 else "frame")
+            assert ("?" in text) == first, (layout, text)   # every probe question ends in "?"
+        assert kinds == {"clip", "frame"}
+    rng = random.Random(1)
+    whens = [s for s in (probe.training_sample(rng, tasks, 0) for _ in range(40)) if s.task == "when"]
+    assert whens and all(s.question.endswith("visible?") for s in whens), [s.question for s in whens]  # appear's question
+    everything = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1"))   # the default: every event
+    assert not all(probe.training_sample(rng, everything, 0).question.endswith("visible?") for _ in range(20))
+    with pytest.raises(SystemExit, match="--pretrain_when_events"):
+        train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1", pretrain_when_events="appear,jump"))
