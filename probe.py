@@ -82,6 +82,8 @@ class ProbeConfig:
     when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS)
     when_curriculum_steps: int = 0  # > 0: a when clip shows the span's first and last frames and few others at first,
                                   # all from this step on
+    when_answer: str = "span"     # span (From <t>2.5</t>s to <t>4.0</t>s) | trace (the TG trace SFT teaches: a claim
+                                  # at the span's start, one at its end, then the span as the answer)
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
@@ -136,7 +138,7 @@ class ProbeConfig:
 
 
 CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
-           "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT}
+           "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT, "when_answer": ("span", "trace")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
 TASKS = ("find", "marked", "list", "at", "when")
 CLIP_TASKS = ("at", "when")
@@ -210,6 +212,7 @@ class Sample:
     objects: list = None  # every object in the frame as (name, normalized box), the target first
     clip: tuple = None  # at, when: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
     span: tuple = None  # when: the event's (start, end) in seconds
+    trace: str = None   # when with when_answer=trace: the TG record's completion (think with two claims, the span)
 
 
 def clip_sample(rng, cfg, most_frames=None):
@@ -252,8 +255,10 @@ def when_sample(rng, cfg, most_frames=None):
     frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
     f, target = synth.frame_of(times[0]), scene.shapes[0]
     objects = [(sh.name(f), sh.box(f)) for sh in scene.shapes if sh.visible[f]]   # in the first frame shown
-    return Sample("when", frames[0], synth.tell(scene).when, target.name(0), target.box(0), objects,
-                  (frames, times, scene.duration, None), scene.span)
+    story = synth.tell(scene)
+    trace = synth.completion(story.when_think, synth.span_text(*scene.span)) if cfg.when_answer == "trace" else None
+    return Sample("when", frames[0], story.when, target.name(0), target.box(0), objects,
+                  (frames, times, scene.duration, None), scene.span, trace)
 
 
 def span_frame(times, t):
@@ -434,9 +439,9 @@ def target_text(sample, frame_size, find_answer="name_box"):
     """The answer: marked names the object; find names it and gives its box (or, with find_answer
     box, gives the box alone: no name to copy from the question first); list names and boxes every
     object, left to right by box centre; at names and boxes the object and says the time asked; when
-    gives the event's span as the temporal answers do."""
+    gives the event's span as the temporal answers do (or the whole TG trace, when the sample has one)."""
     if sample.task == "when":
-        return synth.span_text(*sample.span)
+        return sample.trace or synth.span_text(*sample.span)
     if sample.task == "at":
         t = data.format_seconds(sample.clip[3])
         return f"{claim(sample.name, sample.box, frame_size)}at{data.T_OPEN}{t}{data.T_CLOSE}s"
@@ -490,8 +495,8 @@ def box_iou(a, b):
 
 def score(sample, text, frame_size):
     """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked), plus 'parsed'."""
-    if sample.task == "when":  # the rewards' reader and tIoU, as the TG answers are scored
-        span = rewards.parse_span(text)
+    if sample.task == "when":  # the rewards' reader and tIoU, as the TG answers are scored (a trace's answer block)
+        span = rewards.parse_span(rewards.parse_completion(text).answer if data.ANSWER_OPEN in text else text)
         return {"parsed": span is not None, "iou": rewards.segment_iou(span, sample.span)}
     name, box = parse_answer(text)
     if sample.task == "marked":
@@ -590,13 +595,15 @@ def dense_loss(vlm, head, prompts, samples):
     return loss_cls + loss_box + loss_marked, stats
 
 
-def time_rows(ids, open_id, close_id, frames):
+def time_rows(ids, open_id, close_id, frames, box_id=None):
     """(answer index, frame) for every token inside the n-th <t>..</t> of an answer's ids, paired with
-    frames[n]: the when task's start time with the span's first frame, its end time with the last."""
+    frames[n]: the when task's start time with the span's first frame, its end time with the last.
+    With box_id (<box>), a claim's box opens its time's group early: `<box>[..]</box>at<t>3.0</t>s`
+    is one group, since a claim's box is read in the frame at its time."""
     pairs, n, inside = [], 0, False
     for j, i in enumerate(ids):
-        if i == open_id:
-            inside = n < len(frames)
+        if i == open_id or (i == box_id and box_id is not None):
+            inside = inside or n < len(frames)
         elif i == close_id:
             n, inside = n + 1, False
         elif inside:
@@ -612,9 +619,10 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
               answer is the target's cell, where the token can know it (the mark is drawn; or the
               question came first); the list task has no single target and gets no pointer
       attend  -log of head 0's attention (layer attend_layer) on the target's image token, averaged
-              over the answer positions of find and marked; for when (with time_tags, the ids of <t>
-              and </t>), -log of its attention summed over the image tokens of the span's first frame
-              from the positions that predict the start time, of its last frame for the end time
+              over the answer positions of find and marked; for when (with time_tags, the ids of <t>,
+              </t> and <box>), -log of its attention summed over the image tokens of the span's first frame
+              from the positions that predict the start time, of its last frame for the end time (a
+              trace's: each claim's time and the answer's, the start's first)
     -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
     n, dev = len(NAMES) + 1, types.device
     states = out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 else None  # [0] is the embeddings
@@ -639,7 +647,9 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
             attended += 1
         if attn is not None and s.task == "when" and time_tags is not None:
             n_cells = gh * gw  # every frame of a clip has the same grid
-            pairs = time_rows(t.tolist(), *time_tags, [span_frame(s.clip[1], x) for x in s.span])
+            ends = [span_frame(s.clip[1], x) for x in s.span]   # a trace's two claims, then its answer: ends twice
+            pairs = (time_rows(t.tolist(), *time_tags[:2], ends * 2, box_id=time_tags[2]) if s.trace
+                     else time_rows(t.tolist(), *time_tags[:2], ends))
             if pairs:
                 mass = torch.stack([attn[b, len(p) - 1 + j, cells[k * n_cells:(k + 1) * n_cells]].sum() for j, k in pairs])
                 attend = attend - mass.clamp_min(1e-9).log().mean()
@@ -753,7 +763,7 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
         out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0,
                                          output_attentions=cfg.attend_weight > 0)
         hidden = model.completion_rows(out.last_hidden_state, prompts, targets)
-        tags = tuple(tokenizer.convert_tokens_to_ids([data.T_OPEN, data.T_CLOSE]))
+        tags = tuple(tokenizer.convert_tokens_to_ids([data.T_OPEN, data.T_CLOSE, data.BOX_OPEN]))
         extra, stats = binding_loss(out, types, batch, samples, head, cfg, vlm.model.visual.spatial_merge_size, tags)
     losses = token_losses(vlm, hidden, targets, values)
     text = sum(l.sum() for l in losses) / sum(len(t) for t in targets)
@@ -802,7 +812,7 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     vlm.eval()
     t0 = time.time()
     m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device,
-                 at_question_first=cfg.at_question_first)
+                 max_new_tokens=160 if cfg.when_answer == "trace" else 32, at_question_first=cfg.at_question_first)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),

@@ -12,6 +12,7 @@ import torch
 import data as D
 import model as M
 import probe
+import rewards
 import synth
 
 
@@ -503,6 +504,25 @@ def test_when_scoring_by_hand():
     assert probe.score(s, "<obj>red circle</obj> at <t>2.5</t>s", None) == {"parsed": False, "iou": 0.0}
 
 
+def test_when_trace_answer_is_the_tg_trace_and_is_scored_on_its_answer_block():
+    cfg = probe.ProbeConfig(when_weight=1.0, find_weight=0, marked_weight=0, when_events="appear", when_answer="trace")
+    s = probe.make_sample(random.Random(3), cfg, "when", 0)
+    text = probe.target_text(s, [112, 112])
+    parsed = rewards.parse_completion(text)
+    assert parsed.well_formed and len(parsed.claims) == 2
+    assert parsed.think_times == list(s.span)                        # a claim at the span's start, one at its end
+    assert [c.name for c in parsed.claims] == [s.name, s.name]
+    assert rewards.parse_span(parsed.answer) == s.span
+    assert probe.score(s, text, None) == {"parsed": True, "iou": 1.0}
+    assert probe.score(s, text.replace("</answer>", ""), None)["parsed"] is False   # no answer block, no span
+    span = probe.make_sample(random.Random(3), probe.ProbeConfig(when_weight=1.0, find_weight=0, marked_weight=0,
+                                                                 when_events="appear"), "when", 0)
+    assert span.span == s.span and span.trace is None
+    assert probe.target_text(span, [112, 112]) == synth.span_text(*s.span)
+    with pytest.raises(SystemExit, match="--when_answer"):
+        probe.parse_args(["--when_answer=words"])
+
+
 def test_blind_span_is_the_best_constant_answer_by_hand():
     def clip(a, b):   # only the span and the clip's duration (4 s) matter
         return probe.Sample("when", None, "q", "red circle", [0, 0, 1, 1], clip=(None, None, 4.0, None), span=(a, b))
@@ -572,6 +592,12 @@ def test_time_rows_table():
     ids = [5, 1, 7, 8, 2, 9, 1, 10, 2, 11, 1, 12, 2]
     assert probe.time_rows(ids, 1, 2, [3, 6]) == [(2, 3), (3, 3), (7, 6)]
     assert probe.time_rows([5, 9], 1, 2, [3, 6]) == []
+    # a trace (box_id 4): <box> 20 21 </box>=22 at=23 <t> 7 </t> . <box> 30 </box> <t> 8 </t> then the answer's
+    # <t> 9 </t> <t> 10 </t>: each claim's box joins its time's group; frames [3, 6, 3, 6]
+    trace = [4, 20, 21, 22, 23, 1, 7, 2, 40, 4, 30, 22, 1, 8, 2, 1, 9, 2, 1, 10, 2]
+    assert probe.time_rows(trace, 1, 2, [3, 6, 3, 6], box_id=4) == [
+        (1, 3), (2, 3), (3, 3), (4, 3), (6, 3), (10, 6), (11, 6), (13, 6), (16, 3), (19, 6)]
+    assert probe.time_rows(trace, 1, 2, [3, 6, 3, 6]) == [(6, 3), (13, 6), (16, 3), (19, 6)]   # times alone
 
 
 def test_when_attend_loss_hand_computed():
@@ -589,7 +615,7 @@ def test_when_attend_loss_hand_computed():
     sample = probe.Sample("when", None, "", "red circle", [0, 0, 1, 1], clip=(None, [0.0, 1.0], 1.5, None),
                           span=(0.0, 1.0))
     batch = [(_Prompt(11, [1, 4, 4]), torch.tensor([1, 7, 2, 1, 8, 9, 2]))]
-    loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2, time_tags=(1, 2))
+    loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2, time_tags=(1, 2, 3))
     nll = -(math.log(0.4) + math.log(0.8) + math.log(0.2)) / 3
     assert stats["attend_nll"] == pytest.approx(nll, rel=1e-5)
     assert loss.item() == pytest.approx(3.0 * nll, rel=1e-5)
