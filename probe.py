@@ -602,7 +602,7 @@ def time_rows(ids, open_id, close_id, frames, box_id=None):
     is one group, since a claim's box is read in the frame at its time."""
     pairs, n, inside = [], 0, False
     for j, i in enumerate(ids):
-        if i == open_id or (i == box_id and box_id is not None):
+        if i in (open_id, box_id):
             inside = inside or n < len(frames)
         elif i == close_id:
             n, inside = n + 1, False
@@ -812,7 +812,8 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     vlm.eval()
     t0 = time.time()
     m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device,
-                 max_new_tokens=160 if cfg.when_answer == "trace" else 32, at_question_first=cfg.at_question_first)
+                 max_new_tokens=160 if cfg.when_answer == "trace" else 32,   # a when trace is about 100 tokens
+                 at_question_first=cfg.at_question_first)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),

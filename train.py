@@ -582,16 +582,21 @@ def perception_tasks(cfg):
                              background=cfg.background, prompt="short", eval_frames=32)
 
 
+def perception_layout(run, tasks):
+    """(prompt style, clip question first) of the perception samples: a model that reads the question
+    before the frames (question_at before or both: probe.py's clip models) gets frames and clips with
+    the question first, the layout the probe taught it those skills in; any other, the stage's own."""
+    first = run.vision.question_at != "after"
+    return ("question_first" if first else tasks.prompt), first
+
+
 def perception_batch(cfg, rt, run, tasks, step, n, tag, level=None):
-    """n (model input, target) pairs of the perception tasks, with the distractor cap of pretraining
-    step `level` (default: `step`). The frames are a function of (tag, seed, step, rank): fresh at
-    every step, and a resumed run draws what an unbroken one would. A model that reads the question
-    before the frames (its question_at is before or both: probe.py's clip models) gets its frames and
-    clips with the question first, the layout the probe taught it those skills in."""
+    """n (model input, target) pairs of the perception tasks (in perception_layout), with the
+    distractor cap of pretraining step `level` (default: `step`). The frames are a function of (tag,
+    seed, step, rank): fresh at every step, and a resumed run draws what an unbroken one would."""
     rng = random.Random(f"{tag}-{cfg.seed}-{step}-{rt.rank}")
     level = step if level is None else level
-    first = run.vision.question_at != "after"
-    style = "question_first" if first else tasks.prompt
+    style, first = perception_layout(run, tasks)
     return [probe.encode(probe.training_sample(rng, tasks, level), run.tokenizer, run.vision, style,
                          at_question_first=first) for _ in range(n)]
 
@@ -632,7 +637,9 @@ def stage_pretrain(cfg, rt, start_path):
     vlm = unwrap(rt, run.policy).model
     vlm.eval()
     with torch.no_grad(), full_params(run.policy), rt.autocast():
-        scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), tasks.prompt, device=rt.device)
+        style, first = perception_layout(run, tasks)
+        scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), style, device=rt.device,
+                                at_question_first=first)
     vlm.train()
     scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
     if rt.main:
