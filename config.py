@@ -68,6 +68,7 @@ class Config:
     pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when on clips)
     pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
     pretrain_when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS; probe's clip models: appear)
+    pretrain_when_answer: str = "span"  # the when task's target: span (From..to) | trace (the TG trace; probe --when_answer)
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
     adam_beta1: float = 0.9       # AdamW first-moment decay
@@ -150,6 +151,7 @@ CHOICES = {
     "stage": ("all",) + STAGES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "background": ("flat", "gradient"),
+    "pretrain_when_answer": ("span", "trace"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,

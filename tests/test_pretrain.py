@@ -202,3 +202,9 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
     assert not all(probe.training_sample(rng, everything, 0).question.endswith("visible?") for _ in range(20))
     with pytest.raises(SystemExit, match="--pretrain_when_events"):
         train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1", pretrain_when_events="appear,jump"))
+    traces = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1", pretrain_when_answer="trace"))
+    run = SimpleNamespace(tokenizer=tok, vision=dataclasses.replace(vision, question_at="both"))
+    (_, target), = train.perception_batch(cfg, SimpleNamespace(rank=0), run, traces, 0, 1, "sft0")
+    assert tok.decode(target).startswith("<think><obj>")          # the TG trace, not the span alone
+    with pytest.raises(SystemExit, match="pretrain_when_answer"):
+        train.parse_args(["--pretrain_when_answer=words"])
