@@ -168,8 +168,7 @@ def parse_args(argv):
     for key in ("bind_layer", "attend_layer"):
         if not 1 <= getattr(cfg, key) <= cfg.num_layers:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
-    if not set(cfg.when_events.split(",")) <= set(synth.EVENTS):
-        raise SystemExit(f"--when_events={cfg.when_events!r}: expected a comma list of {', '.join(synth.EVENTS)}")
+    check_events(cfg.when_events, "--when_events")
     for mark in cfg.marks.split(","):
         if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
             raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
@@ -391,6 +390,18 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
             acc = " ".join(f"{t} exact {sum(v) / max(len(v), 1):.2f}" for t, v in right.items())
             log(f"[probe] text step {step:5d} {clock['wall']:6.0f}s loss {sum(s[1] for s in stats) / len(stats):.3f} {acc}")
             stats = []
+
+
+def check_events(events, flag):
+    """Stop with a message naming the flag unless `events` is a comma list of synth.EVENTS (an unknown
+    event would make when_sample's draw loop forever)."""
+    if not set(events.split(",")) <= set(synth.EVENTS):
+        raise SystemExit(f"{flag}={events!r}: expected a comma list of {', '.join(synth.EVENTS)}")
+
+
+def answer_tokens(cfg):
+    """Greedy tokens an evaluation decodes: a when trace is about 100 tokens, every other answer a few."""
+    return 160 if cfg.when_weight > 0 and cfg.when_answer == "trace" else 32
 
 
 def held_out(cfg):
@@ -648,8 +659,9 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
         if attn is not None and s.task == "when" and time_tags is not None:
             n_cells = gh * gw  # every frame of a clip has the same grid
             ends = [span_frame(s.clip[1], x) for x in s.span]   # a trace's two claims, then its answer: ends twice
-            pairs = (time_rows(t.tolist(), *time_tags[:2], ends * 2, box_id=time_tags[2]) if s.trace
-                     else time_rows(t.tolist(), *time_tags[:2], ends))
+            t_open, t_close, box_open = time_tags
+            pairs = time_rows(t.tolist(), t_open, t_close, ends * 2 if s.trace else ends,
+                              box_id=box_open if s.trace else None)
             if pairs:
                 mass = torch.stack([attn[b, len(p) - 1 + j, cells[k * n_cells:(k + 1) * n_cells]].sum() for j, k in pairs])
                 attend = attend - mass.clamp_min(1e-9).log().mean()
@@ -812,8 +824,7 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     vlm.eval()
     t0 = time.time()
     m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device,
-                 max_new_tokens=160 if cfg.when_answer == "trace" else 32,   # a when trace is about 100 tokens
-                 at_question_first=cfg.at_question_first)
+                 max_new_tokens=answer_tokens(cfg), at_question_first=cfg.at_question_first)
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),

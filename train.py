@@ -571,9 +571,7 @@ def perception_tasks(cfg):
             raise SystemExit(f"--pretrain_tasks: {item!r}: expected task:weight, e.g. find:1") from None
     if min(weights.values()) < 0 or sum(weights.values()) <= 0:
         raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
-    if not set(cfg.pretrain_when_events.split(",")) <= set(synth.EVENTS):
-        raise SystemExit(f"--pretrain_when_events={cfg.pretrain_when_events!r}: expected a comma list of "
-                         f"{', '.join(synth.EVENTS)}")
+    probe.check_events(cfg.pretrain_when_events, "--pretrain_when_events")
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
@@ -640,7 +638,7 @@ def stage_pretrain(cfg, rt, start_path):
     with torch.no_grad(), full_params(run.policy), rt.autocast():
         style, first = perception_layout(run, tasks)
         scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), style, device=rt.device,
-                                at_question_first=first)
+                                max_new_tokens=probe.answer_tokens(tasks), at_question_first=first)
     vlm.train()
     scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
     if rt.main:

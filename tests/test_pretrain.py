@@ -1,11 +1,13 @@
 """The perception stage (train.stage_pretrain): probe.py's single-frame tasks before SFT, with the
 SFT stage's checkpointed loop: it trains, resumes exactly, reports held-out frames, hands its model
 to SFT, and a bad task mix stops the run before any stage."""
+import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,8 +181,6 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
     """A model that reads the question before the frames (question_at before or both: probe.py's clip
     models) gets SFT's perception frames and clips with the question before the first image token; a
     model in Qwen2.5-VL's layout keeps the stage's own (the question after the frame)."""
-    import dataclasses
-    from types import SimpleNamespace
     _, tok, vision = model.load_policy(tiny_model_dir)
     cfg = pre_cfg(tmp_path, pretrain_tasks="find:1,when:1", pretrain_when_events="appear")
     tasks = train.perception_tasks(cfg)

@@ -523,6 +523,16 @@ def test_when_trace_answer_is_the_tg_trace_and_is_scored_on_its_answer_block():
         probe.parse_args(["--when_answer=words"])
 
 
+def test_evaluation_decodes_enough_tokens_for_a_whole_when_answer(tiny_policy):
+    _, tok, _ = tiny_policy
+    for answer in ("trace", "span"):
+        cfg = probe.ProbeConfig(when_weight=1.0, when_events="stop,turn,colour,appear,meet", when_answer=answer)
+        rng = random.Random(5)
+        longest = max(len(tok.encode(probe.target_text(probe.make_sample(rng, cfg, "when", 0), [112, 112]) + D.IM_END,
+                                     add_special_tokens=False)) for _ in range(40))
+        assert longest <= probe.answer_tokens(cfg), (answer, longest)   # a truncated answer would score 0
+
+
 def test_blind_span_is_the_best_constant_answer_by_hand():
     def clip(a, b):   # only the span and the clip's duration (4 s) matter
         return probe.Sample("when", None, "q", "red circle", [0, 0, 1, 1], clip=(None, None, 4.0, None), span=(a, b))
