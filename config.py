@@ -86,6 +86,8 @@ class Config:
     sft_vstar_turns: int = 400    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     sft_vp_share: float = 0.25    # share of SFT records shown with a visual prompt on key frames + hint (at 0, prompted rollouts broke)
     sft_perception: float = 0.0   # perception frames (--pretrain_tasks) added to each SFT micro-batch, per record in it
+    sft_attend_weight: float = 0.0  # > 0: claim pointer aid, head 0 of sft_attend_layer looks from a claim at its box in its frame (needs eager attention)
+    sft_attend_layer: int = 3     # 1..the model's decoder layers
     # ---- RL (train.py runs the loop, grpo.py the math) ----
     rl_steps: int = 40            # optimizer steps (each: batch_size prompts x group_size rollouts)
     rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)
@@ -248,6 +250,11 @@ def check(cfg):
             raise SystemExit(f"--{key} must be at least 1 (1: one at a time), got {getattr(cfg, key)}")
     if not 0.0 < cfg.selector_train_share <= 1.0:
         raise SystemExit(f"--selector_train_share must be in (0, 1], got {cfg.selector_train_share}")
+    if cfg.sft_attend_weight > 0 and cfg.attn_implementation != "eager":
+        raise SystemExit(f"--sft_attend_weight={cfg.sft_attend_weight} reads attention weights, which only "
+                         f"--attn_implementation=eager returns (got {cfg.attn_implementation})")
+    if cfg.sft_attend_layer < 1:
+        raise SystemExit(f"--sft_attend_layer is 1-based, got {cfg.sft_attend_layer}")
     if cfg.keep_checkpoints < 0 or cfg.save_every < 1:
         raise SystemExit(f"--keep_checkpoints must be >= 0 and --save_every >= 1, got {cfg.keep_checkpoints} "
                          f"and {cfg.save_every}")

@@ -398,11 +398,12 @@ class Prompt:
     pixel_values: torch.Tensor     # (num_patches, 3*2*14*14)
     image_grid_thw: torch.Tensor   # (num_frames, 3)
     frame_size: tuple              # (width, height) pixels of the frames the model sees
+    frame_times: tuple = ()        # seconds of each frame, in prompt order (model_input's; () when not a video)
 
     def to(self, device, dtype=None):
         pv = self.pixel_values.to(device, dtype) if dtype is not None else self.pixel_values.to(device)
         return Prompt(self.input_ids.to(device), self.mm_token_type_ids.to(device), pv,
-                      self.image_grid_thw.to(device), self.frame_size)
+                      self.image_grid_thw.to(device), self.frame_size, self.frame_times)
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -455,7 +456,9 @@ def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
     per-frame pixel budget.
     """
     parts = data.render_prompt(question, video.times, video.duration, history=turns, question_at=vision.question_at)
-    return tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
+    prompt = tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
+    prompt.frame_times = tuple(float(video.times[k]) for k in (p for p in parts if isinstance(p, int)))
+    return prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,19 +566,32 @@ def plain_logprobs(model, prompts, completions):
     return [token_logprobs(model, h, c) for h, c in zip(hidden, completions)]
 
 
+def plain_logprobs_attention(model, prompts, completions, layer):
+    """plain_logprobs, and head 0's attention weights (B, L, L) in decoder layer `layer` (1-based) of
+    the same forward, for an attention aid (train.sft_loss's claim pointer; needs eager attention)."""
+    out, _ = plain_forward(model, prompts, completions, output_attentions=True)
+    if out.attentions is None or out.attentions[layer - 1] is None:
+        raise ValueError("no attention weights returned: load the model with attn_implementation='eager'")
+    hidden = completion_rows(out.last_hidden_state, prompts, completions)
+    return [token_logprobs(model, h, c) for h, c in zip(hidden, completions)], out.attentions[layer - 1][:, 0]
+
+
 class LogProbModule(torch.nn.Module):
     """The policy's log-prob computation as one module call, so DDP / FSDP wrappers see a forward.
 
     mode="shared": prompts is one Prompt, completions (G, C) -> (G, C) log-probs.
     mode="plain": lists of prompts and 1-D completions -> list of per-token log-prob tensors.
     mode="multi": lists of P prompts and P (G_i, C_i) completions -> list of P (G_i, C_i), one forward.
+    mode="attention": as plain, plus head 0's attention in decoder layer `layer` (plain_logprobs_attention).
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, prompts, completions, mode="shared"):
+    def forward(self, prompts, completions, mode="shared", layer=0):
+        if mode == "attention":
+            return plain_logprobs_attention(self.model, prompts, completions, layer)
         if mode == "shared":
             return shared_prefix_logprobs(self.model, prompts, completions)
         if mode == "multi":

@@ -31,7 +31,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -738,13 +738,45 @@ def sft_examples(records, ids, tokenizer, vision, cfg, skipped):
     return out
 
 
-def sft_loss(policy, batch, n_tokens=None):
+@dataclass
+class ClaimPointer:
+    """SFT's claim pointer aid (--sft_attend_weight), as sft_loss takes it."""
+    weight: float      # the aid's weight beside the NLL
+    layer: int         # decoder layer (1-based) whose head 0 learns to point
+    tags: tuple        # ids of <obj>, <box>, </box>, <t>, </t>
+    decode: object     # ids -> text (the tokenizer's)
+    merge: int         # the vision tower's spatial merge size
+    rows: int          # samples of the micro-batch (the aid is a mean over them, like the NLL over tokens)
+    log: list = field(default_factory=list)  # (summed -log mass, rows with a claim) of each call
+
+
+def claim_pointer(cfg, run, rows):
+    """The ClaimPointer of this run's SFT micro-batch of `rows` samples, or None when the aid is off."""
+    if cfg.sft_attend_weight <= 0:
+        return None
+    tok = run.tokenizer
+    tags = tuple(tok.convert_tokens_to_ids(t) for t in (data.OBJ_OPEN, data.BOX_OPEN, data.BOX_CLOSE,
+                                                          data.T_OPEN, data.T_CLOSE))
+    return ClaimPointer(cfg.sft_attend_weight, cfg.sft_attend_layer, tags, tok.decode, run.vision.merge_size, rows)
+
+
+def sft_loss(policy, batch, n_tokens=None, pointer=None):
     """NLL of a batch of (model input, target) pairs per completion token: per token of the batch, or
     of n_tokens (a micro-batch's, when the batch is one of its pieces: the pieces' losses then add up
-    to the micro-batch's)."""
-    logps = policy([p for p, _ in batch], [t for _, t in batch], mode="plain")
-    total = sum(lp.sum() for lp in logps)
-    return -total / (n_tokens or sum(len(t) for _, t in batch))
+    to the micro-batch's). With a ClaimPointer, plus its weight x the claim pointer aid
+    (probe.claim_pointer_nll: head 0 of one layer learns to look at each claim's box in the frame at
+    its time, so writing a claim reads the frame), summed over the batch's rows / pointer.rows."""
+    prompts, targets = [p for p, _ in batch], [t for _, t in batch]
+    if pointer is None:
+        logps = policy(prompts, targets, mode="plain")
+    else:
+        logps, attn = policy(prompts, targets, mode="attention", layer=pointer.layer)
+    nll = -sum(lp.sum() for lp in logps) / (n_tokens or sum(len(t) for t in targets))
+    if pointer is None:
+        return nll
+    aid, n = probe.claim_pointer_nll(attn, batch, pointer.tags, pointer.decode, pointer.merge)
+    pointer.log.append((aid.item(), n))
+    return nll + pointer.weight * aid / pointer.rows
 
 
 def length_pieces(batch, size, full=0):
@@ -776,10 +808,10 @@ def stage_sft(cfg, rt, start_path):
     run = start_run(cfg, rt, "sft", loaded, resumed, cfg.lr, total, cfg.sft_warmup)
     bar = progress_bar(rt, run, total)
     for step in bar:
-        loss = sft_step(cfg, rt, run, records, step)
+        loss, aid = sft_step(cfg, rt, run, records, step)
         bar.set_postfix(loss=f"{loss:.3f}")
         end_step(cfg, rt, run, step + 1, total, {"step": step + 1, "loss": loss, "lr": run.sched.get_last_lr()[0],
-                                                 "skipped/bad_sample": run.skipped["bad_sample"]})
+                                                 "skipped/bad_sample": run.skipped["bad_sample"], **aid})
     stop_trackers(rt)
     log(rt, f"[sft] done: {total} steps, last loss {loss:.4f} -> {run.ckpt}")
     return run.ckpt
@@ -787,12 +819,13 @@ def stage_sft(cfg, rt, start_path):
 
 def sft_step(cfg, rt, run, records, step):
     """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches.
-    A sample whose media fails is skipped and counted in run.skipped (data.skip_bad_sample)."""
+    A sample whose media fails is skipped and counted in run.skipped (data.skip_bad_sample).
+    -> (loss, {'attend_nll': the claim pointer's mean -log mass per sample with a claim} when it is on)."""
     epoch, i = divmod(step, len(records) // cfg.batch_size)
     order = epoch_order(len(records), epoch, cfg.seed)
     batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
     micro = len(batch_ids) // cfg.grad_accum
-    total_loss = 0.0
+    total_loss, pointed = 0.0, []
     for k in range(cfg.grad_accum):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
@@ -803,19 +836,23 @@ def sft_step(cfg, rt, run, records, step):
         batch = [(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in batch]
         n_tokens = sum(len(t) for _, t in batch)
         pieces = length_pieces(batch, cfg.sft_forward_batch, micro + frames)
+        pointer = claim_pointer(cfg, run, micro + frames)
         for j, piece in enumerate(pieces):
             last = k == cfg.grad_accum - 1 and j == len(pieces) - 1  # only the step's last backward syncs
             with defer_step(rt, run.policy) if not last else nullcontext():
                 # an empty piece (samples skipped) still runs a backward, so every rank runs the same number
                 with rt.autocast():
-                    loss = sft_loss(run.policy, piece, n_tokens) if piece else zero_loss(run.policy)
+                    loss = sft_loss(run.policy, piece, n_tokens, pointer) if piece else zero_loss(run.policy)
                 rt.accelerator.backward(loss / cfg.grad_accum)
             total_loss += loss.item() / cfg.grad_accum
+        if pointer is not None:
+            pointed += [x for x in pointer.log if x[1]]
     rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    return total_loss
+    aid = {"attend_nll": sum(x for x, _ in pointed) / sum(n for _, n in pointed)} if pointed else {}
+    return total_loss, aid
 
 
 # ---------------------------------------------------------------------------------------------

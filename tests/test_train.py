@@ -1,5 +1,6 @@
 """train.py and config.py: overrides and choices checked at parse time, --help, SFT lowers the loss,
 the checkpoint layout, a save that survives a kill at any instant, exact resume, trackers, torchrun."""
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -104,6 +106,44 @@ def test_sft_steps_lower_the_loss(tiny_data, tiny_model_dir, tmp_path):
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
     state = train.load_trainer_state(newest(tmp_path))
     assert state["done"] and state["step"] == 6
+
+
+def test_claim_pointer_aid_adds_to_the_nll_and_teaches_head_0_to_look(tiny_data, tiny_model_dir, tmp_path):
+    """--sft_attend_weight: the loss is the NLL plus weight x the claim pointer's -log mass / rows; its
+    gradient moves head 0 of the chosen layer onto the claims' cells (plain SFT does not), and the
+    SFT stage logs it. Without eager attention the flag is refused before anything runs."""
+    vlm, tok, vision = model.load_policy(tiny_model_dir, attn_implementation="eager")
+    cfg = sft_cfg(tiny_data, tmp_path, sft_attend_weight=2.0, sft_attend_layer=1, attn_implementation="eager",
+                  max_frames=4)
+    recs = [r for r in data.load_records(os.path.join(tiny_data, "train.json")) if r["key_frames"]][:3]
+    batch = [train.sft_example(r, tok, vision, cfg) for r in recs]
+    assert all(len(p.frame_times) == len(p.image_grid_thw) for p, _ in batch)
+    policy = model.LogProbModule(vlm)
+    pointer = train.claim_pointer(cfg, SimpleNamespace(tokenizer=tok, vision=vision), len(batch))
+    with torch.no_grad():
+        plain, both = train.sft_loss(policy, batch), train.sft_loss(policy, batch, pointer=pointer)
+    aid, n = pointer.log[0]
+    assert n == len(batch) and aid > 1.0                          # every record's trace has claims
+    assert both.item() == pytest.approx(plain.item() + 2.0 * aid / len(batch), rel=1e-5)
+
+    def aid_after(weight, steps=5):
+        m = copy.deepcopy(vlm)
+        pol, opt = model.LogProbModule(m), torch.optim.Adam(m.parameters(), lr=3e-3)
+        ptr = dataclasses.replace(pointer, weight=weight, log=[])
+        for _ in range(steps):
+            opt.zero_grad()
+            train.sft_loss(pol, batch, pointer=ptr).backward()
+            opt.step()
+        return ptr.log[-1][0] / len(batch)
+
+    pointed, plain_sft = aid_after(20.0), aid_after(0.0)
+    assert pointed < aid / len(batch) - 1.0 and pointed < plain_sft - 1.0, (aid / len(batch), pointed, plain_sft)
+    cfg = dataclasses.replace(cfg, sft_epochs=0.34)
+    train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["attend_nll"] > 1.0
+    with pytest.raises(SystemExit, match="eager"):
+        config.parse_args(["--sft_attend_weight=1"])
 
 
 def test_length_pieces_sort_by_length_and_cut():
