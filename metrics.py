@@ -643,6 +643,8 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
     meta = record.get("meta")
     if isinstance(meta, dict) and isinstance(meta.get("hard"), bool):  # synthetic records say how they were drawn
         out["hard"] = meta["hard"]
+    if isinstance(meta, dict) and isinstance(meta.get("event"), str):  # ... and which event they ask about
+        out["event"] = meta["event"]
     out.update({f"reward/{k}": float(v) for k, v in scores.items()
                 if _finite_number(v) is not None})
     gold = first_object(record.get("reasoning_process") or "")
@@ -656,14 +658,16 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
 
 def stgr_summary(per_sample):
     """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall, per task and, where records say
-    it, on hard and easy samples), 'name/first' (x100, over records whose trace names an object),
-    temporal grounding on the temporal tasks ('TG/...', x100), and each reward's mean over the
-    records where it applies (reward scale, not x100)."""
+    it, on hard and easy samples and per event), 'name/first' (x100, over records whose trace names
+    an object), temporal grounding on the temporal tasks ('TG/...', x100; its mIoU also per event),
+    and each reward's mean over the records where it applies (reward scale, not x100)."""
     by_task, comps = defaultdict(list), defaultdict(list)
     for s in per_sample:
         by_task[f"Acc[task={s['task']}]"].append(s["correct"])
         if "hard" in s:
             by_task[f"Acc[{'hard' if s['hard'] else 'easy'}]"].append(s["correct"])
+        if "event" in s:
+            by_task[f"Acc[event={s['event']}]"].append(s["correct"])
         for k, v in s.items():
             if k.startswith("reward/"):
                 comps[k].append(v)
@@ -676,6 +680,9 @@ def stgr_summary(per_sample):
     if spans:
         tg = temporal_grounding_metrics([p for p, _ in spans], [g for _, g in spans])
         out.update({f"TG/{k}": v for k, v in tg.items()})
+        for event in sorted({s["event"] for s in per_sample if "gt_span" in s and "event" in s}):
+            pairs = [(s["pred_span"], s["gt_span"]) for s in per_sample if "gt_span" in s and s.get("event") == event]
+            out[f"TG/mIoU[event={event}]"] = temporal_grounding_metrics(*map(list, zip(*pairs)))["mIoU"]
     out.update({k: _mean(v) for k, v in sorted(comps.items())})
     return out
 

@@ -390,6 +390,23 @@ def test_stgr_accuracy_split_by_hard_and_easy():
     assert "Acc[hard]" not in plain and "Acc[easy]" not in plain
 
 
+def test_stgr_accuracy_and_temporal_iou_per_event():
+    """Records that name their event (synth's meta.event) get Acc[event=..] and, on temporal tasks,
+    TG/mIoU[event=..]; a record without one counts only in the totals."""
+    recs = stgr_records()
+    for r, event in zip(recs, ("stop", "stop", "turn", None)):
+        if event is not None:
+            r["meta"] = {"event": event}
+    ctx = rewards.RewardContext(frame_width=W, frame_height=H, progress=1.0)
+    gt = [rewards.ground_truth_completion(r, ctx) for r in recs]
+    # free-form right, temporal QA wrong (no span: tIoU 0), MCQ right, temporal MCQ right (no event)
+    s = metrics.score_stgr(recs, [gt[0], "<answer>zzz</answer>", gt[2], gt[3]], ctx)
+    assert s["Acc[event=stop]"] == pytest.approx(50.0) and s["Acc[event=turn]"] == pytest.approx(100.0)
+    assert s["TG/mIoU[event=stop]"] == pytest.approx(0.0) and s["TG/mIoU"] == pytest.approx(50.0)
+    assert not any(k.endswith("[event=turn]") and k.startswith("TG/") for k in s)
+    assert not any("event=" in k for k in metrics.score_stgr(stgr_records(), gt, ctx))
+
+
 # ---------------------------------------------------------------------------------------------
 # A V-STAR file written by synth.py loads and the oracle scores 100 on it
 # ---------------------------------------------------------------------------------------------
