@@ -747,7 +747,7 @@ class ClaimPointer:
     decode: object     # ids -> text (the tokenizer's)
     merge: int         # the vision tower's spatial merge size
     rows: int          # samples of the micro-batch (the aid is a mean over them, like the NLL over tokens)
-    log: list = field(default_factory=list)  # (summed -log mass, rows with a claim) of each call
+    log: list = field(default_factory=list)  # (summed -log mass, rows with a claim, the NLL) of each call
 
 
 def claim_pointer(cfg, run, rows):
@@ -775,7 +775,7 @@ def sft_loss(policy, batch, n_tokens=None, pointer=None):
     if pointer is None:
         return nll
     aid, n = probe.claim_pointer_nll(attn, batch, pointer.tags, pointer.decode, pointer.merge)
-    pointer.log.append((aid.item(), n))
+    pointer.log.append((aid.item(), n, nll.item()))
     return nll + pointer.weight * aid / pointer.rows
 
 
@@ -820,12 +820,13 @@ def stage_sft(cfg, rt, start_path):
 def sft_step(cfg, rt, run, records, step):
     """One optimizer step: this rank's share of the global batch, in grad_accum micro-batches.
     A sample whose media fails is skipped and counted in run.skipped (data.skip_bad_sample).
-    -> (loss, {'attend_nll': the claim pointer's mean -log mass per sample with a claim} when it is on)."""
+    -> (loss, {} or, with the claim pointer on, {'nll': the loss without the aid, 'attend_nll': its mean
+    -log mass per sample with a claim})."""
     epoch, i = divmod(step, len(records) // cfg.batch_size)
     order = epoch_order(len(records), epoch, cfg.seed)
     batch_ids = order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rt.rank::rt.world]
     micro = len(batch_ids) // cfg.grad_accum
-    total_loss, pointed = 0.0, []
+    total_loss, pointed = 0.0, []   # pointed: the claim pointer's log, every piece of the step
     for k in range(cfg.grad_accum):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
@@ -846,12 +847,13 @@ def sft_step(cfg, rt, run, records, step):
                 rt.accelerator.backward(loss / cfg.grad_accum)
             total_loss += loss.item() / cfg.grad_accum
         if pointer is not None:
-            pointed += [x for x in pointer.log if x[1]]
+            pointed += pointer.log
     rt.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    aid = {"attend_nll": sum(x for x, _ in pointed) / sum(n for _, n in pointed)} if pointed else {}
+    aid = {} if not pointed else {"nll": sum(x[2] for x in pointed) / cfg.grad_accum,
+                                  "attend_nll": sum(x[0] for x in pointed) / max(1, sum(x[1] for x in pointed))}
     return total_loss, aid
 
 

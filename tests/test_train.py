@@ -122,7 +122,8 @@ def test_claim_pointer_aid_adds_to_the_nll_and_teaches_head_0_to_look(tiny_data,
     pointer = train.claim_pointer(cfg, SimpleNamespace(tokenizer=tok, vision=vision), len(batch))
     with torch.no_grad():
         plain, both = train.sft_loss(policy, batch), train.sft_loss(policy, batch, pointer=pointer)
-    aid, n = pointer.log[0]
+    aid, n, nll = pointer.log[0]
+    assert nll == pytest.approx(plain.item(), rel=1e-5)
     assert n == len(batch) and aid > 1.0                          # every record's trace has claims
     assert both.item() == pytest.approx(plain.item() + 2.0 * aid / len(batch), rel=1e-5)
 
@@ -141,7 +142,7 @@ def test_claim_pointer_aid_adds_to_the_nll_and_teaches_head_0_to_look(tiny_data,
     cfg = dataclasses.replace(cfg, sft_epochs=0.34)
     train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
     rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
-    assert len(rows) == 1 and rows[0]["attend_nll"] > 1.0
+    assert len(rows) == 1 and rows[0]["attend_nll"] > 1.0 and 0 < rows[0]["nll"] < rows[0]["loss"]
     with pytest.raises(SystemExit, match="eager"):
         config.parse_args(["--sft_attend_weight=1"])
 
