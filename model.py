@@ -27,6 +27,7 @@ Test: python -m pytest tests/test_model.py tests/test_batch.py
 """
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -370,7 +371,6 @@ class VisionProcessor:
 
 def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28):
     """Qwen2-VL's resize rule: round each side to a multiple of `factor`, then scale into the budget."""
-    import math
     if min(height, width) <= 0:
         raise ValueError(f"frame has no pixels: {height}x{width}")
     h = max(factor, round(height / factor) * factor)
@@ -459,6 +459,59 @@ def model_input(tokenizer, vision, video, question, max_pixels=None, turns=()):
     prompt = tokenize_prompt(tokenizer, parts, video.frames, vision, max_pixels)
     prompt.frame_times = tuple(float(video.times[k]) for k in (p for p in parts if isinstance(p, int)))
     return prompt
+
+
+def box_cells(box, frame_size, gh, gw):
+    """Row-major indices of the cells of a gh x gw grid over a frame of frame_size (W, H) pixels that a
+    pixel box [x1, y1, x2, y2] touches."""
+    (fw, fh), (x1, y1, x2, y2) = frame_size, box
+    cols = range(min(int(x1 / fw * gw), gw - 1), min(math.ceil(x2 / fw * gw), gw))
+    rows = range(min(int(y1 / fh * gh), gh - 1), min(math.ceil(y2 / fh * gh), gh))
+    return [r * gw + c for r in rows for c in cols]
+
+
+def _claim_box_time(ids, marks, end, decode, frame_size, tags):
+    """A claim's (pixel box, seconds) from the positions of its <box>, </box>, <t> (marks) and of its
+    </t> (end); None when they are out of order or either does not read."""
+    _, box_open, box_close, t_open, _ = tags
+    if not (box_close in marks and t_open in marks and marks.get(box_open, end) < marks[box_close] < marks[t_open]):
+        return None
+    _, box = data.trace_box(decode(ids[marks[box_open] + 1:marks[box_close]]), frame_size)
+    try:
+        t = float(decode(ids[marks[t_open] + 1:end]))
+    except ValueError:
+        return None
+    return (box, t) if isinstance(box, list) and math.isfinite(t) else None
+
+
+def claim_rows(ids, prompt, tags, decode, merge=2):
+    """Where each grounded claim of a target should look: [(answer indices, image-token positions)],
+    one pair per claim `<obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>T</t>` in ids (think or answer):
+    the indices of its tokens from the name to the time's last digit, and the prompt's merged image
+    tokens (row-major, merge x merge patches each) that the box touches in the frame shown nearest T.
+    Boxes are in pixels of the frame the model sees (prompt.frame_size), as SFT targets are.
+    tags: the ids of <obj>, <box>, </box>, <t>, </t>; decode: ids -> text (the box's and time's).
+    A claim without a box, a time or a readable box, and a prompt without frame times, give nothing."""
+    grid = prompt.image_grid_thw.tolist()
+    image = (prompt.mm_token_type_ids == 1).nonzero()[:, 0]
+    sizes = [t * h * w // merge ** 2 for t, h, w in grid]
+    if not grid or len(prompt.frame_times) != len(grid) or sum(sizes) != len(image):
+        return []
+    times = prompt.frame_times
+    out, start, marks = [], None, {}
+    for j, i in enumerate(ids):
+        if i == tags[0]:                                   # <obj>: a claim may start
+            start, marks = j + 1, {}
+        elif start is not None and i in tags[1:4]:         # <box>, </box>, <t>: where they are
+            marks.setdefault(i, j)
+        elif start is not None and i == tags[4]:           # </t>: the claim is whole
+            claim = _claim_box_time(ids, marks, j, decode, prompt.frame_size, tags)
+            if claim is not None:
+                (box, t), k = claim, min(range(len(times)), key=lambda f: abs(times[f] - claim[1]))
+                cells = box_cells(box, prompt.frame_size, grid[k][1] // merge, grid[k][2] // merge)
+                out.append((list(range(start, j)), image[[sum(sizes[:k]) + c for c in cells]]))
+            start = None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

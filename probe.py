@@ -622,66 +622,6 @@ def time_rows(ids, open_id, close_id, frames, box_id=None):
     return pairs
 
 
-def claim_rows(ids, prompt, tags, decode, merge=2):
-    """Where each grounded claim of a target should look: [(answer indices, image-token positions)],
-    one pair per claim `<obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>T</t>` in ids (think or answer):
-    the indices of its tokens from the name to the time's last digit, and the prompt's merged image
-    tokens (row-major, merge x merge patches each) that the box touches in the frame shown nearest T.
-    Boxes are in pixels of the frame the model sees (prompt.frame_size), as SFT targets are.
-    tags: the ids of <obj>, <box>, </box>, <t>, </t>; decode: ids -> text (the box's and time's).
-    A claim without a box, a time or a readable box, and a prompt without frame times, give nothing."""
-    obj, box_open, box_close, t_open, t_close = tags
-    grid = prompt.image_grid_thw.tolist()
-    if not prompt.frame_times or len(grid) != len(prompt.frame_times):
-        return []
-    image = (prompt.mm_token_type_ids == 1).nonzero()[:, 0]
-    offsets = [0]
-    for t, h, w in grid:
-        offsets.append(offsets[-1] + t * h * w // merge ** 2)
-    if offsets[-1] != len(image):
-        return []
-    out, start, marks = [], None, {}
-    for j, i in enumerate(ids):
-        if i == obj:
-            start, marks = j + 1, {}
-        elif start is not None and i in (box_open, box_close, t_open):
-            marks.setdefault(i, j)
-        elif start is not None and i == t_close:
-            if box_close in marks and t_open in marks and marks.get(box_open, j) < marks[box_close] < marks[t_open]:
-                _, box = data.trace_box(decode(ids[marks[box_open] + 1:marks[box_close]]), prompt.frame_size)
-                try:
-                    t = float(decode(ids[marks[t_open] + 1:j]))
-                except ValueError:
-                    t = None
-                if isinstance(box, list) and t is not None:
-                    k = span_frame(prompt.frame_times, t)
-                    _, h, w = grid[k]
-                    gh, gw = h // merge, w // merge
-                    (fw, fh), (x1, y1, x2, y2) = prompt.frame_size, box
-                    cols = range(min(int(x1 / fw * gw), gw - 1), min(int(math.ceil(x2 / fw * gw)), gw))
-                    rows = range(min(int(y1 / fh * gh), gh - 1), min(int(math.ceil(y2 / fh * gh)), gh))
-                    cells = [offsets[k] + r * gw + c for r in rows for c in cols]
-                    out.append((list(range(start, j)), image[cells]))
-            start = None
-    return out
-
-
-def claim_pointer_nll(attn, batch, tags, decode, merge=2):
-    """The claim pointer aid (SFT's --sft_attend_weight): for each (prompt, target) row of a plain
-    forward whose head-0 attention is attn (B, L, L), -log of the attention mass that the positions
-    predicting a claim's tokens put on its cells (claim_rows), averaged over the row's claim tokens.
-    -> (sum over rows with a claim, number of such rows)."""
-    total, n = attn.new_zeros(()), 0
-    for b, (p, t) in enumerate(batch):
-        pairs = claim_rows(t.tolist(), p, tags, decode, merge)
-        if not pairs:
-            continue
-        masses = [attn[b][len(p) - 1 + torch.tensor(js, device=attn.device)][:, cells].sum(-1) for js, cells in pairs]
-        total = total - torch.cat(masses).clamp_min(1e-9).log().mean()
-        n += 1
-    return total, n
-
-
 def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
     """The binding aids' losses from one forward (model.plain_forward with the hidden states and/or
     attentions asked for), per frame, averaged over the batch:

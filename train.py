@@ -760,11 +760,27 @@ def claim_pointer(cfg, run, rows):
     return ClaimPointer(cfg.sft_attend_weight, cfg.sft_attend_layer, tags, tok.decode, run.vision.merge_size, rows)
 
 
+def claim_pointer_nll(attn, batch, tags, decode, merge=2):
+    """The claim pointer aid (SFT's --sft_attend_weight): for each (prompt, target) row of a plain
+    forward whose head-0 attention is attn (B, L, L), -log of the attention mass that the positions
+    predicting a claim's tokens put on its cells (claim_rows), averaged over the row's claim tokens.
+    -> (sum over rows with a claim, number of such rows)."""
+    total, n = attn.new_zeros(()), 0
+    for b, (p, t) in enumerate(batch):
+        pairs = model.claim_rows(t.tolist(), p, tags, decode, merge)
+        if not pairs:
+            continue
+        masses = [attn[b][len(p) - 1 + torch.tensor(js, device=attn.device)][:, cells].sum(-1) for js, cells in pairs]
+        total = total - torch.cat(masses).clamp_min(1e-9).log().mean()
+        n += 1
+    return total, n
+
+
 def sft_loss(policy, batch, n_tokens=None, pointer=None):
     """NLL of a batch of (model input, target) pairs per completion token: per token of the batch, or
     of n_tokens (a micro-batch's, when the batch is one of its pieces: the pieces' losses then add up
     to the micro-batch's). With a ClaimPointer, plus its weight x the claim pointer aid
-    (probe.claim_pointer_nll: head 0 of one layer learns to look at each claim's box in the frame at
+    (claim_pointer_nll: head 0 of one layer learns to look at each claim's box in the frame at
     its time, so writing a claim reads the frame), summed over the batch's rows / pointer.rows."""
     prompts, targets = [p for p, _ in batch], [t for _, t in batch]
     if pointer is None:
@@ -774,7 +790,7 @@ def sft_loss(policy, batch, n_tokens=None, pointer=None):
     nll = -sum(lp.sum() for lp in logps) / (n_tokens or sum(len(t) for t in targets))
     if pointer is None:
         return nll
-    aid, n = probe.claim_pointer_nll(attn, batch, pointer.tags, pointer.decode, pointer.merge)
+    aid, n = claim_pointer_nll(attn, batch, pointer.tags, pointer.decode, pointer.merge)
     pointer.log.append((aid.item(), n, nll.item()))
     return nll + pointer.weight * aid / pointer.rows
 

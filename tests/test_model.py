@@ -1,6 +1,7 @@
 """model.py: vision preprocessing, tokenizer, log-probs (fast path == slow path), generation."""
 import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -309,3 +310,51 @@ def test_rescale_residual_keeps_the_function_at_a_fresh_models_scale(tiny_data, 
     after = M.plain_logprobs(vlm, [prompt], [comp])[0]
     assert before.std() > 0.5                          # a model whose answer depends on what it reads
     torch.testing.assert_close(after, before, atol=2e-4, rtol=1e-4)
+
+
+# Two frames of 2 x 2 merged cells (4 x 4 patches, merge 2) at 0 s and 1 s, 56 x 56 pixels (a cell is
+# 28 px): image tokens at positions 2..5 and 8..11 of a 14-token prompt.
+_CLAIM_VOCAB = {1: "car", 2: "[30,2,50,20]", 3: "0.9", 4: "at", 5: "[10,30,40,50]", 6: "0.2", 7: "x",
+                8: "[1,2", 9: "oops"}
+_CLAIM_TAGS = (101, 102, 103, 104, 105)        # <obj>, <box>, </box>, <t>, </t>; </obj> is 106
+_OBJ, _BOX, _BOX_END, _T, _T_END, _OBJ_END = 101, 102, 103, 104, 105, 106
+
+
+def _claim_prompt(times=(0.0, 1.0)):
+    types = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0], dtype=torch.int32)
+    return M.Prompt(torch.zeros(14, dtype=torch.long), types, None, torch.tensor([[1, 4, 4], [1, 4, 4]]),
+                    (56, 56), times)
+
+
+def _decode(ids):
+    return "".join(_CLAIM_VOCAB[i] for i in ids)
+
+
+def test_claim_rows_hand_table():
+    target = [7, _OBJ, 1, _OBJ_END, _BOX, 2, _BOX_END, 4, _T, 3, _T_END, 7,          # claim 1: rows 2..9
+              _OBJ, 1, _OBJ_END, _BOX, 5, _BOX_END, 4, _T, 6, _T_END,              # claim 2: rows 13..20
+              _OBJ, 1, _OBJ_END, _BOX, 2, _BOX_END, 7,                             # no time: not a claim here
+              _OBJ, 1, _OBJ_END, _BOX, 8, _BOX_END, 4, _T, 3, _T_END,              # unreadable box
+              _OBJ, 1, _OBJ_END, _BOX, 2, _BOX_END, 4, _T, 9, _T_END]              # unreadable time
+    pairs = M.claim_rows(target, _claim_prompt(), _CLAIM_TAGS, _decode)
+    # claim 1: [30,2,50,20] at 0.9 s -> the 1 s frame, column 1 (x 30..50), row 0 -> cell 1 = position 8 + 1
+    # claim 2: [10,30,40,50] at 0.2 s -> the 0 s frame, columns 0-1, row 1 -> cells 2, 3 = positions 4, 5
+    assert [(js, cells.tolist()) for js, cells in pairs] == [(list(range(2, 10)), [9]),
+                                                             (list(range(13, 21)), [4, 5])]
+    assert M.claim_rows(target, _claim_prompt(times=()), _CLAIM_TAGS, _decode) == []  # no frame times
+    assert M.claim_rows(target, _claim_prompt(times=(0.0,)), _CLAIM_TAGS, _decode) == []  # times != frames
+
+
+def test_claim_pointer_nll_hand_table():
+    p = _claim_prompt()
+    target = torch.tensor([7, _OBJ, 1, _OBJ_END, _BOX, 2, _BOX_END, 4, _T, 3, _T_END, 7,
+                           _OBJ, 1, _OBJ_END, _BOX, 5, _BOX_END, 4, _T, 6, _T_END])
+    L = len(p) + len(target)
+    attn = torch.full((2, L, L), 0.01)
+    attn[0, len(p) - 1 + 2:len(p) - 1 + 10, 9] = 0.5        # claim 1's rows: half their mass on its cell
+    attn[0, len(p) - 1 + 13:len(p) - 1 + 21, 4] = 0.125     # claim 2's: an eighth on each of its two cells
+    attn[0, len(p) - 1 + 13:len(p) - 1 + 21, 5] = 0.125
+    no_claim = torch.tensor([7, 7, 7])
+    total, n = T.claim_pointer_nll(attn, [(p, target), (p, no_claim)], _CLAIM_TAGS, _decode)
+    assert n == 1
+    assert total.item() == pytest.approx(-(8 * math.log(0.5) + 8 * math.log(0.25)) / 16, rel=1e-6)
