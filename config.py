@@ -139,6 +139,7 @@ class Config:
     eval_batch: int = 32          # samples decoded together at evaluation (greedy, one row each); 1: one at a time
     eval_temperature: float = 0.0  # 0 is greedy (eval.py --temperature)
     eval_forced_boxes: bool = True  # STGR: also read the gold traces' boxes and names teacher-forced (forced_box/*, forced_name/*; one forward a record)
+    eval_pointer_layer: int = 0   # STGR: head 0's teacher-forced attention in this layer from each gold claim on its box and frame (forced_pointer/*; eager); 0: off
     eval_max_prompt_tokens: int = 16384  # a longer prompt is an error naming the sample (eval.py --max_prompt_tokens)
     # ---- logging / checkpoints ----
     sample_every: int = 20        # RL: write one group's rollouts to samples.jsonl every N steps
@@ -252,6 +253,9 @@ def check(cfg):
         raise SystemExit(f"--selector_train_share must be in (0, 1], got {cfg.selector_train_share}")
     if cfg.sft_attend_weight > 0 and cfg.attn_implementation != "eager":
         raise SystemExit(f"--sft_attend_weight={cfg.sft_attend_weight} reads attention weights, which only "
+                         f"--attn_implementation=eager returns (got {cfg.attn_implementation})")
+    if cfg.eval_pointer_layer > 0 and cfg.attn_implementation != "eager":
+        raise SystemExit(f"--eval_pointer_layer={cfg.eval_pointer_layer} reads attention weights, which only "
                          f"--attn_implementation=eager returns (got {cfg.attn_implementation})")
     if cfg.sft_attend_layer < 1:
         raise SystemExit(f"--sft_attend_layer is 1-based, got {cfg.sft_attend_layer}")

@@ -18,7 +18,9 @@ eval_samples, eval_max_new_tokens, eval_temperature and eval_max_prompt_tokens; 
 --min_frames, --max_frames, --max_pixels) are the training run's fields, read the same way
 (--max_pixels=0: the checkpoint's own preprocessor_config budget). On STGR files each gold trace is
 also read teacher-forced (forced_spans: can the model name what the trace is about, and box what
-it has named?). The metrics themselves are pure and live in metrics.py.
+it has named? with --eval_pointer_layer=N and --attn_implementation=eager, also where head 0 of
+layer N looks from each claim: forced_pointer/box and /frame, the claim pointer's diagnostic).
+The metrics themselves are pure and live in metrics.py.
 
 Test: python -m pytest tests/test_eval.py -q
 """
@@ -94,22 +96,27 @@ def infer_stgr(bundle, records, cfg, rt):
             forced = None
             if cfg.eval_forced_boxes and (data.BOX_OPEN in trace or data.OBJ_OPEN in trace):
                 trace = data.trace_to_frame_pixels(trace, v.source_size, x.frame_size, data.origin(records[i]))
-                forced = forced_spans(vlm, tokenizer, x, trace)
+                forced = forced_spans(vlm, tokenizer, x, trace, cfg.eval_pointer_layer, bundle[2].merge_size)
             out.append((i, t, x.frame_size, forced))
     return out
 
 
-def forced_spans(vlm, tokenizer, inputs, trace):
+def forced_spans(vlm, tokenizer, inputs, trace, pointer_layer=0, merge=2):
     """Reading given the reasoning: the gold trace (boxes in pixels of the frame the model sees) is
     fed whole after the prompt, one forward, and inside every <box>...</box> and <obj>...</obj> the
     model's argmax stands in for each gold token (each still sees the gold tokens before it). Boxes:
     can the model box an object the trace has just named, apart from whether it would have named it;
     names: can it name the object the trace is about (mostly the question's, copied from it).
-    -> {"box": [(predicted text, gold text)], "obj": [...]}, one pair per span, in trace order."""
+    With pointer_layer (1-based; eager attention), also where head 0 of that layer looks from each
+    claim's tokens (model.claim_rows): the share of its attention on the claim's box and on its frame.
+    -> {"box": [(predicted text, gold text)], "obj": [...], "pointer": [(box share, frame share)]},
+    one entry per span or claim, in trace order."""
     target = torch.tensor(model.encode_text(tokenizer, trace), device=inputs.input_ids.device)
-    guess = vlm.lm_head(model.plain_hidden(vlm, [inputs], [target])[0]).argmax(-1)  # guess[k] predicts target[k]
+    out, _ = model.plain_forward(vlm, [inputs], [target], output_attentions=pointer_layer > 0)
+    hidden = model.completion_rows(out.last_hidden_state, [inputs], [target])[0]
+    guess = vlm.lm_head(hidden).argmax(-1)  # guess[k] predicts target[k]
     spans = {"box": (data.BOX_OPEN, data.BOX_CLOSE), "obj": (data.OBJ_OPEN, data.OBJ_CLOSE)}
-    ids, out = target.tolist(), {}
+    ids, found = target.tolist(), {}
     for kind, tags in spans.items():
         opens, closes = (tokenizer.convert_tokens_to_ids(t) for t in tags)
         pairs, start = [], None
@@ -119,8 +126,15 @@ def forced_spans(vlm, tokenizer, inputs, trace):
             elif tok == closes and start is not None:
                 pairs.append((tokenizer.decode(guess[start:k]), tokenizer.decode(target[start:k])))
                 start = None
-        out[kind] = pairs
-    return out
+        found[kind] = pairs
+    if pointer_layer > 0:
+        attn = out.attentions[pointer_layer - 1][0, 0]                 # (L, L), head 0
+        tags = tuple(tokenizer.convert_tokens_to_ids(t) for t in (data.OBJ_OPEN, data.BOX_OPEN, data.BOX_CLOSE,
+                                                                   data.T_OPEN, data.T_CLOSE))
+        rows = lambda js: attn[len(inputs) - 1 + torch.tensor(js, device=attn.device)]  # noqa: E731
+        found["pointer"] = [(rows(js)[:, box].sum(-1).mean().item(), rows(js)[:, frame].sum(-1).mean().item())
+                            for js, box, frame in model.claim_rows(ids, inputs, tags, tokenizer.decode, merge)]
+    return found
 
 
 def infer_vstar(bundle, samples, video_root, cfg, rt):
@@ -246,6 +260,7 @@ def evaluate(cfg, bundle, rt=None):
         forced = [f for *_, f in rows if f is not None]
         summary.update(metrics.forced_box_summary([pair for f in forced for pair in f["box"]]))
         summary.update(metrics.forced_name_summary([pair for f in forced for pair in f["obj"]]))
+        summary.update(metrics.forced_pointer_summary([pair for f in forced for pair in f.get("pointer", ())]))
         preds = [{"id": items[i]["id"], "completion": t, "answer": metrics.answer_text(t), "frame_size": list(size),
                   **p, **({"forced_boxes": f["box"], "forced_names": f["obj"]} if f is not None else {})}
                  for (i, t, size, f), p in zip(rows, per)]

@@ -711,6 +711,16 @@ def forced_name_summary(pairs):
     return {"forced_name/acc": 100.0 * _mean(same), "forced_name/n": len(same)} if same else {}
 
 
+def forced_pointer_summary(shares):
+    """Where one attention head looks from the gold claims (eval.forced_spans with --eval_pointer_layer):
+    [(share on the claim's box, share on its frame)] -> 'forced_pointer/box' and 'forced_pointer/frame'
+    (mean shares, x100) and 'forced_pointer/n'; {} without claims."""
+    if not shares:
+        return {}
+    return {"forced_pointer/box": 100.0 * _mean(b for b, _ in shares),
+            "forced_pointer/frame": 100.0 * _mean(f for _, f in shares), "forced_pointer/n": len(shares)}
+
+
 def score_stgr(records, completions, ctx, cfg=None, judge=default_judge):
     """Summary of one checkpoint on an STGR split (see stgr_summary). ctx is one
     rewards.RewardContext for every record, or a list with one per record."""

@@ -485,10 +485,11 @@ def _claim_box_time(ids, marks, end, decode, frame_size, tags):
 
 
 def claim_rows(ids, prompt, tags, decode, merge=2):
-    """Where each grounded claim of a target should look: [(answer indices, image-token positions)],
-    one pair per claim `<obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>T</t>` in ids (think or answer):
-    the indices of its tokens from the name to the time's last digit, and the prompt's merged image
-    tokens (row-major, merge x merge patches each) that the box touches in the frame shown nearest T.
+    """Where each grounded claim of a target should look: [(answer indices, box tokens, frame tokens)],
+    one triple per claim `<obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>T</t>` in ids (think or answer):
+    the indices of its tokens from the name to the time's last digit, the positions of the prompt's
+    merged image tokens (row-major, merge x merge patches each) that the box touches in the frame
+    shown nearest T, and the positions of all that frame's image tokens.
     Boxes are in pixels of the frame the model sees (prompt.frame_size), as SFT targets are.
     tags: the ids of <obj>, <box>, </box>, <t>, </t>; decode: ids -> text (the box's and time's).
     A claim without a box, a time or a readable box, and a prompt without frame times, give nothing."""
@@ -509,7 +510,8 @@ def claim_rows(ids, prompt, tags, decode, merge=2):
             if claim is not None:
                 (box, t), k = claim, min(range(len(times)), key=lambda f: abs(times[f] - claim[1]))
                 cells = box_cells(box, prompt.frame_size, grid[k][1] // merge, grid[k][2] // merge)
-                out.append((list(range(start, j)), image[[sum(sizes[:k]) + c for c in cells]]))
+                frame = image[sum(sizes[:k]):sum(sizes[:k + 1])]
+                out.append((list(range(start, j)), frame[cells], frame))
             start = None
     return out
 

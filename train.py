@@ -770,7 +770,7 @@ def claim_pointer_nll(attn, batch, tags, decode, merge=2):
         pairs = model.claim_rows(t.tolist(), p, tags, decode, merge)
         if not pairs:
             continue
-        masses = [attn[b][len(p) - 1 + torch.tensor(js, device=attn.device)][:, cells].sum(-1) for js, cells in pairs]
+        masses = [attn[b][len(p) - 1 + torch.tensor(js, device=attn.device)][:, cells].sum(-1) for js, cells, _ in pairs]
         total = total - torch.cat(masses).clamp_min(1e-9).log().mean()
         n += 1
     return total, n

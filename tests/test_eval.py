@@ -1,5 +1,6 @@
 """eval.py inference: an STGR run writes predictions and a summary (into the run, never the checkpoint);
 2 processes equal 1; its flags."""
+import copy
 import dataclasses
 import json
 import os
@@ -228,3 +229,32 @@ def test_forced_spans_read_each_box_and_name_where_greedy_decoding_would(tiny_da
         ids, mask, _ = M.generate(vlm, longer, 1, 1, [], tok.pad_token_id, 0.0, 1.0, None)
     first = tok.decode(ids[0][mask[0]])
     assert first and pairs[0][0].startswith(first)
+
+
+def test_forced_pointer_shares_where_head_0_looks_from_each_claim(tiny_data, sharp):
+    """--eval_pointer_layer: one (box share, frame share) per gold claim; the frame share is the
+    claim's rows' attention summed over the image tokens of the frame shown nearest its time (by hand
+    for the first claim); without the flag nothing is read; the summary's means by hand."""
+    vlm, tok, vision = sharp
+    vlm = copy.deepcopy(vlm)
+    vlm.set_attn_implementation("eager")
+    rec = next(r for r in data.load_records(os.path.join(tiny_data, "test.json")) if "<box>" in r["reasoning_process"])
+    video = data.load_video_sample(rec, config.frames(train.Config(max_frames=4)))
+    inputs = M.model_input(tok, vision, video, rec["question"])
+    trace = data.trace_to_frame_pixels(rec["reasoning_process"], video.source_size, inputs.frame_size, "t")
+    with torch.no_grad():
+        shares = eval.forced_spans(vlm, tok, inputs, trace, pointer_layer=1)["pointer"]
+        assert "pointer" not in eval.forced_spans(vlm, tok, inputs, trace)
+        ids = M.encode_text(tok, trace)
+        out, _ = M.plain_forward(vlm, [inputs], [torch.tensor(ids)], output_attentions=True)
+    claims = re.findall(r"<obj>[^<]*</obj><box>[^<]*</box>at<t>([^<]*)</t>", trace)
+    assert len(shares) == len(claims) > 0 and all(0 <= b <= f <= 1 for b, f in shares)
+    first, end = ids.index(tok.convert_tokens_to_ids("<obj>")) + 1, ids.index(tok.convert_tokens_to_ids("</t>"))
+    k = min(range(len(video.times)), key=lambda i: abs(video.times[i] - float(claims[0])))
+    image = (inputs.mm_token_type_ids == 1).nonzero()[:, 0]
+    per = len(image) // len(video.times)
+    rows = out.attentions[0][0, 0, len(inputs) - 1 + first:len(inputs) - 1 + end]
+    assert shares[0][1] == pytest.approx(rows[:, image[k * per:(k + 1) * per]].sum(-1).mean().item(), rel=1e-5)
+    assert metrics.forced_pointer_summary([(0.1, 0.5), (0.3, 0.7)]) == pytest.approx(
+        {"forced_pointer/box": 20.0, "forced_pointer/frame": 60.0, "forced_pointer/n": 2})
+    assert metrics.forced_pointer_summary([]) == {}

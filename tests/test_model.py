@@ -339,8 +339,8 @@ def test_claim_rows_hand_table():
     pairs = M.claim_rows(target, _claim_prompt(), _CLAIM_TAGS, _decode)
     # claim 1: [30,2,50,20] at 0.9 s -> the 1 s frame, column 1 (x 30..50), row 0 -> cell 1 = position 8 + 1
     # claim 2: [10,30,40,50] at 0.2 s -> the 0 s frame, columns 0-1, row 1 -> cells 2, 3 = positions 4, 5
-    assert [(js, cells.tolist()) for js, cells in pairs] == [(list(range(2, 10)), [9]),
-                                                             (list(range(13, 21)), [4, 5])]
+    assert [(js, cells.tolist(), frame.tolist()) for js, cells, frame in pairs] == [
+        (list(range(2, 10)), [9], [8, 9, 10, 11]), (list(range(13, 21)), [4, 5], [2, 3, 4, 5])]
     assert M.claim_rows(target, _claim_prompt(times=()), _CLAIM_TAGS, _decode) == []  # no frame times
     assert M.claim_rows(target, _claim_prompt(times=(0.0,)), _CLAIM_TAGS, _decode) == []  # times != frames
 
