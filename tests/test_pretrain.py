@@ -123,7 +123,7 @@ def test_sft_perception_adds_perception_frames_to_each_batch(tiny_data, tiny_mod
     cfg = train.Config(stage="sft", out_dir=str(tmp_path), data_dir=tiny_data, batch_size=4, sft_epochs=0.7,
                        sft_warmup=1, max_frames=8, sft_vstar_turns=0, sft_perception=0.5, sft_forward_batch=0)
     seen, real = [], train.sft_loss
-    monkeypatch.setattr(train, "sft_loss", lambda policy, batch, n=None: seen.append(batch) or real(policy, batch, n))
+    monkeypatch.setattr(train, "sft_loss", lambda policy, batch, n=None, pointer=None: seen.append(batch) or real(policy, batch, n, pointer))
     train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
     tok = model.load_policy(tiny_model_dir)[1]
     assert [len(b) for b in seen] == [6, 6]                 # 4 records + 0.5 x 4 perception frames, 2 steps
