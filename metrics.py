@@ -71,6 +71,21 @@ def _finite_number(x):
 temporal_iou = rewards.segment_iou
 
 
+def best_constant_span(spans, grid_s=0.25, until=None):
+    """The frame-blind yardstick of a set of true spans: the one answer span (ends on a grid_s-second
+    grid from 0 to `until`, default the latest true end) whose mean tIoU against them is highest,
+    chosen knowing them. No answer that ignores the video can beat it on these spans, so a temporal
+    score is the model reading the video only by as much as it is above it.
+    -> (mean tIoU, start, end), or None without spans."""
+    spans = [tuple(s) for s in spans if s is not None]
+    if not spans:
+        return None
+    top = max(e for _, e in spans) if until is None else until
+    grid = [k * grid_s for k in range(math.ceil(top / grid_s - 1e-9) + 1)]
+    return max((_mean(temporal_iou((a, b), s) for s in spans), a, b)
+               for i, a in enumerate(grid) for b in grid[i + 1:])
+
+
 # =============================================================================================
 # Parsing what a model writes: times and timed boxes (never raise; None / {} means unparseable)
 # =============================================================================================
@@ -455,6 +470,7 @@ def score_vstar_sample(sample, answers, judge=default_judge, pred_size=None, tim
         "tiou_2": temporal_iou(span2, sample.timestamps),
         "viou_1": visual_iou(sample.frames, boxes1, time_tol),
         "viou_2": visual_iou(sample.frames, boxes2, time_tol),
+        "gt_span": tuple(sample.timestamps),
         "parsed": {"what": what, "span_1": span1, "span_2": span2,
                    "boxes_1": {str(t): b for t, b in sorted(boxes1.items())},
                    "boxes_2": {str(t): b for t, b in sorted(boxes2.items())}},
@@ -481,6 +497,9 @@ def vstar_summary(per_sample):
     out = vstar_scores(mean("what"), mean("tiou_1"), mean("tiou_2"), mean("viou_1"),
                        mean("viou_2"))
     out["n"] = len(per_sample)
+    blind = best_constant_span([s["gt_span"] for s in per_sample if "gt_span" in s])
+    if blind is not None:  # the best one When answer for every sample, chosen knowing the answers
+        out["mtIoU_blind"] = 100.0 * blind[0]
     return out
 
 
@@ -680,6 +699,9 @@ def stgr_summary(per_sample):
     if spans:
         tg = temporal_grounding_metrics([p for p, _ in spans], [g for _, g in spans])
         out.update({f"TG/{k}": v for k, v in tg.items()})
+        blind = best_constant_span([g for _, g in spans])
+        if blind is not None:  # the best one span for every question, chosen knowing the answers
+            out["TG/mIoU_blind"] = 100.0 * blind[0]
         for event in sorted({s["event"] for s in per_sample if "gt_span" in s and "event" in s}):
             pairs = [(s["pred_span"], s["gt_span"]) for s in per_sample if "gt_span" in s and s.get("event") == event]
             out[f"TG/mIoU[event={event}]"] = temporal_grounding_metrics(*map(list, zip(*pairs)))["mIoU"]

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import metrics
 import model
 import prompt
 import rewards
@@ -420,9 +421,7 @@ def blind_span(samples, grid_s=0.25):
     when = [s for s in samples if s.task == "when"]
     if not when:
         return None
-    grid = [k * grid_s for k in range(int(max(s.clip[2] for s in when) / grid_s) + 1)]
-    return max((sum(rewards.segment_iou((a, b), s.span) for s in when) / len(when), a, b)
-               for i, a in enumerate(grid) for b in grid[i + 1:])
+    return metrics.best_constant_span([s.span for s in when], grid_s, until=max(s.clip[2] for s in when))
 
 
 def prompt_parts(question, style):

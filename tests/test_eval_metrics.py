@@ -433,3 +433,19 @@ def test_synth_vstar_file_loads_and_oracle_is_perfect(tmp_path):
     ctx = rewards.RewardContext(frame_width=synth.SIZE, frame_height=synth.SIZE, progress=1.0)
     stgr = metrics.score_stgr(recs, [r["reasoning_process"] for r in recs], ctx)
     assert stgr["Acc"] == pytest.approx(100.0)
+
+
+def test_best_constant_span_is_the_frame_blind_yardstick_by_hand():
+    """One span for every question, chosen knowing the answers: [1, 3] scores (1 + 1 + 1/3) / 3 on
+    [1, 3], [1, 3], [2, 4]; the grid reaches the latest end; STGR and V-STAR summaries carry it."""
+    assert metrics.best_constant_span([(1, 3), (1, 3), (2, 4)], grid_s=1.0) == (pytest.approx(7 / 9), 1.0, 3.0)
+    assert metrics.best_constant_span([(1.5, 2.5)], grid_s=1.0) == (pytest.approx(0.5), 1.0, 3.0)   # grid up to 3
+    assert metrics.best_constant_span([(1.5, 2.5)], grid_s=0.5) == (pytest.approx(1.0), 1.5, 2.5)
+    assert metrics.best_constant_span([None]) is None and metrics.best_constant_span([]) is None
+    rows = [{"task": "temporal QA", "correct": 0.0, "pred_span": None, "gt_span": g} for g in ((1, 3), (1, 3), (2, 4))]
+    s = metrics.stgr_summary(rows)
+    assert s["TG/mIoU"] == 0.0 and s["TG/mIoU_blind"] == pytest.approx(700 / 9)
+    per = [{"what": 0.0, "tiou_1": 0.0, "tiou_2": 0.0, "viou_1": 0.0, "viou_2": 0.0, "gt_span": g}
+           for g in ((1, 3), (1, 3), (2, 4))]
+    assert metrics.vstar_summary(per)["mtIoU_blind"] == pytest.approx(700 / 9)
+    assert "mtIoU_blind" not in metrics.vstar_summary([{k: v for k, v in p.items() if k != "gt_span"} for p in per])
