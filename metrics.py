@@ -71,17 +71,21 @@ def _finite_number(x):
 temporal_iou = rewards.segment_iou
 
 
-def best_constant_span(spans, grid_s=0.25, until=None):
-    """The frame-blind yardstick of a set of true spans: the one answer span (ends on a grid_s-second
-    grid from 0 to `until`, default the latest true end) whose mean tIoU against them is highest,
-    chosen knowing them. No answer that ignores the video can beat it on these spans, so a temporal
-    score is the model reading the video only by as much as it is above it.
+def best_constant_span(spans, grid_s=0.25, until=None, max_steps=64):
+    """The frame-blind yardstick of a set of true spans: the one answer span, ends on a grid from 0 to
+    `until` (default the latest true end) in steps of grid_s (coarser where that would take more than
+    max_steps steps: long real videos), whose mean tIoU against them is highest, chosen knowing them.
+    An answer that ignores the video hardly beats it on these spans (only off the grid), so a temporal
+    score is the model reading the video by as much as it is above it.
     -> (mean tIoU, start, end), or None without spans."""
     spans = [tuple(s) for s in spans if s is not None]
     if not spans:
         return None
     top = max(e for _, e in spans) if until is None else until
-    grid = [k * grid_s for k in range(math.ceil(top / grid_s - 1e-9) + 1)]
+    steps = math.ceil(top / grid_s - 1e-9)
+    if steps > max_steps:
+        steps, grid_s = max_steps, top / max_steps
+    grid = [k * grid_s for k in range(steps + 1)]
     return max((_mean(temporal_iou((a, b), s) for s in spans), a, b)
                for i, a in enumerate(grid) for b in grid[i + 1:])
 

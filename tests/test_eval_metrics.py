@@ -442,6 +442,7 @@ def test_best_constant_span_is_the_frame_blind_yardstick_by_hand():
     assert metrics.best_constant_span([(1.5, 2.5)], grid_s=1.0) == (pytest.approx(0.5), 1.0, 3.0)   # grid up to 3
     assert metrics.best_constant_span([(1.5, 2.5)], grid_s=0.5) == (pytest.approx(1.0), 1.5, 2.5)
     assert metrics.best_constant_span([None]) is None and metrics.best_constant_span([]) is None
+    assert metrics.best_constant_span([(0, 600)], grid_s=0.25, max_steps=4) == (pytest.approx(1.0), 0.0, 600.0)  # 150 s steps
     rows = [{"task": "temporal QA", "correct": 0.0, "pred_span": None, "gt_span": g} for g in ((1, 3), (1, 3), (2, 4))]
     s = metrics.stgr_summary(rows)
     assert s["TG/mIoU"] == 0.0 and s["TG/mIoU_blind"] == pytest.approx(700 / 9)
