@@ -129,11 +129,8 @@ def forced_spans(vlm, tokenizer, inputs, trace, pointer_layer=0, merge=2):
         found[kind] = pairs
     if pointer_layer > 0:
         attn = out.attentions[pointer_layer - 1][0, 0]                 # (L, L), head 0
-        tags = tuple(tokenizer.convert_tokens_to_ids(t) for t in (data.OBJ_OPEN, data.BOX_OPEN, data.BOX_CLOSE,
-                                                                   data.T_OPEN, data.T_CLOSE))
-        rows = lambda js: attn[len(inputs) - 1 + torch.tensor(js, device=attn.device)]  # noqa: E731
-        found["pointer"] = [(rows(js)[:, box].sum(-1).mean().item(), rows(js)[:, frame].sum(-1).mean().item())
-                            for js, box, frame in model.claim_rows(ids, inputs, tags, tokenizer.decode, merge)]
+        claims = model.claim_attention(attn, inputs, ids, model.claim_tags(tokenizer), tokenizer.decode, merge)
+        found["pointer"] = [(box.mean().item(), frame.mean().item()) for box, frame in claims]
     return found
 
 

@@ -484,6 +484,12 @@ def _claim_box_time(ids, marks, end, decode, frame_size, tags):
     return (box, t) if isinstance(box, list) and math.isfinite(t) else None
 
 
+def claim_tags(tokenizer):
+    """The ids of <obj>, <box>, </box>, <t>, </t>: what claim_rows reads a claim by."""
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in (data.OBJ_OPEN, data.BOX_OPEN, data.BOX_CLOSE,
+                                                               data.T_OPEN, data.T_CLOSE))
+
+
 def claim_rows(ids, prompt, tags, decode, merge=2):
     """Where each grounded claim of a target should look: [(answer indices, box tokens, frame tokens)],
     one triple per claim `<obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>T</t>` in ids (think or answer):
@@ -513,6 +519,17 @@ def claim_rows(ids, prompt, tags, decode, merge=2):
                 frame = image[sum(sizes[:k]):sum(sizes[:k + 1])]
                 out.append((list(range(start, j)), frame[cells], frame))
             start = None
+    return out
+
+
+def claim_attention(attn, prompt, ids, tags, decode, merge=2):
+    """One row's attention map attn (L, L) of a (prompt, target ids) forward -> per claim of the
+    target (claim_rows), the attention mass that each position predicting one of its tokens puts on
+    the claim's box and on its frame: [(box mass (n,), frame mass (n,))]."""
+    out = []
+    for js, box, frame in claim_rows(ids, prompt, tags, decode, merge):
+        rows = attn[len(prompt) - 1 + torch.tensor(js, device=attn.device)]
+        out.append((rows[:, box].sum(-1), rows[:, frame].sum(-1)))
     return out
 
 

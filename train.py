@@ -754,25 +754,21 @@ def claim_pointer(cfg, run, rows):
     """The ClaimPointer of this run's SFT micro-batch of `rows` samples, or None when the aid is off."""
     if cfg.sft_attend_weight <= 0:
         return None
-    tok = run.tokenizer
-    tags = tuple(tok.convert_tokens_to_ids(t) for t in (data.OBJ_OPEN, data.BOX_OPEN, data.BOX_CLOSE,
-                                                          data.T_OPEN, data.T_CLOSE))
-    return ClaimPointer(cfg.sft_attend_weight, cfg.sft_attend_layer, tags, tok.decode, run.vision.merge_size, rows)
+    return ClaimPointer(cfg.sft_attend_weight, cfg.sft_attend_layer, model.claim_tags(run.tokenizer),
+                        run.tokenizer.decode, run.vision.merge_size, rows)
 
 
 def claim_pointer_nll(attn, batch, tags, decode, merge=2):
     """The claim pointer aid (SFT's --sft_attend_weight): for each (prompt, target) row of a plain
     forward whose head-0 attention is attn (B, L, L), -log of the attention mass that the positions
-    predicting a claim's tokens put on its cells (claim_rows), averaged over the row's claim tokens.
-    -> (sum over rows with a claim, number of such rows)."""
+    predicting a claim's tokens put on its box (model.claim_attention), averaged over the row's claim
+    tokens. -> (sum over rows with a claim, number of such rows)."""
     total, n = attn.new_zeros(()), 0
     for b, (p, t) in enumerate(batch):
-        pairs = model.claim_rows(t.tolist(), p, tags, decode, merge)
-        if not pairs:
-            continue
-        masses = [attn[b][len(p) - 1 + torch.tensor(js, device=attn.device)][:, cells].sum(-1) for js, cells, _ in pairs]
-        total = total - torch.cat(masses).clamp_min(1e-9).log().mean()
-        n += 1
+        claims = model.claim_attention(attn[b], p, t.tolist(), tags, decode, merge)
+        if claims:
+            total = total - torch.cat([box for box, _ in claims]).clamp_min(1e-9).log().mean()
+            n += 1
     return total, n
 
 
