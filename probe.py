@@ -17,6 +17,10 @@ held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py'
           (--at_weight; off by default): the traces' claim, the frame chosen by its time
   when    a whole clip, synth.py's temporal question for its event, "When is the red circle
           visible?" -> From <t>2.5</t>s to <t>4.0</t>s (--when_weight; off by default)
+  qa      a whole clip, synth.py's free-form question for its event, "Which object stops moving
+          for a while?" -> <answer>red circle</answer> (--qa_weight; off by default): can the
+          answer itself be read from the frames, given plenty of clips? (qa_blind_acc: each
+          event's most common answer, the bar a frame-blind model cannot pass)
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
@@ -85,6 +89,9 @@ class ProbeConfig:
                                   # all from this step on
     when_answer: str = "span"     # span (From <t>2.5</t>s to <t>4.0</t>s) | trace (the TG trace SFT teaches: a claim
                                   # at the span's start, one at its end, then the span as the answer)
+    qa_weight: float = 0.0        # "Which object stops moving for a while?" on a clip (synth.tell's question for its
+                                  # event) -> <answer>red circle</answer>, the answer alone; the layout of at_question_first
+    qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (synth.EVENTS)
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
@@ -125,8 +132,9 @@ class ProbeConfig:
                                   # cell the mark (marked) or the question (find, --prompt=question_first) points at
     bind_layer: int = 2           # 1..num_layers
     attend_weight: float = 0.0    # > 0: head 0 of layer attend_layer learns to attend, from every answer position of
-                                  # find and marked, to the target's image token, and from a when answer's start (end)
-                                  # time to the span's first (last) frame (eager attention for the text model)
+                                  # find and marked, to the target's image token, from a when answer's start (end)
+                                  # time to the span's first (last) frame, and from a qa answer to the answer's
+                                  # object in the key frames (eager attention for the text model)
     attend_layer: int = 3         # 1..num_layers
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
@@ -141,8 +149,8 @@ class ProbeConfig:
 CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
            "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT, "when_answer": ("span", "trace")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
-TASKS = ("find", "marked", "list", "at", "when")
-CLIP_TASKS = ("at", "when")
+TASKS = ("find", "marked", "list", "at", "when", "qa")
+CLIP_TASKS = ("at", "when", "qa")
 FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 AT_Q = "Where is the {} at {}s?"
@@ -170,6 +178,7 @@ def parse_args(argv):
         if not 1 <= getattr(cfg, key) <= cfg.num_layers:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
     check_events(cfg.when_events, "--when_events")
+    check_events(cfg.qa_events, "--qa_events")
     for mark in cfg.marks.split(","):
         if mark not in prompt.VISUAL_PROMPTS or mark in ("raw", "frame_numbers"):
             raise SystemExit(f"--marks: {mark!r} does not mark an object; use red_circle, darken, spotlight")
@@ -204,15 +213,18 @@ def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0), dist
 
 @dataclass
 class Sample:
-    task: str           # find | marked | list
+    task: str           # find | marked | list | at | when | qa
     frame: torch.Tensor  # uint8 (3, H, W), visual prompt drawn for marked
     question: str
     name: str           # the target's name
     box: list           # the target's normalized xyxy box
     objects: list = None  # every object in the frame as (name, normalized box), the target first
-    clip: tuple = None  # at, when: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
+    clip: tuple = None  # at, when, qa: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
     span: tuple = None  # when: the event's (start, end) in seconds
     trace: str = None   # when with when_answer=trace: the TG record's completion (think with two claims, the span)
+    answer: str = None  # qa: the question's answer (synth.tell's free-form answer)
+    event: str = None   # when, qa: the clip's event (synth.EVENTS)
+    keys: list = None   # qa: (shown frame index, normalized box) of the answer's object where the trace looks
 
 
 def clip_sample(rng, cfg, most_frames=None):
@@ -258,7 +270,26 @@ def when_sample(rng, cfg, most_frames=None):
     story = synth.tell(scene)
     trace = synth.completion(story.when_think, synth.span_text(*scene.span)) if cfg.when_answer == "trace" else None
     return Sample("when", frames[0], story.when, target.name(0), target.box(0), objects,
-                  (frames, times, scene.duration, None), scene.span, trace)
+                  (frames, times, scene.duration, None), scene.span, trace, event=scene.event)
+
+
+def qa_sample(rng, cfg):
+    """The qa task: a synthetic clip whose event is one of cfg.qa_events, shown whole as SFT sees a
+    video, asked synth.py's free-form question about it (which object stops, which way it turns, what
+    colour it turns, which object appears, what it touches); the answer is synth's, alone. The
+    question itself, unlike SFT's, comes with no trace to copy: it tests whether the answer can be
+    read from the frames at all, given plenty of clips."""
+    scene = synth.make_scene(rng, rng.random() < 0.5)
+    while scene.event not in cfg.qa_events.split(","):
+        scene = synth.make_scene(rng, rng.random() < 0.5)
+    times = data.sample_times(scene.duration)
+    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    target, story = scene.shapes[0], synth.tell(scene)
+    keys = [(span_frame(times, t), objs[-1].box(synth.frame_of(t)))   # the object the answer is about (meet: the
+            for t, objs in story.keys if t >= scene.span[0]]         # one touched), from the event on
+    return Sample("qa", frames[0], story.question, target.name(0), target.box(0), None,
+                  (frames, times, scene.duration, None), scene.span, answer=story.answer, event=scene.event,
+                  keys=keys)
 
 
 def span_frame(times, t):
@@ -271,6 +302,8 @@ def make_sample(rng, cfg, task, n_distractors, most_frames=None):
         return clip_sample(rng, cfg, most_frames)
     if task == "when":
         return when_sample(rng, cfg, most_frames)
+    if task == "qa":
+        return qa_sample(rng, cfg)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -293,7 +326,7 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight)
+    weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight, cfg.qa_weight)
     task = rng.choices(TASKS, weights=weights)[0]
     most_frames, steps = None, {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps}.get(task, 0)
     if steps > 0 and step < steps:  # the fewest frames at step 0 (the asked one; the span's two ends), all at the end
@@ -408,7 +441,7 @@ def answer_tokens(cfg):
 def held_out(cfg):
     """A fixed set of eval frames per task, from a seed no training frame uses."""
     rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
-    tasks = ("find", "marked") + (("at",) if cfg.at_weight > 0 else ()) + (("when",) if cfg.when_weight > 0 else ())
+    tasks = ("find", "marked") + tuple(t for t in ("at", "when", "qa") if getattr(cfg, f"{t}_weight") > 0)
     return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
             for task in tasks for _ in range(cfg.eval_frames)]
 
@@ -422,6 +455,21 @@ def blind_span(samples, grid_s=0.25):
     if not when:
         return None
     return metrics.best_constant_span([s.span for s in when], grid_s, until=max(s.clip[2] for s in when))
+
+
+def blind_answer(samples):
+    """The qa task's frame-blind yardstick: each event's most common answer on these very clips (one
+    constant answer per question type, chosen knowing the answers); its accuracy on them. A model
+    must beat it to be reading the clips (a question-reader can do a little better on colour clips,
+    whose answer is never the colour the question names). -> accuracy, or None without qa clips."""
+    qa = [s for s in samples if s.task == "qa"]
+    if not qa:
+        return None
+    best = {}
+    for event in {s.event for s in qa}:
+        answers = [s.answer for s in qa if s.event == event]
+        best[event] = max(sorted(set(answers)), key=answers.count)
+    return sum(s.answer == best[s.event] for s in qa) / len(qa)
 
 
 def prompt_parts(question, style):
@@ -440,6 +488,11 @@ def pixel_box(box, frame_size):
     return "[" + ",".join(str(v) for v in data.norm_box_to_pixels(box, *frame_size)) + "]"
 
 
+def pixel_values(box, frame_size):
+    """A normalized xyxy box in pixels of a frame_size (W, H) frame, unrounded."""
+    return [v * s for v, s in zip(box, tuple(frame_size) * 2)]
+
+
 def claim(name, box, frame_size):
     """One object in the project's grammar: <obj>name</obj><box>[x1,y1,x2,y2]</box>."""
     return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}{pixel_box(box, frame_size)}{data.BOX_CLOSE}"
@@ -452,6 +505,8 @@ def target_text(sample, frame_size, find_answer="name_box"):
     gives the event's span as the temporal answers do (or the whole TG trace, when the sample has one)."""
     if sample.task == "when":
         return sample.trace or synth.span_text(*sample.span)
+    if sample.task == "qa":
+        return f"{data.ANSWER_OPEN}{sample.answer}{data.ANSWER_CLOSE}"
     if sample.task == "at":
         t = data.format_seconds(sample.clip[3])
         return f"{claim(sample.name, sample.box, frame_size)}at{data.T_OPEN}{t}{data.T_CLOSE}s"
@@ -466,7 +521,7 @@ def target_text(sample, frame_size, find_answer="name_box"):
 
 
 def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
-    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at, when)
+    """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at, when, qa)
     is in SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
     if sample.task in CLIP_TASKS:
         frames, times, duration, _ = sample.clip
@@ -504,14 +559,17 @@ def box_iou(a, b):
 
 
 def score(sample, text, frame_size):
-    """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked), plus 'parsed'."""
+    """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked, qa), plus 'parsed'."""
     if sample.task == "when":  # the rewards' reader and tIoU, as the TG answers are scored (a trace's answer block)
         span = rewards.parse_span(rewards.parse_completion(text).answer if data.ANSWER_OPEN in text else text)
         return {"parsed": span is not None, "iou": rewards.segment_iou(span, sample.span)}
+    if sample.task == "qa":  # the rewards' reader; an exact answer (names, colours, directions are closed sets)
+        answer = rewards.parse_completion(text).answer
+        return {"parsed": answer is not None, "correct": float((answer or "").strip() == sample.answer)}
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}
-    gt = [v * s for v, s in zip(sample.box, frame_size * 2)]  # pixels of the seen frame, unrounded
+    gt = pixel_values(sample.box, frame_size)  # pixels of the seen frame, unrounded
     return {"parsed": box is not None, "iou": box_iou(box, gt) if box else 0.0,
             "name_ok": float(name == sample.name)}
 
@@ -535,11 +593,15 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="
     marked = [r for t, r in rows if t == "marked"]
     at = [r for t, r in rows if t == "at"]
     when = [r for t, r in rows if t == "when"]
+    qa = [(s.event, r) for s, (t, r) in zip(samples, rows) if t == "qa"]
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     clips = {"at_miou": mean([r["iou"] for r in at]), "at_iou50": mean([float(r["iou"] >= 0.5) for r in at]),
              "at_name_acc": mean([r["name_ok"] for r in at])} if at else {}
     if when:
         clips.update(when_tiou=mean([r["iou"] for r in when]), when_iou50=mean([float(r["iou"] >= 0.5) for r in when]))
+    if qa:
+        clips["qa_acc"] = mean([r["correct"] for _, r in qa])
+        clips.update({f"qa_acc[{e}]": mean([r["correct"] for ev, r in qa if ev == e]) for e in sorted({e for e, _ in qa})})
     return {**clips, "box_miou": mean([r["iou"] for r in find]),
             "box_iou50": mean([float(r["iou"] >= 0.5) for r in find]),
             "marked_acc": mean([r["correct"] for r in marked]),
@@ -632,7 +694,9 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
               over the answer positions of find and marked; for when (with time_tags, the ids of <t>,
               </t> and <box>), -log of its attention summed over the image tokens of the span's first frame
               from the positions that predict the start time, of its last frame for the end time (a
-              trace's: each claim's time and the answer's, the start's first)
+              trace's: each claim's time and the answer's, the start's first); for qa, -log of its
+              attention summed over the image tokens that show the answer's object in the trace's key
+              frames from the event on (Sample.keys), averaged over the answer positions
     -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
     n, dev = len(NAMES) + 1, types.device
     states = out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 else None  # [0] is the embeddings
@@ -665,6 +729,12 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
                 mass = torch.stack([attn[b, len(p) - 1 + j, cells[k * n_cells:(k + 1) * n_cells]].sum() for j, k in pairs])
                 attend = attend - mass.clamp_min(1e-9).log().mean()
                 attended += 1
+        if attn is not None and s.task == "qa":
+            shown = sorted({k * gh * gw + c for k, box in s.keys
+                            for c in model.box_cells(pixel_values(box, p.frame_size), p.frame_size, gh, gw)})
+            rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)
+            attend = attend - attn[b, rows][:, cells[shown]].sum(-1).clamp_min(1e-9).log().mean()
+            attended += 1
     loss = (cfg.bind_weight * bind + cfg.attend_weight * attend) / len(samples)
     attend_nll = attend.detach().item() / attended if attended else 0.0
     stats = {"bind_ptr_acc": hits / max(pointed, 1), "attend_nll": attend_nll}
@@ -886,10 +956,12 @@ def run(cfg, log=print):
         bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT).to(cfg.device)
     opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
-    blind = blind_span(evalset)
+    blind, blind_qa = blind_span(evalset), blind_answer(evalset)
     if blind:
         log(f"[probe] when: the best frame-blind span on the held-out clips ({blind[1]:g}-{blind[2]:g} s) "
             f"scores tIoU {blind[0]:.3f}")
+    if blind_qa is not None:
+        log(f"[probe] qa: each event's most common answer on the held-out clips scores {blind_qa:.3f}")
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
     if cfg.text_steps > 0:
@@ -906,6 +978,8 @@ def run(cfg, log=print):
             row, examples = eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses)
             if blind:
                 row["when_blind_tiou"] = blind[0]
+            if blind_qa is not None:
+                row["qa_blind_acc"] = blind_qa
             curve.append(row)
             result = save_curve(cfg, curve, clock, step, first)
             if cfg.save:
@@ -914,6 +988,7 @@ def run(cfg, log=print):
             at = (f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}"
                   if "at_miou" in row else "")
             at += f" when tIoU {row['when_tiou']:.3f} IoU>=.5 {row['when_iou50']:.2f}" if "when_tiou" in row else ""
+            at += "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("qa_acc"))
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
                 f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
@@ -940,7 +1015,7 @@ def run(cfg, log=print):
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
             aids = "".join(f" {k} {sum(a[k] for a in aid_stats) / len(aid_stats):.3f}" for k in aid_stats[-1])
             log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
-                f"list {mean['list']:.3f} at {mean['at']:.3f} when {mean['when']:.3f}{aids}")
+                f"list {mean['list']:.3f} at {mean['at']:.3f} when {mean['when']:.3f} qa {mean['qa']:.3f}{aids}")
             task_loss, aid_stats = {t: [] for t in TASKS}, []
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")

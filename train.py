@@ -575,6 +575,7 @@ def perception_tasks(cfg):
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
+                             qa_weight=weights.get("qa", 0.0),
                              when_events=cfg.pretrain_when_events, when_answer=cfg.pretrain_when_answer,
                              max_distractors=cfg.pretrain_distractors,
                              curriculum_steps=cfg.pretrain_steps // 2,

@@ -170,11 +170,12 @@ def test_a_synthetic_set_drawn_on_the_other_background_stops_the_run(tiny_data, 
 
 
 def test_the_clip_tasks_join_the_stage_mix(tmp_path):
-    tasks = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="find:1,at:2,when:1"))
-    assert (tasks.find_weight, tasks.marked_weight, tasks.at_weight, tasks.when_weight) == (1.0, 0.0, 2.0, 1.0)
+    tasks = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="find:1,at:2,when:1,qa:1"))
+    assert (tasks.find_weight, tasks.marked_weight, tasks.at_weight, tasks.when_weight, tasks.qa_weight) == \
+        (1.0, 0.0, 2.0, 1.0, 1.0)
     rng = random.Random(0)
-    drawn = {probe.training_sample(rng, tasks, 0).task for _ in range(30)}
-    assert drawn == {"find", "at", "when"}
+    drawn = {probe.training_sample(rng, tasks, 0).task for _ in range(40)}
+    assert drawn == {"find", "at", "when", "qa"}
 
 
 def test_perception_samples_follow_a_question_first_model_and_the_asked_events(tiny_model_dir, tmp_path):

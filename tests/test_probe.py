@@ -267,9 +267,9 @@ def test_cell_index_table():
     assert probe.cell_index([0.6, 0.1, 0.9, 0.4], 2, 3) == 2                   # 2 rows x 3 cols: row 0, col 2
 
 
-class _Prompt:  # what binding_loss reads of a prompt: its length and its image grid
-    def __init__(self, n, grid):
-        self.n, self.image_grid_thw = n, torch.tensor([grid])
+class _Prompt:  # what binding_loss reads of a prompt: its length, its image grid, its frame size
+    def __init__(self, n, grid, frame_size=(112, 112)):
+        self.n, self.image_grid_thw, self.frame_size = n, torch.tensor([grid]), frame_size
 
     def __len__(self):
         return self.n
@@ -523,6 +523,64 @@ def test_when_trace_answer_is_the_tg_trace_and_is_scored_on_its_answer_block():
         probe.parse_args(["--when_answer=words"])
 
 
+def test_qa_sample_asks_synths_question_and_its_answer_is_what_the_frames_show():
+    cfg = probe.ProbeConfig(qa_weight=1.0, qa_events="colour")
+    rng = random.Random(7)
+    for _ in range(5):
+        s = probe.make_sample(rng, cfg, "qa", 0)
+        frames, times, duration, _ = s.clip
+        assert times == D.sample_times(duration) and len(frames) == len(times) and s.event == "colour"
+        assert s.question == f"What colour does the {s.name} turn into?"     # synth's question for a colour event
+        assert s.answer in synth.COLOURS and s.answer != s.name.split()[0]
+        colour = torch.tensor(synth.COLOURS[s.answer], dtype=torch.uint8)[:, None, None]
+        count = [int((f == colour).all(0).sum()) for f in frames]
+        start, end = s.span
+        inside = [c for c, t in zip(count, times) if start <= t < end]
+        outside = [c for c, t in zip(count, times) if not start <= t <= end]
+        assert min(inside) - max(outside) > 50                   # the answer's colour is the target's in its span
+        text = probe.target_text(s, (synth.SIZE, synth.SIZE))
+        assert text == f"<answer>{s.answer}</answer>"
+        assert probe.score(s, text, None) == {"parsed": True, "correct": 1.0}
+        assert [times[k] for k, _ in s.keys] == [start]          # the trace's key frame at the change, not before
+        x1, y1, x2, y2 = (round(v) for v in probe.pixel_values(s.keys[0][1], (synth.SIZE, synth.SIZE)))
+        assert int((frames[s.keys[0][0], :, y1:y2, x1:x2] == colour).all(0).sum()) > 50   # the key box shows it
+    wrong = next(c for c in synth.COLOURS if c != s.answer)
+    assert probe.score(s, f"<answer>{wrong}</answer>", None) == {"parsed": True, "correct": 0.0}
+    assert probe.score(s, s.answer, None) == {"parsed": False, "correct": 0.0}   # no answer block, no credit
+    meet = probe.make_sample(rng, probe.ProbeConfig(qa_events="meet"), "qa", 0)
+    assert meet.keys and all(box != meet.box for _, box in meet.keys)    # the key object is the one touched
+    events = {probe.make_sample(rng, probe.ProbeConfig(qa_events="stop,turn"), "qa", 0).event for _ in range(10)}
+    assert events == {"stop", "turn"}                                     # only the events asked for
+    with pytest.raises(SystemExit, match="--qa_events"):
+        probe.parse_args(["--qa_events=stop,jump"])
+
+
+def test_blind_answer_is_each_events_most_common_answer_by_hand():
+    qa = lambda event, answer: probe.Sample("qa", None, "q", "red circle", [0, 0, 1, 1], answer=answer, event=event)
+    # turn: left twice, up once -> left scores 2 of 3; colour: blue, green -> a tie, 1 of 2 either way
+    samples = [qa("turn", "left"), qa("turn", "up"), qa("turn", "left"), qa("colour", "blue"), qa("colour", "green")]
+    assert probe.blind_answer(samples) == pytest.approx(3 / 5)
+    assert probe.blind_answer(samples + [probe.Sample("find", None, "q", "red circle", [0, 0, 1, 1])]) == \
+        pytest.approx(3 / 5)                                              # frames are not qa clips
+    assert probe.blind_answer([probe.Sample("find", None, "q", "red circle", [0, 0, 1, 1])]) is None
+
+
+def test_evaluation_reports_qa_accuracy_per_event(tiny_policy, monkeypatch):
+    vlm, tok, vision = tiny_policy
+    rng = random.Random(2)
+    samples = [probe.make_sample(rng, probe.ProbeConfig(qa_events=e), "qa", 0) for e in ("turn", "turn", "colour")]
+    said = [f"<answer>{samples[0].answer}</answer>", "<answer>nowhere</answer>", f"<answer>{samples[2].answer}</answer>"]
+
+    def answers(vlm, inputs, group, how, generator, batch):   # the model "says" each text above, in order
+        assert len(inputs) == len(said)
+        ids = [torch.tensor([tok.encode(t, add_special_tokens=False)]) for t in said]
+        return [(i, torch.ones_like(i, dtype=torch.bool), None) for i in ids]
+    monkeypatch.setattr(probe.model, "generate_groups", answers)
+    m = probe.evaluate(vlm, tok, vision, samples, "question_first", at_question_first=True)
+    assert m["qa_acc"] == pytest.approx(2 / 3)
+    assert (m["qa_acc[turn]"], m["qa_acc[colour]"]) == (0.5, 1.0)
+
+
 def test_evaluation_decodes_enough_tokens_for_a_whole_when_answer(tiny_policy):
     _, tok, _ = tiny_policy
     for answer in ("trace", "span"):
@@ -631,3 +689,23 @@ def test_when_attend_loss_hand_computed():
     assert loss.item() == pytest.approx(3.0 * nll, rel=1e-5)
     loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2)   # no tags: no when aid
     assert loss == 0.0 and stats["attend_nll"] == 0.0
+
+
+def test_qa_attend_loss_hand_computed():
+    # Two frames of 2 x 2 cells (112 x 112 px) at positions 2..5 and 6..9 of an 11-token prompt; a
+    # 3-token answer predicted from positions 10, 11, 12. The answer's object is in frame 0's cell 1
+    # (top right: position 3) and in frame 1's cell 2 (bottom left: position 8).
+    types = torch.tensor([[0, 0] + [1] * 8 + [0] * 4])
+    attn = torch.zeros((1, 1, 14, 14))
+    attn[0, 0, 10, 3], attn[0, 0, 10, 8] = 0.3, 0.2     # mass 0.5
+    attn[0, 0, 11, 3], attn[0, 0, 11, 4] = 0.1, 0.9     # mass 0.1 (frame 0's cell 2 is not the object's)
+    attn[0, 0, 12, 8] = 0.8                             # mass 0.8
+    out = SimpleNamespace(hidden_states=None, attentions=[attn])
+    cfg = probe.ProbeConfig(attend_weight=2.0, attend_layer=1)
+    sample = probe.Sample("qa", None, "", "red circle", [0, 0, 1, 1], answer="blue", event="colour",
+                          keys=[(0, [0.6, 0.1, 0.9, 0.4]), (1, [0.1, 0.6, 0.4, 0.9])])
+    batch = [(_Prompt(11, [1, 4, 4]), torch.tensor([5, 6, 7]))]
+    loss, stats = probe.binding_loss(out, types, batch, [sample], None, cfg, merge=2)
+    nll = -(math.log(0.5) + math.log(0.1) + math.log(0.8)) / 3
+    assert stats["attend_nll"] == pytest.approx(nll, rel=1e-5)
+    assert loss.item() == pytest.approx(2.0 * nll, rel=1e-5)
