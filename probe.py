@@ -92,6 +92,8 @@ class ProbeConfig:
     qa_weight: float = 0.0        # "Which object stops moving for a while?" on a clip (synth.tell's question for its
                                   # event) -> <answer>red circle</answer>, the answer alone; the layout of at_question_first
     qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (synth.EVENTS)
+    qa_curriculum_steps: int = 0  # > 0: a qa clip shows the trace's key frames (before and after the event) and few
+                                  # others at first, all from this step on
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
@@ -273,18 +275,22 @@ def when_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, None), scene.span, trace, event=scene.event)
 
 
-def qa_sample(rng, cfg):
+def qa_sample(rng, cfg, most_frames=None):
     """The qa task: a synthetic clip whose event is one of cfg.qa_events, shown whole as SFT sees a
     video, asked synth.py's free-form question about it (which object stops, which way it turns, what
     colour it turns, which object appears, what it touches); the answer is synth's, alone. The
     question itself, unlike SFT's, comes with no trace to copy: it tests whether the answer can be
-    read from the frames at all, given plenty of clips."""
+    read from the frames at all, given plenty of clips. most_frames: show only the trace's key frames
+    and random others up to this many, in time order."""
     scene = synth.make_scene(rng, rng.random() < 0.5)
     while scene.event not in cfg.qa_events.split(","):
         scene = synth.make_scene(rng, rng.random() < 0.5)
-    times = data.sample_times(scene.duration)
+    times, target, story = data.sample_times(scene.duration), scene.shapes[0], synth.tell(scene)
+    if most_frames is not None and most_frames < len(times):
+        key = {span_frame(times, t) for t, _ in story.keys}
+        rest = [i for i in range(len(times)) if i not in key]
+        times = [times[i] for i in sorted(key | set(rng.sample(rest, max(0, most_frames - len(key)))))]
     frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
-    target, story = scene.shapes[0], synth.tell(scene)
     keys = [(span_frame(times, t), objs[-1].box(synth.frame_of(t)))   # the object the answer is about (meet: the
             for t, objs in story.keys if t >= scene.span[0]]         # one touched), from the event on
     return Sample("qa", frames[0], story.question, target.name(0), target.box(0), None,
@@ -303,7 +309,7 @@ def make_sample(rng, cfg, task, n_distractors, most_frames=None):
     if task == "when":
         return when_sample(rng, cfg, most_frames)
     if task == "qa":
-        return qa_sample(rng, cfg)
+        return qa_sample(rng, cfg, most_frames)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -328,9 +334,10 @@ def distractor_cap(cfg, step):
 def training_sample(rng, cfg, step):
     weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight, cfg.qa_weight)
     task = rng.choices(TASKS, weights=weights)[0]
-    most_frames, steps = None, {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps}.get(task, 0)
-    if steps > 0 and step < steps:  # the fewest frames at step 0 (the asked one; the span's two ends), all at the end
-        fewest = {"at": 1, "when": 2}[task]
+    most_frames, steps = None, {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps,
+                                "qa": cfg.qa_curriculum_steps}.get(task, 0)
+    if steps > 0 and step < steps:  # the fewest frames at step 0 (the asked one; the span's two ends; the key
+        fewest = {"at": 1, "when": 2, "qa": 1}[task]   # frames, which qa_sample always keeps), all at the end
         most_frames = fewest + step * (data.FrameConfig.max_frames - fewest) // steps
     sample = make_sample(rng, cfg, task, rng.randint(0, distractor_cap(cfg, step)), most_frames)
     if task == "find" and step < cfg.text_objects_steps:

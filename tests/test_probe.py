@@ -555,6 +555,19 @@ def test_qa_sample_asks_synths_question_and_its_answer_is_what_the_frames_show()
         probe.parse_args(["--qa_events=stop,jump"])
 
 
+def test_qa_curriculum_grows_the_clip_from_the_key_frames_to_every_frame():
+    cfg = probe.ProbeConfig(qa_weight=1.0, find_weight=0, marked_weight=0, qa_events="colour", qa_curriculum_steps=100)
+    first = probe.training_sample(random.Random(3), cfg, 0)
+    start = first.span[0]
+    assert first.clip[1] == [start - 0.5, start]          # a colour trace's two key frames: before and at the change
+    assert [first.clip[1][k] for k, _ in first.keys] == [start]
+    mid = probe.training_sample(random.Random(3), cfg, 50)
+    assert start - 0.5 in mid.clip[1] and start in mid.clip[1] and len(mid.clip[1]) == 1 + 50 * 15 // 100
+    assert mid.clip[1] == sorted(mid.clip[1])
+    last = probe.training_sample(random.Random(3), cfg, 100)
+    assert last.clip[1] == D.sample_times(last.clip[2])     # every frame from the curriculum's end
+
+
 def test_blind_answer_is_each_events_most_common_answer_by_hand():
     qa = lambda event, answer: probe.Sample("qa", None, "q", "red circle", [0, 0, 1, 1], answer=answer, event=event)
     # turn: left twice, up once -> left scores 2 of 3; colour: blue, green -> a tie, 1 of 2 either way
