@@ -20,7 +20,7 @@ held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py'
   qa      a whole clip, synth.py's free-form question for its event, "Which object stops moving
           for a while?" -> <answer>red circle</answer> (--qa_weight; off by default): can the
           answer itself be read from the frames, given plenty of clips? (qa_blind_acc: each
-          event's most common answer, the bar a frame-blind model cannot pass)
+          event's most common answer on the held-out clips, the frame-blind yardstick)
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
@@ -92,7 +92,7 @@ class ProbeConfig:
     qa_weight: float = 0.0        # "Which object stops moving for a while?" on a clip (synth.tell's question for its
                                   # event) -> <answer>red circle</answer>, the answer alone; the layout of at_question_first
     qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (synth.EVENTS)
-    qa_curriculum_steps: int = 0  # > 0: a qa clip shows the trace's key frames (before and after the event) and few
+    qa_curriculum_steps: int = 0  # > 0: a qa clip shows the trace's key frames (just before and during the event) and few
                                   # others at first, all from this step on
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
