@@ -52,10 +52,12 @@ MAX_INT_DIGITS = 18                  # a longer integer in a JSON file is refuse
 # only place the two conventions meet.
 
 
-def norm_box_to_pixels(box, width, height):
-    """Normalized [x1, y1, x2, y2] in [0, 1] -> integer pixels of a width x height frame."""
+def norm_box_to_pixels(box, width, height, rounded=True):
+    """Normalized [x1, y1, x2, y2] in [0, 1] -> pixels of a width x height frame: integers (what a
+    trace writes), or exact floats with rounded=False (a true box to score against)."""
     x1, y1, x2, y2 = box
-    return [round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)]
+    exact = [x1 * width, y1 * height, x2 * width, y2 * height]
+    return [round(v) for v in exact] if rounded else exact
 
 
 def pixel_box_to_norm(box, width, height):

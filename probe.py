@@ -249,17 +249,24 @@ def clip_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, times[k]))
 
 
+def event_scene(rng, events, field):
+    """A synth.make_scene scene (hard or easy at even odds) whose event is in the comma list `events`;
+    a ValueError naming `field` for an unknown event (the draw would never end)."""
+    events = events.split(",")
+    if not set(events) <= set(synth.EVENTS):
+        raise ValueError(f"{field}={','.join(events)!r}: expected events among {synth.EVENTS}")
+    scene = synth.make_scene(rng, rng.random() < 0.5)
+    while scene.event not in events:
+        scene = synth.make_scene(rng, rng.random() < 0.5)
+    return scene
+
+
 def when_sample(rng, cfg, most_frames=None):
     """The when task: a synthetic clip whose event is one of cfg.when_events, shown as SFT sees a
     video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span.
     most_frames: show only the span's first and last frames (synth puts both on shown times) and
     random others up to this many, in time order."""
-    events = cfg.when_events.split(",")
-    if not set(events) <= set(synth.EVENTS):   # else the draw below would never end
-        raise ValueError(f"when_events={cfg.when_events!r}: expected events among {synth.EVENTS}")
-    scene = synth.make_scene(rng, rng.random() < 0.5)
-    while scene.event not in events:
-        scene = synth.make_scene(rng, rng.random() < 0.5)
+    scene = event_scene(rng, cfg.when_events, "when_events")
     times = data.sample_times(scene.duration)
     if most_frames is not None and most_frames < len(times):
         ends = {span_frame(times, t) for t in scene.span}
@@ -282,9 +289,7 @@ def qa_sample(rng, cfg, most_frames=None):
     question itself, unlike SFT's, comes with no trace to copy: it tests whether the answer can be
     read from the frames at all, given plenty of clips. most_frames: show only the trace's key frames
     and random others up to this many, in time order."""
-    scene = synth.make_scene(rng, rng.random() < 0.5)
-    while scene.event not in cfg.qa_events.split(","):
-        scene = synth.make_scene(rng, rng.random() < 0.5)
+    scene = event_scene(rng, cfg.qa_events, "qa_events")
     times, target, story = data.sample_times(scene.duration), scene.shapes[0], synth.tell(scene)
     if most_frames is not None and most_frames < len(times):
         key = {span_frame(times, t) for t, _ in story.keys}
@@ -495,11 +500,6 @@ def pixel_box(box, frame_size):
     return "[" + ",".join(str(v) for v in data.norm_box_to_pixels(box, *frame_size)) + "]"
 
 
-def pixel_values(box, frame_size):
-    """A normalized xyxy box in pixels of a frame_size (W, H) frame, unrounded."""
-    return [v * s for v, s in zip(box, tuple(frame_size) * 2)]
-
-
 def claim(name, box, frame_size):
     """One object in the project's grammar: <obj>name</obj><box>[x1,y1,x2,y2]</box>."""
     return f"{data.OBJ_OPEN}{name}{data.OBJ_CLOSE}{data.BOX_OPEN}{pixel_box(box, frame_size)}{data.BOX_CLOSE}"
@@ -576,7 +576,7 @@ def score(sample, text, frame_size):
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}
-    gt = pixel_values(sample.box, frame_size)  # pixels of the seen frame, unrounded
+    gt = data.norm_box_to_pixels(sample.box, *frame_size, rounded=False)  # pixels of the seen frame
     return {"parsed": box is not None, "iou": box_iou(box, gt) if box else 0.0,
             "name_ok": float(name == sample.name)}
 
@@ -738,7 +738,7 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
                 attended += 1
         if attn is not None and s.task == "qa":
             shown = sorted({k * gh * gw + c for k, box in s.keys
-                            for c in model.box_cells(pixel_values(box, p.frame_size), p.frame_size, gh, gw)})
+                            for c in model.box_cells(data.norm_box_to_pixels(box, *p.frame_size, rounded=False), p.frame_size, gh, gw)})
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)
             attend = attend - attn[b, rows][:, cells[shown]].sum(-1).clamp_min(1e-9).log().mean()
             attended += 1

@@ -606,11 +606,6 @@ def _key_frames(record):
     return out
 
 
-def _to_pixels(box, w, h, rounded):
-    """Normalized box -> pixels of the model's frame, whole (data.norm_box_to_pixels) or exact."""
-    return data.norm_box_to_pixels(box, w, h) if rounded else [box[0] * w, box[1] * h, box[2] * w, box[3] * h]
-
-
 def _grounding_truth(record, ctx, rounded=True):
     """[(time, {name: [pixel boxes]})] per key frame, or a reason string."""
     kfs, items = _key_frames(record), record.get("key_items")
@@ -630,7 +625,7 @@ def _grounding_truth(record, ctx, rounded=True):
             if not isinstance(name, str) or not isinstance(boxes, list) or not all(
                     isinstance(b, list) and len(b) == 4 and all(_num(v) is not None for v in b) for b in boxes):
                 return "odd key_items boxes"
-            pix[name] = [_to_pixels(b, ctx.frame_width, ctx.frame_height, rounded) for b in boxes]
+            pix[name] = [data.norm_box_to_pixels(b, ctx.frame_width, ctx.frame_height, rounded) for b in boxes]
         frames.append((t, pix))
     return frames
 
@@ -651,7 +646,7 @@ def _gt_answer_box(record, ctx, rounded=True):
     if not boxes or boxes[0] is None:
         return None
     norm = data.pixel_box_to_norm(boxes[0], size[0], size[1])
-    return _to_pixels(norm, ctx.frame_width, ctx.frame_height, rounded)
+    return data.norm_box_to_pixels(norm, ctx.frame_width, ctx.frame_height, rounded)
 
 
 # ---------------------------------------------------------------------------------------------

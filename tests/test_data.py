@@ -20,6 +20,7 @@ def test_sample_times_at_fps_and_clamped():
 
 def test_box_conversions_round_trip():
     assert D.norm_box_to_pixels([0.1, 0.2, 0.5, 1.0], 112, 84) == [11, 17, 56, 84]
+    assert D.norm_box_to_pixels([0.1, 0.2, 0.5, 1.0], 112, 84, rounded=False) == pytest.approx([11.2, 16.8, 56.0, 84.0])
     assert D.pixel_box_to_norm([28, 21, 56, 84], 112, 84) == [0.25, 0.25, 0.5, 1.0]
 
 

@@ -542,7 +542,7 @@ def test_qa_sample_asks_synths_question_and_its_answer_is_what_the_frames_show()
         assert text == f"<answer>{s.answer}</answer>"
         assert probe.score(s, text, None) == {"parsed": True, "correct": 1.0}
         assert [times[k] for k, _ in s.keys] == [start]          # the trace's key frame at the change, not before
-        x1, y1, x2, y2 = (round(v) for v in probe.pixel_values(s.keys[0][1], (synth.SIZE, synth.SIZE)))
+        x1, y1, x2, y2 = (round(v) for v in D.norm_box_to_pixels(s.keys[0][1], synth.SIZE, synth.SIZE, rounded=False))
         assert int((frames[s.keys[0][0], :, y1:y2, x1:x2] == colour).all(0).sum()) > 50   # the key box shows it
     wrong = next(c for c in synth.COLOURS if c != s.answer)
     assert probe.score(s, f"<answer>{wrong}</answer>", None) == {"parsed": True, "correct": 0.0}
@@ -553,6 +553,8 @@ def test_qa_sample_asks_synths_question_and_its_answer_is_what_the_frames_show()
     assert events == {"stop", "turn"}                                     # only the events asked for
     with pytest.raises(SystemExit, match="--qa_events"):
         probe.parse_args(["--qa_events=stop,jump"])
+    with pytest.raises(ValueError, match="qa_events"):
+        probe.make_sample(rng, probe.ProbeConfig(qa_events="jump"), "qa", 0)
 
 
 def test_qa_curriculum_grows_the_clip_from_the_key_frames_to_every_frame():
