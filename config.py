@@ -68,6 +68,7 @@ class Config:
     pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when, qa on clips)
     pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
     pretrain_when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS; probe's clip models: appear)
+    pretrain_qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (probe's qa model: colour)
     pretrain_when_answer: str = "span"  # the when task's target: span (From..to) | trace (the TG trace; probe --when_answer)
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)

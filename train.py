@@ -572,11 +572,13 @@ def perception_tasks(cfg):
     if min(weights.values()) < 0 or sum(weights.values()) <= 0:
         raise SystemExit(f"--pretrain_tasks={cfg.pretrain_tasks!r}: weights must be >= 0 and not all 0")
     probe.check_events(cfg.pretrain_when_events, "--pretrain_when_events")
+    probe.check_events(cfg.pretrain_qa_events, "--pretrain_qa_events")
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
                              qa_weight=weights.get("qa", 0.0),
-                             when_events=cfg.pretrain_when_events, when_answer=cfg.pretrain_when_answer,
+                             when_events=cfg.pretrain_when_events, qa_events=cfg.pretrain_qa_events,
+                             when_answer=cfg.pretrain_when_answer,
                              max_distractors=cfg.pretrain_distractors,
                              curriculum_steps=cfg.pretrain_steps // 2,
                              background=cfg.background, prompt="short", eval_frames=32)

@@ -203,6 +203,13 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
     assert not all(probe.training_sample(rng, everything, 0).question.endswith("visible?") for _ in range(20))
     with pytest.raises(SystemExit, match="--pretrain_when_events"):
         train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1", pretrain_when_events="appear,jump"))
+    colour = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="qa:1", pretrain_qa_events="colour"))
+    qas = [probe.training_sample(rng, colour, 0) for _ in range(20)]
+    assert {(s.task, s.event) for s in qas} == {("qa", "colour")}, [s.question for s in qas]
+    assert len({s.event for s in (probe.training_sample(rng, train.perception_tasks(
+        pre_cfg(tmp_path, pretrain_tasks="qa:1")), 0) for _ in range(30))}) > 1   # the default: every event
+    with pytest.raises(SystemExit, match="--pretrain_qa_events"):
+        train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="qa:1", pretrain_qa_events="colour,jump"))
     traces = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="when:1", pretrain_when_answer="trace"))
     run = SimpleNamespace(tokenizer=tok, vision=dataclasses.replace(vision, question_at="both"))
     (_, target), = train.perception_batch(cfg, SimpleNamespace(rank=0), run, traces, 0, 1, "sft0")
