@@ -87,6 +87,7 @@ class Config:
     sft_vstar_turns: int = 400    # chain turns added to SFT (5 per clip, drawn once with the seed); 0: none
     sft_vp_share: float = 0.25    # share of SFT records shown with a visual prompt on key frames + hint (at 0, prompted rollouts broke)
     sft_perception: float = 0.0   # perception frames (--pretrain_tasks) added to each SFT micro-batch, per record in it
+    sft_perception_weight: float = 0.0  # > 0: their NLL per their own token, times this, beside the records'; 0: one token mean
     sft_attend_weight: float = 0.0  # > 0: claim pointer aid, head 0 of sft_attend_layer looks from a claim at its box in its frame (needs eager attention)
     sft_attend_layer: int = 3     # 1..the model's decoder layers
     # ---- RL (train.py runs the loop, grpo.py the math) ----

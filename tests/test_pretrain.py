@@ -135,6 +135,27 @@ def test_sft_perception_adds_perception_frames_to_each_batch(tiny_data, tiny_mod
     assert all(p.image_grid_thw.shape[0] == 1 for p, _ in seen[0][4:])     # one frame each
 
 
+def test_sft_perception_weight_gives_the_perception_samples_their_own_token_mean(tiny_data, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A perception answer is a few tokens beside a trace's hundred: with the weight, the records' NLL
+    is per record token and the perception samples' per their own token, times the weight."""
+    cfg = train.Config(stage="sft", out_dir=str(tmp_path), data_dir=tiny_data, batch_size=4, sft_epochs=0.7,
+                       sft_warmup=1, max_frames=8, sft_vstar_turns=0, sft_perception=0.5, sft_forward_batch=0,
+                       sft_perception_weight=2.0)
+    calls, real = [], train.sft_loss
+    monkeypatch.setattr(train, "sft_loss", lambda policy, batch, n=None, pointer=None:
+                        calls.append((batch, n)) or real(policy, batch, n, pointer))
+    train.stage_sft(cfg, train.setup_runtime(cfg), tiny_model_dir)
+    tok = model.load_policy(tiny_model_dir)[1]
+    assert len(calls) == 4                                   # 2 steps x (records, perception frames)
+    for (records, n_records), (frames, n_frames) in zip(calls[::2], calls[1::2]):
+        assert len(records) == 4 and all("<think>" in tok.decode(t) for _, t in records)
+        assert len(frames) == 2 and not any("<think>" in tok.decode(t) for _, t in frames)
+        assert n_records == sum(len(t) for _, t in records)
+        assert n_frames == sum(len(t) for _, t in frames) / 2.0
+        assert n_frames * 10 < n_records                     # why: in one mean the frames would weigh little
+
+
 def test_a_fresh_run_starts_from_base_model_and_model_overrides_it(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
     out, other = tmp_path / "run", tmp_path / "other"
     common = [f"--out_dir={out}", f"--data_dir={tiny_data}", f"--base_model={tiny_model_dir}",
