@@ -70,6 +70,7 @@ class Config:
     pretrain_when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS; probe's clip models: appear)
     pretrain_qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (probe's qa model: colour)
     pretrain_when_answer: str = "span"  # the when task's target: span (From..to) | trace (the TG trace; probe --when_answer)
+    pretrain_qa_answer: str = "answer"  # the qa task's target: answer (the block alone) | trace (the free-form record's; probe --qa_answer)
     # ---- optimizer (SFT and RL) ----
     weight_decay: float = 0.01    # AdamW weight decay on matrices (biases and norms get none)
     adam_beta1: float = 0.9       # AdamW first-moment decay
@@ -157,6 +158,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "background": ("flat", "gradient"),
     "pretrain_when_answer": ("span", "trace"),
+    "pretrain_qa_answer": ("answer", "trace"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "ratio": grpo.RATIOS,
     "coach": distill.COACH_MODES,

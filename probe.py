@@ -92,6 +92,8 @@ class ProbeConfig:
     qa_weight: float = 0.0        # "Which object stops moving for a while?" on a clip (synth.tell's question for its
                                   # event) -> <answer>red circle</answer>, the answer alone; the layout of at_question_first
     qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (synth.EVENTS)
+    qa_answer: str = "answer"     # answer (the answer block alone) | trace (the free-form record's whole completion:
+                                  # grounded claims at the key frames, then the answer; the attend aid skips it)
     qa_curriculum_steps: int = 0  # > 0: a qa clip shows the trace's key frames (just before and during the event) and few
                                   # others at first, all from this step on
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
@@ -149,7 +151,8 @@ class ProbeConfig:
 
 
 CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat", "gradient"), "value_init": ("ordinal", "random"),
-           "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT, "when_answer": ("span", "trace")}
+           "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT, "when_answer": ("span", "trace"),
+           "qa_answer": ("answer", "trace")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
 TASKS = ("find", "marked", "list", "at", "when", "qa")
 CLIP_TASKS = ("at", "when", "qa")
@@ -223,7 +226,7 @@ class Sample:
     objects: list = None  # every object in the frame as (name, normalized box), the target first
     clip: tuple = None  # at, when, qa: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
     span: tuple = None  # when: the event's (start, end) in seconds
-    trace: str = None   # when with when_answer=trace: the TG record's completion (think with two claims, the span)
+    trace: str = None   # when / qa with when_answer / qa_answer=trace: the TG / free-form record's completion
     answer: str = None  # qa: the question's answer (synth.tell's free-form answer)
     event: str = None   # when, qa: the clip's event (synth.EVENTS)
     keys: list = None   # qa: (shown frame index, normalized box) of the answer's object where the trace looks
@@ -285,7 +288,8 @@ def when_sample(rng, cfg, most_frames=None):
 def qa_sample(rng, cfg, most_frames=None):
     """The qa task: a synthetic clip whose event is one of cfg.qa_events, shown whole as SFT sees a
     video, asked synth.py's free-form question about it (which object stops, which way it turns, what
-    colour it turns, which object appears, what it touches); the answer is synth's, alone. The
+    colour it turns, which object appears, what it touches); the answer is synth's, alone (with
+    qa_answer=trace, the free-form record's whole completion: claims, then that answer). The
     question itself, unlike SFT's, comes with no trace to copy: it tests whether the answer can be
     read from the frames at all, given plenty of clips. most_frames: show only the trace's key frames
     and random others up to this many, in time order."""
@@ -296,11 +300,11 @@ def qa_sample(rng, cfg, most_frames=None):
         rest = [i for i in range(len(times)) if i not in key]
         times = [times[i] for i in sorted(key | set(rng.sample(rest, max(0, most_frames - len(key)))))]
     frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    trace = synth.completion(story.think, story.answer) if cfg.qa_answer == "trace" else None
     keys = [(span_frame(times, t), objs[-1].box(synth.frame_of(t)))   # the object the answer is about (meet: the
             for t, objs in story.keys if t >= scene.span[0]]         # one touched), from the event on
     return Sample("qa", frames[0], story.question, target.name(0), target.box(0), None,
-                  (frames, times, scene.duration, None), scene.span, answer=story.answer, event=scene.event,
-                  keys=keys)
+                  (frames, times, scene.duration, None), scene.span, trace, story.answer, scene.event, keys)
 
 
 def span_frame(times, t):
@@ -446,8 +450,9 @@ def check_events(events, flag):
 
 
 def answer_tokens(cfg):
-    """Greedy tokens an evaluation decodes: a when trace is about 100 tokens, every other answer a few."""
-    return 160 if cfg.when_weight > 0 and cfg.when_answer == "trace" else 32
+    """Greedy tokens an evaluation decodes: a when or qa trace is about 100 tokens, every other answer a few."""
+    traces = (cfg.when_weight > 0 and cfg.when_answer == "trace") or (cfg.qa_weight > 0 and cfg.qa_answer == "trace")
+    return 160 if traces else 32
 
 
 def held_out(cfg):
@@ -509,11 +514,12 @@ def target_text(sample, frame_size, find_answer="name_box"):
     """The answer: marked names the object; find names it and gives its box (or, with find_answer
     box, gives the box alone: no name to copy from the question first); list names and boxes every
     object, left to right by box centre; at names and boxes the object and says the time asked; when
-    gives the event's span as the temporal answers do (or the whole TG trace, when the sample has one)."""
+    gives the event's span as the temporal answers do (or the whole TG trace, when the sample has one);
+    qa gives the answer block (or the free-form record's whole completion, when the sample has one)."""
     if sample.task == "when":
         return sample.trace or synth.span_text(*sample.span)
     if sample.task == "qa":
-        return f"{data.ANSWER_OPEN}{sample.answer}{data.ANSWER_CLOSE}"
+        return sample.trace or f"{data.ANSWER_OPEN}{sample.answer}{data.ANSWER_CLOSE}"
     if sample.task == "at":
         t = data.format_seconds(sample.clip[3])
         return f"{claim(sample.name, sample.box, frame_size)}at{data.T_OPEN}{t}{data.T_CLOSE}s"
@@ -736,7 +742,7 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
                 mass = torch.stack([attn[b, len(p) - 1 + j, cells[k * n_cells:(k + 1) * n_cells]].sum() for j, k in pairs])
                 attend = attend - mass.clamp_min(1e-9).log().mean()
                 attended += 1
-        if attn is not None and s.task == "qa":
+        if attn is not None and s.task == "qa" and not s.trace:   # the answer alone: every row predicts it
             shown = sorted({k * gh * gw + c for k, box in s.keys
                             for c in model.box_cells(data.norm_box_to_pixels(box, *p.frame_size, rounded=False), p.frame_size, gh, gw)})
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)

@@ -578,7 +578,7 @@ def perception_tasks(cfg):
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
                              qa_weight=weights.get("qa", 0.0),
                              when_events=cfg.pretrain_when_events, qa_events=cfg.pretrain_qa_events,
-                             when_answer=cfg.pretrain_when_answer,
+                             when_answer=cfg.pretrain_when_answer, qa_answer=cfg.pretrain_qa_answer,
                              max_distractors=cfg.pretrain_distractors,
                              curriculum_steps=cfg.pretrain_steps // 2,
                              background=cfg.background, prompt="short", eval_frames=32)

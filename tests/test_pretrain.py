@@ -237,3 +237,7 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
     assert tok.decode(target).startswith("<think><obj>")          # the TG trace, not the span alone
     with pytest.raises(SystemExit, match="pretrain_when_answer"):
         train.parse_args(["--pretrain_when_answer=words"])
+    for answer, opens in (("trace", "<think><obj>"), ("answer", "<answer>")):
+        qa = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="qa:1", pretrain_qa_answer=answer))
+        (_, target), = train.perception_batch(cfg, SimpleNamespace(rank=0), run, qa, 0, 1, "sft0")
+        assert tok.decode(target).startswith(opens)               # the free-form trace, or the answer block alone

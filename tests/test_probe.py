@@ -523,6 +523,24 @@ def test_when_trace_answer_is_the_tg_trace_and_is_scored_on_its_answer_block():
         probe.parse_args(["--when_answer=words"])
 
 
+def test_qa_trace_answer_is_the_free_form_records_trace_and_is_scored_on_its_answer_block():
+    cfg = probe.ProbeConfig(qa_weight=1.0, find_weight=0, marked_weight=0, qa_events="colour", qa_answer="trace")
+    s = probe.make_sample(random.Random(5), cfg, "qa", 0)
+    text = probe.target_text(s, [112, 112])
+    parsed = rewards.parse_completion(text)
+    assert parsed.well_formed and len(parsed.claims) == 2 and parsed.answer == s.answer
+    before, after = (c.name for c in parsed.claims)        # the object as it looks before the change, then after
+    assert before.split()[1] == after.split()[1] and after.split()[0] == s.answer != before.split()[0]
+    assert probe.score(s, text, None) == {"parsed": True, "correct": 1.0}
+    assert probe.score(s, text.replace(f"<answer>{s.answer}", "<answer>grey"), None)["correct"] == 0.0
+    alone = probe.make_sample(random.Random(5), dataclasses.replace(cfg, qa_answer="answer"), "qa", 0)
+    assert alone.answer == s.answer and alone.trace is None
+    assert probe.target_text(alone, [112, 112]) == f"<answer>{s.answer}</answer>"
+    assert probe.answer_tokens(cfg) > 100 > probe.answer_tokens(dataclasses.replace(cfg, qa_answer="answer"))
+    with pytest.raises(SystemExit, match="--qa_answer"):
+        probe.parse_args(["--qa_answer=words"])
+
+
 def test_qa_sample_asks_synths_question_and_its_answer_is_what_the_frames_show():
     cfg = probe.ProbeConfig(qa_weight=1.0, qa_events="colour")
     rng = random.Random(7)
