@@ -533,12 +533,17 @@ def target_text(sample, frame_size, find_answer="name_box"):
     return claim(sample.name, sample.box, frame_size)
 
 
-def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", at_question_first=False):
+def clip_layout(cfg):
+    """Where a clip's question goes (data.QUESTION_AT): before the frames with --at_question_first,
+    else where Qwen2.5-VL's layout puts it, after them."""
+    return "before" if cfg.at_question_first else "after"
+
+
+def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box", layout="after"):
     """Sample -> (model.Prompt, target ids ending in <|im_end|>), both on device. A clip (at, when, qa)
-    is in SFT's layout (data.render_prompt), or with at_question_first the question before the frames."""
+    is in SFT's prompt with the question at `layout` (data.render_prompt's question_at)."""
     if sample.task in CLIP_TASKS:
         frames, times, duration, _ = sample.clip
-        layout = "before" if at_question_first else "after"
         parts = data.render_prompt(sample.question, times, duration, question_at=layout)
         model_in = model.tokenize_prompt(tokenizer, parts, frames, vision)
     else:
@@ -589,12 +594,12 @@ def score(sample, text, frame_size):
 
 @torch.no_grad()
 def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="cpu", batch=32,
-             at_question_first=False):
+             layout="after"):
     """Greedy answers on the held-out samples, `batch` decoded together (the same tokens as one at a
-    time) -> metrics dict."""
+    time; a clip's question at `layout`) -> metrics dict."""
     how = model.Sampling(max_new_tokens, model.stop_token_ids(vlm, tokenizer), tokenizer.pad_token_id, 0.0, 1.0,
                          tuple(model.vision_token_ids(tokenizer)))
-    inputs = [encode(s, tokenizer, vision, style, device, at_question_first=at_question_first)[0] for s in samples]
+    inputs = [encode(s, tokenizer, vision, style, device, layout=layout)[0] for s in samples]
     outs = model.generate_groups(vlm, inputs, 1, how, None, batch)
     rows, examples = [], []
     for s, model_in, (ids, mask, _) in zip(samples, inputs, outs):
@@ -906,7 +911,7 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     vlm.eval()
     t0 = time.time()
     m = evaluate(vlm, tokenizer, vision, evalset, cfg.prompt, device=cfg.device,
-                 max_new_tokens=answer_tokens(cfg), at_question_first=cfg.at_question_first)
+                 max_new_tokens=answer_tokens(cfg), layout=clip_layout(cfg))
     vlm.train()
     row = {"step": step, "samples": step * cfg.batch_size, "train_s": round(clock["wall"], 1),
            "cpu_s": round(clock["cpu"], 1), "loss": round(sum(losses) / max(len(losses), 1), 4),
@@ -1010,7 +1015,7 @@ def run(cfg, log=print):
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, step) for _ in range(cfg.batch_size)]
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
-        batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer, cfg.at_question_first)
+        batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer, clip_layout(cfg))
                  for s in samples]
         binding = (bind_head, samples, cfg, tokenizer) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
         words = (tokenizer, [text_sample(rng, cfg) for _ in range(cfg.text_batch)], cfg.device) if cfg.text_mix else None

@@ -585,11 +585,14 @@ def perception_tasks(cfg):
 
 
 def perception_layout(run, tasks):
-    """(prompt style, clip question first) of the perception samples: a model that reads the question
-    before the frames (question_at before or both: probe.py's clip models) gets frames and clips with
-    the question first, the layout the probe taught it those skills in; any other, the stage's own."""
+    """(frame prompt style, clip layout) of the perception samples: a model that reads the question
+    before the frames (question_at before or both: probe.py's clip models) gets frames with the
+    question first, the layout the probe taught it those skills in; any other, the stage's own. Clips
+    are in the model's own layout, as its SFT records are: a skill a both-layout model learned with the
+    question before the frames reached the records' second copy of the question only in part until
+    the kept clips were shown that way too (docs/perception.md, session 17)."""
     first = run.vision.question_at != "after"
-    return ("question_first" if first else tasks.prompt), first
+    return ("question_first" if first else tasks.prompt), run.vision.question_at
 
 
 def perception_batch(cfg, rt, run, tasks, step, n, tag, level=None):
@@ -598,9 +601,9 @@ def perception_batch(cfg, rt, run, tasks, step, n, tag, level=None):
     seed, step, rank): fresh at every step, and a resumed run draws what an unbroken one would."""
     rng = random.Random(f"{tag}-{cfg.seed}-{step}-{rt.rank}")
     level = step if level is None else level
-    style, first = perception_layout(run, tasks)
+    style, layout = perception_layout(run, tasks)
     return [probe.encode(probe.training_sample(rng, tasks, level), run.tokenizer, run.vision, style,
-                         at_question_first=first) for _ in range(n)]
+                         layout=layout) for _ in range(n)]
 
 
 def stage_pretrain(cfg, rt, start_path):
@@ -639,9 +642,9 @@ def stage_pretrain(cfg, rt, start_path):
     vlm = unwrap(rt, run.policy).model
     vlm.eval()
     with torch.no_grad(), full_params(run.policy), rt.autocast():
-        style, first = perception_layout(run, tasks)
+        style, layout = perception_layout(run, tasks)
         scores = probe.evaluate(vlm, run.tokenizer, run.vision, probe.held_out(tasks), style, device=rt.device,
-                                max_new_tokens=probe.answer_tokens(tasks), at_question_first=first)
+                                max_new_tokens=probe.answer_tokens(tasks), layout=layout)
     vlm.train()
     scores = {k: round(v, 4) for k, v in scores.items() if k != "examples"}
     if rt.main:

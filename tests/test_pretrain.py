@@ -202,7 +202,8 @@ def test_the_clip_tasks_join_the_stage_mix(tmp_path):
 def test_perception_samples_follow_a_question_first_model_and_the_asked_events(tiny_model_dir, tmp_path):
     """A model that reads the question before the frames (question_at before or both: probe.py's clip
     models) gets SFT's perception frames and clips with the question before the first image token; a
-    model in Qwen2.5-VL's layout keeps the stage's own (the question after the frame)."""
+    model in Qwen2.5-VL's layout keeps the stage's own (the question after the frame). Clips follow
+    the model's own layout: a both-layout model's clips ask after the frames too, as its records do."""
     _, tok, vision = model.load_policy(tiny_model_dir)
     cfg = pre_cfg(tmp_path, pretrain_tasks="find:1,when:1", pretrain_when_events="appear")
     tasks = train.perception_tasks(cfg)
@@ -213,9 +214,12 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
         kinds = set()
         for prompt, _ in batch:
             ids = prompt.input_ids.flatten().tolist()
-            text = tok.decode(ids[:ids.index(pad)])
-            kinds.add("clip" if prompt.image_grid_thw.shape[0] > 1 else "frame")
+            text, after = tok.decode(ids[:ids.index(pad)]), tok.decode(ids[len(ids) - ids[::-1].index(pad):])
+            kind = "clip" if prompt.image_grid_thw.shape[0] > 1 else "frame"
+            kinds.add(kind)
             assert ("?" in text) == first, (layout, text)   # every probe question ends in "?"
+            if kind == "clip":
+                assert ("?" in after) == (layout != "before"), (layout, after)
         assert kinds == {"clip", "frame"}
     rng = random.Random(1)
     whens = [s for s in (probe.training_sample(rng, tasks, 0) for _ in range(40)) if s.task == "when"]

@@ -609,7 +609,7 @@ def test_evaluation_reports_qa_accuracy_per_event(tiny_policy, monkeypatch):
         ids = [torch.tensor([tok.encode(t, add_special_tokens=False)]) for t in said]
         return [(i, torch.ones_like(i, dtype=torch.bool), None) for i in ids]
     monkeypatch.setattr(probe.model, "generate_groups", answers)
-    m = probe.evaluate(vlm, tok, vision, samples, "question_first", at_question_first=True)
+    m = probe.evaluate(vlm, tok, vision, samples, "question_first", layout="before")
     assert m["qa_acc"] == pytest.approx(2 / 3)
     assert (m["qa_acc[turn]"], m["qa_acc[colour]"]) == (0.5, 1.0)
 
