@@ -849,19 +849,19 @@ def sft_step(cfg, rt, run, records, step):
         batch = sft_examples(records, batch_ids[k * micro:(k + 1) * micro], run.tokenizer, run.vision, cfg,
                              run.skipped)
         frames = round(cfg.sft_perception * micro) if cfg.sft_perception > 0 else 0
-        seen = []   # perception kept alive through SFT (at the stage's full distractor cap)
+        kept = []   # perception kept alive through SFT (at the stage's full distractor cap)
         if frames:
-            seen = perception_batch(cfg, rt, run, perception_tasks(cfg), step, frames, f"sft{k}",
+            kept = perception_batch(cfg, rt, run, perception_tasks(cfg), step, frames, f"sft{k}",
                                     level=cfg.pretrain_steps)
-        batch, seen = ([(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in part] for part in (batch, seen))
+        batch, kept = ([(p.to(rt.device, rt.dtype), t.to(rt.device)) for p, t in part] for part in (batch, kept))
         # (samples, how many a full one holds, the tokens its NLL is divided by): one token mean over
         # records and perception samples, or with --sft_perception_weight each its own (a perception
-        # answer is a few tokens beside a trace's hundred: in one mean its skill fades)
+        # answer of a few tokens beside traces of a hundred is about 1% of one mean)
         if cfg.sft_perception_weight > 0 and frames:
             groups = [(batch, micro, sum(len(t) for _, t in batch)),
-                      (seen, frames, sum(len(t) for _, t in seen) / cfg.sft_perception_weight)]
+                      (kept, frames, sum(len(t) for _, t in kept) / cfg.sft_perception_weight)]
         else:
-            groups = [(batch + seen, micro + frames, sum(len(t) for _, t in batch + seen))]
+            groups = [(batch + kept, micro + frames, sum(len(t) for _, t in batch + kept))]
         pieces = [(piece, n) for group, full, n in groups for piece in length_pieces(group, cfg.sft_forward_batch, full)]
         pointer = claim_pointer(cfg, run, micro + frames)
         for j, (piece, n_tokens) in enumerate(pieces):
