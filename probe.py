@@ -252,12 +252,11 @@ def clip_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, times[k]))
 
 
-def event_scene(rng, events, field):
+def event_scene(rng, events, flag):
     """A synth.make_scene scene (hard or easy at even odds) whose event is in the comma list `events`;
-    a ValueError naming `field` for an unknown event (the draw would never end)."""
+    check_events' stop naming `flag` for an unknown event (the draw would never end)."""
+    check_events(events, flag)
     events = events.split(",")
-    if not set(events) <= set(synth.EVENTS):
-        raise ValueError(f"{field}={','.join(events)!r}: expected events among {synth.EVENTS}")
     scene = synth.make_scene(rng, rng.random() < 0.5)
     while scene.event not in events:
         scene = synth.make_scene(rng, rng.random() < 0.5)
@@ -269,7 +268,7 @@ def when_sample(rng, cfg, most_frames=None):
     video, asked the temporal (TG) question synth.py writes for it; the answer is the event's span.
     most_frames: show only the span's first and last frames (synth puts both on shown times) and
     random others up to this many, in time order."""
-    scene = event_scene(rng, cfg.when_events, "when_events")
+    scene = event_scene(rng, cfg.when_events, "--when_events")
     times = data.sample_times(scene.duration)
     if most_frames is not None and most_frames < len(times):
         ends = {span_frame(times, t) for t in scene.span}
@@ -293,7 +292,7 @@ def qa_sample(rng, cfg, most_frames=None):
     question itself, unlike SFT's, comes with no trace to copy: it tests whether the answer can be
     read from the frames at all, given plenty of clips. most_frames: show only the trace's key frames
     and random others up to this many, in time order."""
-    scene = event_scene(rng, cfg.qa_events, "qa_events")
+    scene = event_scene(rng, cfg.qa_events, "--qa_events")
     times, target, story = data.sample_times(scene.duration), scene.shapes[0], synth.tell(scene)
     if most_frames is not None and most_frames < len(times):
         key = {span_frame(times, t) for t, _ in story.keys}
