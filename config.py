@@ -65,7 +65,7 @@ class Config:
     pretrain_steps: int = 0       # optimizer steps on frames and clips rendered in memory (--pretrain_tasks); 0 skips the stage
     pretrain_batch: int = 32      # frames per pretraining step, over all ranks
     pretrain_lr: float = 2e-3     # its peak learning rate (sft_warmup steps of warmup, cosine to 10%)
-    pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when, qa on clips)
+    pretrain_tasks: str = "find:1,marked:1,list:0"  # task:weight mix (probe.py: find, marked, list on frames; at, when, qa, letter on clips)
     pretrain_distractors: int = 4  # most distractors per frame (uniform from 0), grown from 1 over the first half
     pretrain_when_events: str = "stop,turn,colour,appear,meet"  # the when task's events (synth.EVENTS; probe's clip models: appear)
     pretrain_qa_events: str = "stop,turn,colour,appear,meet"  # the qa task's events (probe's qa model: colour)

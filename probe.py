@@ -21,6 +21,9 @@ held-out greedy curve written to {out}/curve.json and {out}/curve.png. train.py'
           for a while?" -> <answer>red circle</answer> (--qa_weight; off by default): can the
           answer itself be read from the frames, given plenty of clips? (qa_blind_acc: each
           event's most common answer on the held-out clips, the frame-blind yardstick)
+  letter  synth.py's MCQ question with its four options, the trace given up to "So it turns red.
+          That is option" -> " B.</think><answer>B</answer>" (--letter_weight; off by default):
+          the option letter of the word the trace named, a text lookup
 Boxes are integer pixels of the frame the model sees, as everywhere in the project.
 The model is model.build_tiny_model's (the real Qwen2.5-VL class); its tokenizer may give every
 coordinate value one token (--value_tokens; --value_init=ordinal starts their embeddings ordered,
@@ -96,6 +99,9 @@ class ProbeConfig:
                                   # grounded claims at the key frames, then the answer; the attend aid skips it)
     qa_curriculum_steps: int = 0  # > 0: a qa clip shows the trace's key frames (just before and during the event) and few
                                   # others at first, all from this step on
+    letter_weight: float = 0.0    # synth's MCQ question with its four lettered options, the record's trace given up to
+                                  # "So it turns red. That is option" -> " B.</think><answer>B</answer>": the option
+                                  # letter of the word the trace named (a text lookup, on a clip in SFT's layout)
     question_at: str = ""         # the saved model's prompt layout for SFT, RL and eval (data.QUESTION_AT, written to
                                   # its preprocessor_config.json); empty keeps the init's (a fresh model: after)
     find_answer: str = "name_box"  # find's target: name_box (<obj>name</obj><box>..</box>) | box (the box alone)
@@ -154,8 +160,8 @@ CHOICES = {"prompt": ("short", "full", "question_first"), "background": ("flat",
            "find_answer": ("name_box", "box"), "question_at": ("",) + data.QUESTION_AT, "when_answer": ("span", "trace"),
            "qa_answer": ("answer", "trace")}
 NAMES = [(c, k) for c in synth.COLOURS for k in synth.KINDS]  # the 12 object names
-TASKS = ("find", "marked", "list", "at", "when", "qa")
-CLIP_TASKS = ("at", "when", "qa")
+TASKS = ("find", "marked", "list", "at", "when", "qa", "letter")
+CLIP_TASKS = ("at", "when", "qa", "letter")  # shown as a video in SFT's layout
 FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 AT_Q = "Where is the {} at {}s?"
@@ -218,7 +224,7 @@ def sample_frame(rng, n_distractors, background="flat", radius=(6.0, 13.0), dist
 
 @dataclass
 class Sample:
-    task: str           # find | marked | list | at | when | qa
+    task: str           # find | marked | list | at | when | qa | letter
     frame: torch.Tensor  # uint8 (3, H, W), visual prompt drawn for marked
     question: str
     name: str           # the target's name
@@ -226,10 +232,12 @@ class Sample:
     objects: list = None  # every object in the frame as (name, normalized box), the target first
     clip: tuple = None  # at, when, qa: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
     span: tuple = None  # when: the event's (start, end) in seconds
-    trace: str = None   # when / qa with when_answer / qa_answer=trace: the TG / free-form record's completion
-    answer: str = None  # qa: the question's answer (synth.tell's free-form answer)
+    trace: str = None   # when / qa with when_answer / qa_answer=trace: the TG / free-form record's completion;
+                        # letter: the MCQ record's completion after `lead`
+    answer: str = None  # qa: the question's answer (synth.tell's free-form answer); letter: the right option letter
     event: str = None   # when, qa: the clip's event (synth.EVENTS)
     keys: list = None   # qa: (shown frame index, normalized box) of the answer's object where the trace looks
+    lead: str = None    # letter: the assistant turn's first words, given in the prompt (the trace up to its letter)
 
 
 def clip_sample(rng, cfg, most_frames=None):
@@ -306,6 +314,26 @@ def qa_sample(rng, cfg, most_frames=None):
                   (frames, times, scene.duration, None), scene.span, trace, story.answer, scene.event, keys)
 
 
+def letter_sample(rng, cfg):
+    """The letter task: synth's MCQ question about a clip's event with its four lettered options
+    (synth.mcq), the MCQ record's trace given up to its last words ("... So it turns red. That is
+    option"), and the rest as the target (" B.</think><answer>B</answer>"): find the word the trace
+    named among the options, say its letter, and say it again as the answer. A text skill: the
+    clip (shown whole, as SFT shows a video) does not say which option is meant, the trace's word
+    does; it is there so the lookup is learned across a record's frames. Given the gold trace after SFT an MCQ trace's letter matched the option its own
+    words named about one time in ten (docs/perception.md, session 18)."""
+    scene = synth.make_scene(rng, rng.random() < 0.5)
+    story = synth.tell(scene)
+    question, letter, _ = synth.mcq(story, rng)
+    full = synth.completion(synth.mcq_think(story, letter), letter)
+    lead = f"{data.THINK_OPEN}{story.think} {synth.MCQ_LEAD}"
+    times, target = data.sample_times(scene.duration), scene.shapes[0]
+    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    return Sample("letter", frames[0], question, target.name(0), target.box(0), None,
+                  (frames, times, scene.duration, None), scene.span, full[len(lead):], letter, scene.event,
+                  lead=lead)
+
+
 def span_frame(times, t):
     """Index of the shown time nearest t (a span end is a shown time: synth.make_scene)."""
     return min(range(len(times)), key=lambda i: abs(times[i] - t))
@@ -318,6 +346,8 @@ def make_sample(rng, cfg, task, n_distractors, most_frames=None):
         return when_sample(rng, cfg, most_frames)
     if task == "qa":
         return qa_sample(rng, cfg, most_frames)
+    if task == "letter":
+        return letter_sample(rng, cfg)
     frame, shapes = sample_frame(rng, n_distractors, cfg.background, (cfg.min_radius, cfg.max_radius),
                                  cfg.distinct_colours)
     target = shapes[0]
@@ -340,7 +370,8 @@ def distractor_cap(cfg, step):
 
 
 def training_sample(rng, cfg, step):
-    weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight, cfg.qa_weight)
+    weights = (cfg.find_weight, cfg.marked_weight, cfg.list_weight, cfg.at_weight, cfg.when_weight, cfg.qa_weight,
+               cfg.letter_weight)
     task = rng.choices(TASKS, weights=weights)[0]
     most_frames, steps = None, {"at": cfg.at_curriculum_steps, "when": cfg.when_curriculum_steps,
                                 "qa": cfg.qa_curriculum_steps}.get(task, 0)
@@ -457,7 +488,7 @@ def answer_tokens(cfg):
 def held_out(cfg):
     """A fixed set of eval frames per task, from a seed no training frame uses."""
     rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
-    tasks = ("find", "marked") + tuple(t for t in ("at", "when", "qa") if getattr(cfg, f"{t}_weight") > 0)
+    tasks = ("find", "marked") + tuple(t for t in ("at", "when", "qa", "letter") if getattr(cfg, f"{t}_weight") > 0)
     return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
             for task in tasks for _ in range(cfg.eval_frames)]
 
@@ -514,7 +545,10 @@ def target_text(sample, frame_size, find_answer="name_box"):
     box, gives the box alone: no name to copy from the question first); list names and boxes every
     object, left to right by box centre; at names and boxes the object and says the time asked; when
     gives the event's span as the temporal answers do (or the whole TG trace, when the sample has one);
-    qa gives the answer block (or the free-form record's whole completion, when the sample has one)."""
+    qa gives the answer block (or the free-form record's whole completion, when the sample has one);
+    letter the MCQ trace's end after its lead (the letter, then the answer block)."""
+    if sample.task == "letter":
+        return sample.trace
     if sample.task == "when":
         return sample.trace or synth.span_text(*sample.span)
     if sample.task == "qa":
@@ -544,6 +578,7 @@ def encode(sample, tokenizer, vision, style, device="cpu", find_answer="name_box
     if sample.task in CLIP_TASKS:
         frames, times, duration, _ = sample.clip
         parts = data.render_prompt(sample.question, times, duration, question_at=layout)
+        parts += [sample.lead] if sample.lead else []   # the assistant turn's given first words
         model_in = model.tokenize_prompt(tokenizer, parts, frames, vision)
     else:
         model_in = model.tokenize_prompt(tokenizer, prompt_parts(sample.question, style), sample.frame[None], vision)
@@ -583,6 +618,11 @@ def score(sample, text, frame_size):
     if sample.task == "qa":  # the rewards' reader; an exact answer (names, colours, directions are closed sets)
         answer = rewards.parse_completion(text).answer
         return {"parsed": answer is not None, "correct": float((answer or "").strip() == sample.answer)}
+    if sample.task == "letter":  # right: the trace's letter and the answer are both the word's option
+        parsed = rewards.parse_completion(sample.lead + text)
+        said = f"{synth.MCQ_LEAD} {sample.answer}."
+        return {"parsed": parsed.answer is not None,
+                "correct": float(parsed.answer == sample.answer and (parsed.think or "").endswith(said))}
     name, box = parse_answer(text)
     if sample.task == "marked":
         return {"parsed": name is not None, "correct": float(name == sample.name)}
@@ -616,6 +656,9 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="
              "at_name_acc": mean([r["name_ok"] for r in at])} if at else {}
     if when:
         clips.update(when_tiou=mean([r["iou"] for r in when]), when_iou50=mean([float(r["iou"] >= 0.5) for r in when]))
+    letter = [r["correct"] for t, r in rows if t == "letter"]
+    if letter:
+        clips["letter_acc"] = mean(letter)
     if qa:
         clips["qa_acc"] = mean([r["correct"] for _, r in qa])
         clips.update({f"qa_acc[{e}]": mean([r["correct"] for ev, r in qa if ev == e]) for e in sorted({e for e, _ in qa})})
@@ -1005,7 +1048,7 @@ def run(cfg, log=print):
             at = (f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}"
                   if "at_miou" in row else "")
             at += f" when tIoU {row['when_tiou']:.3f} IoU>=.5 {row['when_iou50']:.2f}" if "when_tiou" in row else ""
-            at += "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith("qa_acc"))
+            at += "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith(("qa_acc", "letter_acc")))
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
                 f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
                 f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
@@ -1032,7 +1075,8 @@ def run(cfg, log=print):
             mean = {k: sum(v) / max(len(v), 1) for k, v in task_loss.items()}
             aids = "".join(f" {k} {sum(a[k] for a in aid_stats) / len(aid_stats):.3f}" for k in aid_stats[-1])
             log(f"[probe] step {step:5d} {clock['wall']:6.0f}s loss find {mean['find']:.3f} marked {mean['marked']:.3f} "
-                f"list {mean['list']:.3f} at {mean['at']:.3f} when {mean['when']:.3f} qa {mean['qa']:.3f}{aids}")
+                f"list {mean['list']:.3f} at {mean['at']:.3f} when {mean['when']:.3f} qa {mean['qa']:.3f} "
+                f"letter {mean['letter']:.3f}{aids}")
             task_loss, aid_stats = {t: [] for t in TASKS}, []
     log(f"[probe] {step} steps in {clock['wall']:.0f}s training: {result['s_per_step']:.2f} s/step wall, "
         f"{result['cpu_s_per_step']:.2f} s/step of process CPU time")

@@ -64,6 +64,7 @@ TASKS = {"ff": "temporal-spatial free-form QA", "mcq": "General video QA MCQ",
          "tg": "temporal QA"}
 TASK_WEIGHTS = {"ff": 0.4, "mcq": 0.3, "tg": 0.3}
 LETTERS = "ABCD"
+MCQ_LEAD = "That is option"  # an MCQ trace's last sentence: "... So it turns red. That is option B."
 # crf 10 keeps flat colours within a few levels after decode (plain yuv420p High profile, what
 # any player reads). x264's lookahead made the bytes vary run to run even on one thread;
 # without it (and on one thread, one process per core) the same seed gives the same file.
@@ -430,6 +431,11 @@ def mcq(story, rng):
     return question, LETTERS[options.index(story.answer)], options
 
 
+def mcq_think(story, letter):
+    """An MCQ record's think: the free-form trace, then the option its answer is (a text lookup)."""
+    return f"{story.think} {MCQ_LEAD} {letter}."
+
+
 def record_meta(scene, split, difficulty):
     """Extra facts for eval and analysis (loaders ignore unknown keys)."""
     return {"difficulty": difficulty, "hard": scene.hard, "event": scene.event,
@@ -453,7 +459,7 @@ def build_record(sid, split, scene, story, frames, task, rng, out, difficulty):
         key_frames, key_items = key_fields(sid, story, frames, out)
         if task == "mcq":
             question, letter, options = mcq(story, rng)
-            think = f"{story.think} That is option {letter}."
+            think = mcq_think(story, letter)
             rec.update(question=question, answer=letter,
                        reasoning_process=completion(think, letter))
             meta.update(options=options, answer_text=story.answer)

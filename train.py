@@ -576,7 +576,7 @@ def perception_tasks(cfg):
     return probe.ProbeConfig(seed=cfg.seed, find_weight=weights.get("find", 0.0),
                              marked_weight=weights.get("marked", 0.0), list_weight=weights.get("list", 0.0),
                              at_weight=weights.get("at", 0.0), when_weight=weights.get("when", 0.0),
-                             qa_weight=weights.get("qa", 0.0),
+                             qa_weight=weights.get("qa", 0.0), letter_weight=weights.get("letter", 0.0),
                              when_events=cfg.pretrain_when_events, qa_events=cfg.pretrain_qa_events,
                              when_answer=cfg.pretrain_when_answer, qa_answer=cfg.pretrain_qa_answer,
                              max_distractors=cfg.pretrain_distractors,

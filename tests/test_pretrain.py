@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ import torch
 
 import model
 import probe
+import synth
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,3 +247,7 @@ def test_perception_samples_follow_a_question_first_model_and_the_asked_events(t
         qa = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="qa:1", pretrain_qa_answer=answer))
         (_, target), = train.perception_batch(cfg, SimpleNamespace(rank=0), run, qa, 0, 1, "sft0")
         assert tok.decode(target).startswith(opens)               # the free-form trace, or the answer block alone
+    letters = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="letter:1"))
+    (prompt, target), = train.perception_batch(cfg, SimpleNamespace(rank=0), run, letters, 0, 1, "sft0")
+    assert tok.decode(prompt.input_ids).endswith(synth.MCQ_LEAD)   # the trace up to its letter, in the prompt
+    assert re.fullmatch(r" ?([A-D])\.</think><answer>\1</answer><\|im_end\|>", tok.decode(target))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -588,6 +589,44 @@ def test_qa_curriculum_grows_the_clip_from_the_key_frames_to_every_frame():
     assert last.clip[1] == D.sample_times(last.clip[2])     # every frame from the curriculum's end
 
 
+def test_letter_sample_is_an_mcq_records_trace_cut_before_its_letter(tiny_data, tiny_policy):
+    _, tok, vision = tiny_policy
+    cfg = probe.ProbeConfig(letter_weight=1.0, find_weight=0, marked_weight=0)
+    rng, events = random.Random(8), set()
+    for _ in range(25):
+        s = probe.training_sample(rng, cfg, 0)
+        assert s.task == "letter" and s.lead.startswith("<think>") and s.lead.endswith(f". {synth.MCQ_LEAD}")
+        frames, times, duration, _ = s.clip
+        assert times == D.sample_times(duration) and len(frames) == len(times)   # the whole clip, as SFT shows it
+        options = dict(line.split(". ", 1) for line in s.question.split("\nOptions:\n")[1].split("\n"))
+        assert sorted(options) == list("ABCD") and s.answer in options
+        last = s.lead.rsplit("So ", 1)[1]                   # "the red circle stops. That is option"
+        named = [k for k, o in options.items() if re.search(rf"\b{o}\b", last)]
+        assert named == [s.answer], (last, options)         # the trace's words name exactly the right option
+        assert s.trace == f" {s.answer}.</think><answer>{s.answer}</answer>"
+        full = rewards.parse_completion(s.lead + s.trace)
+        assert full.well_formed and full.answer == s.answer and len(full.claims) >= 1
+        events.add(s.event)
+    assert events == set(synth.EVENTS)
+    # the cut is where an MCQ record of the synthetic set has it: what follows is the same shape
+    records = [r for r in json.load(open(os.path.join(tiny_data, "train.json"))) if r["task"] == synth.TASKS["mcq"]]
+    for r in records:
+        rest = r["reasoning_process"].split(synth.MCQ_LEAD)[-1]
+        assert rest == f" {r['answer']}.</think><answer>{r['answer']}</answer>"
+    # in SFT's layout the prompt ends with the given words and the target is the rest
+    prompt, target = probe.encode(s, tok, vision, "question_first", layout="both")
+    lead = M.encode_text(tok, s.lead)
+    assert prompt.input_ids[-len(lead):].tolist() == lead
+    assert tok.decode(prompt.input_ids).count(s.question) == 2
+    assert target.tolist() == M.encode_text(tok, s.trace) + [tok.convert_tokens_to_ids(D.IM_END)]
+    # scored right only when the trace's letter and the answer are both the named option's
+    wrong = next(k for k in "ABCD" if k != s.answer)
+    assert probe.score(s, s.trace, None) == {"parsed": True, "correct": 1.0}
+    assert probe.score(s, s.trace.replace(f" {s.answer}.", f" {wrong}.", 1), None)["correct"] == 0.0
+    assert probe.score(s, s.trace.replace(f">{s.answer}<", f">{wrong}<"), None)["correct"] == 0.0
+    assert probe.score(s, f" {s.answer}.</think>", None) == {"parsed": False, "correct": 0.0}
+
+
 def test_blind_answer_is_each_events_most_common_answer_by_hand():
     qa = lambda event, answer: probe.Sample("qa", None, "q", "red circle", [0, 0, 1, 1], answer=answer, event=event)
     # turn: left twice, up once -> left scores 2 of 3; colour: blue, green -> a tie, 1 of 2 either way
@@ -612,6 +651,21 @@ def test_evaluation_reports_qa_accuracy_per_event(tiny_policy, monkeypatch):
     m = probe.evaluate(vlm, tok, vision, samples, "question_first", layout="before")
     assert m["qa_acc"] == pytest.approx(2 / 3)
     assert (m["qa_acc[turn]"], m["qa_acc[colour]"]) == (0.5, 1.0)
+
+
+def test_evaluation_reports_letter_accuracy(tiny_policy, monkeypatch):
+    vlm, tok, vision = tiny_policy
+    rng = random.Random(4)
+    samples = [probe.make_sample(rng, probe.ProbeConfig(), "letter", 0) for _ in range(4)]
+    other = lambda s: next(k for k in "ABCD" if k != s.answer)
+    said = [samples[0].trace, samples[1].trace.replace(f">{samples[1].answer}<", f">{other(samples[1])}<"),
+            samples[2].trace, f" {other(samples[3])}.</think><answer>{other(samples[3])}</answer>"]
+
+    def answers(vlm, inputs, group, how, generator, batch):   # the model "says" each text above, in order
+        ids = [torch.tensor([tok.encode(t, add_special_tokens=False)]) for t in said]
+        return [(i, torch.ones_like(i, dtype=torch.bool), None) for i in ids]
+    monkeypatch.setattr(probe.model, "generate_groups", answers)
+    assert probe.evaluate(vlm, tok, vision, samples, "question_first", layout="both")["letter_acc"] == 0.5
 
 
 def test_evaluation_decodes_enough_tokens_for_a_whole_when_answer(tiny_policy):
