@@ -230,7 +230,7 @@ class Sample:
     name: str           # the target's name
     box: list           # the target's normalized xyxy box
     objects: list = None  # every object in the frame as (name, normalized box), the target first
-    clip: tuple = None  # at, when, qa: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
+    clip: tuple = None  # at, when, qa, letter: (shown frames uint8 (T, 3, H, W), their times, the duration, the asked time)
     span: tuple = None  # when: the event's (start, end) in seconds
     trace: str = None   # when / qa with when_answer / qa_answer=trace: the TG / free-form record's completion;
                         # letter: the MCQ record's completion after `lead`
@@ -320,18 +320,25 @@ def letter_sample(rng, cfg):
     option"), and the rest as the target (" B.</think><answer>B</answer>"): find the word the trace
     named among the options, say its letter, and say it again as the answer. A text skill: the
     clip (shown whole, as SFT shows a video) does not say which option is meant, the trace's word
-    does; it is there so the lookup is learned across a record's frames. Given the gold trace after SFT an MCQ trace's letter matched the option its own
-    words named about one time in ten (docs/perception.md, session 18)."""
+    does; it is there so the lookup is learned across a record's frames. SFT's models, given a
+    validation MCQ record's gold trace up to there, wrote the right letter twice about one time in
+    ten (docs/perception.md, session 18)."""
+    scene, question, lead, rest, letter = mcq_lead(rng)
+    times, target = data.sample_times(scene.duration), scene.shapes[0]
+    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
+    return Sample("letter", frames[0], question, target.name(0), target.box(0), None,
+                  (frames, times, scene.duration, None), scene.span, rest, letter, scene.event, lead=lead)
+
+
+def mcq_lead(rng):
+    """A random clip's event as an MCQ record, cut before its letter -> (scene, the question with
+    its options, the completion up to "That is option", the rest, the right letter)."""
     scene = synth.make_scene(rng, rng.random() < 0.5)
     story = synth.tell(scene)
     question, letter, _ = synth.mcq(story, rng)
     full = synth.completion(synth.mcq_think(story, letter), letter)
     lead = f"{data.THINK_OPEN}{story.think} {synth.MCQ_LEAD}"
-    times, target = data.sample_times(scene.duration), scene.shapes[0]
-    frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
-    return Sample("letter", frames[0], question, target.name(0), target.box(0), None,
-                  (frames, times, scene.duration, None), scene.span, full[len(lead):], letter, scene.event,
-                  lead=lead)
+    return scene, question, lead, full[len(lead):], letter
 
 
 def span_frame(times, t):
@@ -398,8 +405,13 @@ def text_sample(rng, cfg):
     square's claim; "Which object is marked?" with one listed object preceded by "marked" -> its name.
     Looking a name up in the context is what a from-scratch text model is slowest at (probe rounds
     3-4); here it can be learned without a frame (the vision tower does not run, though a listing of
-    five boxes is as many tokens as a frame). -> (task, prompt text, target text)."""
-    task = rng.choices(("find", "marked"), weights=(cfg.find_weight, cfg.marked_weight))[0]
+    five boxes is as many tokens as a frame). With cfg.letter_weight, also the letter task in words
+    alone (an MCQ question and its record's trace up to the letter; no frame, no listing).
+    -> (task, prompt text, target text, the assistant turn's given first words or "")."""
+    task = rng.choices(("find", "marked", "letter"), weights=(cfg.find_weight, cfg.marked_weight, cfg.letter_weight))[0]
+    if task == "letter":
+        _, question, lead, rest, _ = mcq_lead(rng)
+        return task, question, rest, lead
     names = [f"{c} {k}" for c, k in rng.sample(NAMES, rng.randint(0, cfg.max_distractors) + 1)]
     boxes = []
     for _ in names:
@@ -412,17 +424,19 @@ def text_sample(rng, cfg):
     listed = rng.sample(listed, len(listed))  # the target (first) anywhere in the list
     question = (FIND_Q.format(names[0]) if task == "find" else MARKED_Q) + "\nObjects: " + "; ".join(listed)
     answer = claim(names[0], boxes[0], size) if task == "find" else f"{data.OBJ_OPEN}{names[0]}{data.OBJ_CLOSE}"
-    return task, question, answer
+    return task, question, answer, ""
 
 
 def text_batch_ids(tokenizer, items, device):
     """text_sample results -> (ids (B, L), attention mask (B, L), target mask (B, L) at the positions whose
-    next token is a target token), in prompt_parts' chat layout with the frame left out, right-padded."""
+    next token is a target token), in prompt_parts' chat layout with the frame left out (the given first
+    words, if any, end the prompt), right-padded."""
     one = lambda part: ([tokenizer.convert_tokens_to_ids(part)] if isinstance(part, data.Special)
                         else model.encode_text(tokenizer, part))   # as model.tokenize_prompt reads a part
     rows = []
-    for _, question, answer in items:
-        prompt_ids = [i for part in prompt_parts(question, "short") if not isinstance(part, int) for i in one(part)]
+    for _, question, answer, lead in items:
+        parts = prompt_parts(question, "short") + ([lead] if lead else [])
+        prompt_ids = [i for part in parts if not isinstance(part, int) for i in one(part)]
         rows.append((prompt_ids, one(answer) + one(data.Special(data.IM_END))))
     L = max(len(p) + len(t) for p, t in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
@@ -463,11 +477,11 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
         sched.step()
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
-        for (task, _, _), r in zip(items, right.tolist()):
+        for (task, *_), r in zip(items, right.tolist()):
             stats.append((task, nll.item(), float(r)))
         if step % cfg.log_every == 0 or step == cfg.text_steps:
-            right = {t: [r for k, _, r in stats if k == t] for t in ("find", "marked")}
-            acc = " ".join(f"{t} exact {sum(v) / max(len(v), 1):.2f}" for t, v in right.items())
+            right = {t: [r for k, _, r in stats if k == t] for t in ("find", "marked", "letter")}
+            acc = " ".join(f"{t} exact {sum(v) / len(v):.2f}" for t, v in right.items() if v)
             log(f"[probe] text step {step:5d} {clock['wall']:6.0f}s loss {sum(s[1] for s in stats) / len(stats):.3f} {acc}")
             stats = []
 

@@ -332,8 +332,9 @@ def test_text_sample_answer_is_the_listed_object():
     cfg = probe.ProbeConfig()
     seen = set()
     for _ in range(40):
-        task, question, answer = probe.text_sample(rng, cfg)
+        task, question, answer, lead = probe.text_sample(rng, cfg)
         seen.add(task)
+        assert lead == ""
         head, listing = question.split("\nObjects: ")
         entries = listing.split("; ")
         if task == "find":
@@ -349,6 +350,22 @@ def test_text_sample_answer_is_the_listed_object():
         names = [e.removeprefix("marked ").rsplit(" ", 1)[0] for e in entries]
         assert len(set(names)) == len(names) <= cfg.max_distractors + 1
     assert seen == {"find", "marked"}
+
+
+def test_text_letter_sample_is_the_letter_task_in_words(tiny_policy):
+    _, tok, _ = tiny_policy
+    cfg = probe.ProbeConfig(find_weight=0, marked_weight=0, letter_weight=1.0)
+    rng = random.Random(6)
+    rng.random()                                                   # text_sample's draw of the task
+    clip = probe.make_sample(rng, cfg, "letter", 0)
+    task, question, answer, lead = probe.text_sample(random.Random(6), cfg)
+    assert task == "letter" and (question, answer, lead) == (clip.question, clip.trace, clip.lead)  # the same draw
+    ids, mask, predicts = probe.text_batch_ids(tok, [(task, question, answer, lead)], "cpu")
+    assert tok.decode(ids[0, 1:][predicts[0, :-1]]) == f"{answer}<|im_end|>"   # the loss: the letter on
+    prompt = tok.decode(ids[0][:int(predicts[0].nonzero()[0]) + 1])
+    assert prompt.endswith(lead) and question in prompt and "<|image_pad|>" not in prompt   # words alone, cut as the clip's
+    mixed = dataclasses.replace(cfg, find_weight=1.0, marked_weight=1.0)
+    assert {probe.text_sample(random.Random(k), mixed)[0] for k in range(30)} == {"find", "marked", "letter"}
 
 
 def test_text_pretraining_moves_only_the_text_model_and_learns(tmp_path):
