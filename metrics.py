@@ -652,6 +652,39 @@ def first_object(text):
     return " ".join(text[start + len(data.OBJ_OPEN):end].split()).lower() if end >= 0 else None
 
 
+_THINK_LETTER = re.compile(r"option\s*\(?([A-D])\b")
+
+
+def mcq_letter_check(options, truth, completion):
+    """Where an MCQ answer goes wrong, for a record whose options are known (synthetic records keep
+    them in meta): does the think's last sentence before its "option X" name exactly one option
+    ('mcq/names_one'), is X that option's letter ('mcq/letter_of_named'), does the answer block say
+    X again ('mcq/answer_is_think_letter'), and is the one option named the right one
+    ('mcq/names_right': what a perfect word-to-letter lookup would score). -> dict of 0/1 floats
+    ({} without options). Whole-word, case-insensitive matches."""
+    if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
+        return {}
+    parsed = rewards.parse_completion(completion if isinstance(completion, str) else "")
+    think = parsed.first_think or ""
+    said = list(_THINK_LETTER.finditer(think))
+    before = think[:said[-1].start()] if said else think
+    pieces = [p for p in re.split(r"(?<=[.!?])\s+", before.strip()) if p] or [""]
+    names = lambda text: [i for i, o in enumerate(options)
+                          if re.search(r"(?<!\w)" + re.escape(o.strip()) + r"(?!\w)", text, re.IGNORECASE)]
+    # the letter's own sentence up to the letter ("So it turns red, option B"), else the one before
+    # it ("So it turns red. That is option B"); without a letter, the think's last sentence
+    named = names(pieces[-1])
+    if not named and said and len(pieces) > 1:
+        named = names(pieces[-2])
+    letter = said[-1].group(1) if said else None
+    answer = rewards.parse_letter(parsed.first_answer.strip()) if isinstance(parsed.first_answer, str) else None
+    one = len(named) == 1
+    return {"mcq/names_one": float(one),
+            "mcq/letter_of_named": float(one and letter == chr(ord("A") + named[0])),
+            "mcq/answer_is_think_letter": float(letter is not None and answer == letter),
+            "mcq/names_right": float(one and options[named[0]] == truth)}
+
+
 def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
     """One STGR record: 'correct' (0/1), the rewards.py components that apply ('reward/<name>',
     reward scale), where the gold trace names an object 'first_name' (1 when the completion's first
@@ -670,6 +703,8 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
         out["event"] = meta["event"]
     out.update({f"reward/{k}": float(v) for k, v in scores.items()
                 if _finite_number(v) is not None})
+    if record.get("task") in rewards.MCQ_TASKS and isinstance(meta, dict):
+        out.update(mcq_letter_check(meta.get("options"), meta.get("answer_text"), text))
     gold = first_object(record.get("reasoning_process") or "")
     if gold is not None:  # does the free answer name first the object the gold trace starts from?
         out["first_name"] = float(first_object(text) == gold)
@@ -682,7 +717,8 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
 def stgr_summary(per_sample):
     """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall, per task and, where records say
     it, on hard and easy samples and per event), 'name/first' (x100, over records whose trace names
-    an object), temporal grounding on the temporal tasks ('TG/...', x100; its mIoU also per event),
+    an object), 'mcq/...' (x100 over the MCQ records whose options are known: mcq_letter_check),
+    temporal grounding on the temporal tasks ('TG/...', x100; its mIoU also per event),
     and each reward's mean over the records where it applies (reward scale, not x100)."""
     by_task, comps = defaultdict(list), defaultdict(list)
     for s in per_sample:
@@ -694,6 +730,8 @@ def stgr_summary(per_sample):
         for k, v in s.items():
             if k.startswith("reward/"):
                 comps[k].append(v)
+            elif k.startswith("mcq/"):  # x100 over the MCQ records whose options are known
+                by_task[k].append(v)
     out = {"Acc": 100.0 * _mean(s["correct"] for s in per_sample), "n": len(per_sample)}
     out.update({k: 100.0 * _mean(v) for k, v in sorted(by_task.items())})
     named = [s["first_name"] for s in per_sample if "first_name" in s]

@@ -127,6 +127,8 @@ class ProbeConfig:
     aux_steps: int = 0            # > 0: first train the vision tower + merger alone this many steps on dense cell targets
     aux_lr: float = 3e-3          # learning rate of those steps
     aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training
+    aux_head_only: bool = False   # the aux_steps train the linear head alone, the tower frozen: a linear probe of
+                                  # what the tower's features already hold (with --init: a saved model's tower)
     # text-only pretraining (a stand-in for a pretrained language model's lookup skill)
     text_steps: int = 0           # > 0: first train the text model alone this many steps on the tasks in words:
                                   # no frame, the objects listed as text after the question (text_sample)
@@ -150,6 +152,8 @@ class ProbeConfig:
     eval_every: float = 30.0      # training seconds between held-out evaluations
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
     eval_frames: int = 100        # held-out frames per task
+    eval_frozen: bool = False     # every held-out clip shows its first frame throughout (the frame-blind control:
+                                  # what a model answers that does not read the clip's changes)
     log_every: int = 25           # steps between training-loss lines (per task)
     save: bool = False            # save the model to {out}/model (safetensors) at every evaluation
     threads: int = 1              # torch CPU threads (1 is much faster when the cores are shared)
@@ -503,8 +507,17 @@ def held_out(cfg):
     """A fixed set of eval frames per task, from a seed no training frame uses."""
     rng = random.Random(f"probe-eval-{cfg.seed + 10_000}")
     tasks = ("find", "marked") + tuple(t for t in ("at", "when", "qa", "letter") if getattr(cfg, f"{t}_weight") > 0)
-    return [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
-            for task in tasks for _ in range(cfg.eval_frames)]
+    samples = [make_sample(rng, cfg, task, rng.randint(0, cfg.max_distractors))
+               for task in tasks for _ in range(cfg.eval_frames)]
+    return [frozen(s) for s in samples] if cfg.eval_frozen else samples
+
+
+def frozen(sample):
+    """The same sample with every shown frame of its clip replaced by the first (single frames pass)."""
+    if sample.clip is None:
+        return sample
+    frames = sample.clip[0]
+    return dataclasses.replace(sample, clip=(frames[:1].expand_as(frames).clone(),) + tuple(sample.clip[1:]))
 
 
 def blind_span(samples, grid_s=0.25):
@@ -624,14 +637,28 @@ def box_iou(a, b):
     return iw * ih / union if union > 0 else 0.0
 
 
+def name_parts(said, truth):
+    """An object name's two words scored apart: (colour right, kind right) as floats, or None when
+    the true answer is not a '<colour> <kind>' name (a direction, a colour). A missing or one-word
+    answer gets each word it does hold."""
+    truth_words = (truth or "").split()
+    if len(truth_words) != 2 or truth_words[0] not in synth.COLOURS or truth_words[1] not in synth.KINDS:
+        return None
+    words = (said or "").split()
+    return float(truth_words[0] in words[:1]), float(truth_words[1] in words[-1:])
+
+
 def score(sample, text, frame_size):
-    """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked, qa), plus 'parsed'."""
+    """One greedy answer -> {'iou': ...} (find, at, when: temporal) or {'correct': ...} (marked, qa), plus 'parsed';
+    a marked answer, and a qa answer that is an object name, also 'colour_ok' and 'kind_ok' (name_parts)."""
     if sample.task == "when":  # the rewards' reader and tIoU, as the TG answers are scored (a trace's answer block)
         span = rewards.parse_span(rewards.parse_completion(text).answer if data.ANSWER_OPEN in text else text)
         return {"parsed": span is not None, "iou": rewards.segment_iou(span, sample.span)}
     if sample.task == "qa":  # the rewards' reader; an exact answer (names, colours, directions are closed sets)
         answer = rewards.parse_completion(text).answer
-        return {"parsed": answer is not None, "correct": float((answer or "").strip() == sample.answer)}
+        parts = name_parts((answer or "").strip(), sample.answer)
+        return {"parsed": answer is not None, "correct": float((answer or "").strip() == sample.answer),
+                **({"colour_ok": parts[0], "kind_ok": parts[1]} if parts else {})}
     if sample.task == "letter":  # right: the trace's letter and the answer are both the word's option
         parsed = rewards.parse_completion(sample.lead + text)
         said = f"{synth.MCQ_LEAD} {sample.answer}."
@@ -639,7 +666,9 @@ def score(sample, text, frame_size):
                 "correct": float(parsed.answer == sample.answer and (parsed.think or "").endswith(said))}
     name, box = parse_answer(text)
     if sample.task == "marked":
-        return {"parsed": name is not None, "correct": float(name == sample.name)}
+        colour_ok, kind_ok = name_parts(name, sample.name)
+        return {"parsed": name is not None, "correct": float(name == sample.name),
+                "colour_ok": colour_ok, "kind_ok": kind_ok}
     gt = data.norm_box_to_pixels(sample.box, *frame_size, rounded=False)  # pixels of the seen frame
     return {"parsed": box is not None, "iou": box_iou(box, gt) if box else 0.0,
             "name_ok": float(name == sample.name)}
@@ -675,10 +704,15 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="
         clips["letter_acc"] = mean(letter)
     if qa:
         clips["qa_acc"] = mean([r["correct"] for _, r in qa])
+        named = [r for _, r in qa if "kind_ok" in r]  # the answers that are object names, word by word
+        if named:
+            clips.update(qa_colour_acc=mean([r["colour_ok"] for r in named]), qa_kind_acc=mean([r["kind_ok"] for r in named]))
         clips.update({f"qa_acc[{e}]": mean([r["correct"] for ev, r in qa if ev == e]) for e in sorted({e for e, _ in qa})})
     return {**clips, "box_miou": mean([r["iou"] for r in find]),
             "box_iou50": mean([float(r["iou"] >= 0.5) for r in find]),
             "marked_acc": mean([r["correct"] for r in marked]),
+            "marked_colour_acc": mean([r["colour_ok"] for r in marked]),  # its name's two words apart: the tiny
+            "marked_kind_acc": mean([r["kind_ok"] for r in marked]),      # tower sees colour before shape
             "find_name_acc": mean([r["name_ok"] for r in find]),
             "parsed": mean([float(r["parsed"]) for _, r in rows]), "examples": examples}
 
@@ -991,7 +1025,9 @@ def save_curve(cfg, curve, clock, step, first_losses=()):
 def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
     """cfg.aux_steps steps of the dense loss on the vision tower + merger + head alone (the text
     model does not run: a step costs a small share of a full one)."""
-    params = list(vlm.model.visual.parameters()) + list(head.parameters())
+    visual = vlm.model.visual
+    params = list(head.parameters()) + ([] if cfg.aux_head_only else list(visual.parameters()))
+    visual.requires_grad_(not cfg.aux_head_only)  # frozen: no gradient flows into the tower at all
     opt = torch.optim.AdamW(params, lr=cfg.aux_lr, betas=(0.9, 0.95))
     stats = []
     for step in range(1, cfg.aux_steps + 1):
@@ -1011,6 +1047,7 @@ def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
             log(f"[probe] dense step {step:5d} {clock['wall']:6.0f}s loss {mean[0]:.3f} cell class acc "
                 f"{mean[1]:.2f} (colour {mean[2]:.2f}, kind where the colour is right {mean[3]:.2f}) box L1 {mean[4]:.3f}")
             stats = []
+    visual.requires_grad_(True)
 
 
 def run(cfg, log=print):
@@ -1062,9 +1099,10 @@ def run(cfg, log=print):
             at = (f" at mIoU {row['at_miou']:.3f} IoU>=.5 {row['at_iou50']:.2f} name {row['at_name_acc']:.2f}"
                   if "at_miou" in row else "")
             at += f" when tIoU {row['when_tiou']:.3f} IoU>=.5 {row['when_iou50']:.2f}" if "when_tiou" in row else ""
-            at += "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith(("qa_acc", "letter_acc")))
+            at += "".join(f" {k} {v:.2f}" for k, v in row.items() if k.startswith(("qa_acc", "qa_colour", "qa_kind", "letter_acc")))
             log(f"[probe] step {step:5d} {row['train_s']:6.0f}s loss {row['loss']:.3f} box mIoU {row['box_miou']:.3f} "
-                f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} name {row['find_name_acc']:.2f} "
+                f"IoU>=.5 {row['box_iou50']:.2f} marked {row['marked_acc']:.2f} "
+                f"(colour {row['marked_colour_acc']:.2f}, kind {row['marked_kind_acc']:.2f}) name {row['find_name_acc']:.2f} "
                 f"parsed {row['parsed']:.2f}{at} (eval {row['eval_s']}s, load {row['load']}) e.g. {examples[0]!r}")
         if done:
             break

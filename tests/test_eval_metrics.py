@@ -390,6 +390,42 @@ def test_stgr_accuracy_split_by_hard_and_easy():
     assert "Acc[hard]" not in plain and "Acc[easy]" not in plain
 
 
+MCQ_OPTIONS = ["red", "blue", "green", "yellow"]  # the right one: blue, option B
+
+
+@pytest.mark.parametrize("completion, expected", [
+    # (names one option, the think's letter is its, the answer repeats the think's letter, names the right one)
+    ("<think>The <obj>red circle</obj> turns. So it turns blue. That is option B.</think><answer>B</answer>", (1, 1, 1, 1)),
+    ("<think>The red circle turns. So it turns blue, option B.</think><answer>B</answer>", (1, 1, 1, 1)),
+    ("<think>So it turns blue. That is option C.</think><answer>C</answer>", (1, 0, 1, 1)),       # the lookup missed
+    ("<think>So it turns BLUE. That is option B.</think><answer>D</answer>", (1, 1, 0, 1)),       # the copy missed
+    ("<think>So it turns green. That is option C.</think><answer>C</answer>", (1, 1, 1, 0)),      # wrong word, right lookup
+    ("<think>So it turns blue or green. That is option B.</think><answer>B</answer>", (0, 0, 1, 0)),  # hedged
+    ("<think>The red circle turns. That is option A.</think><answer>A</answer>", (1, 1, 1, 0)),   # the sentence before
+    ("<think>So it turns bluish. That is option B.</think><answer>B</answer>", (0, 0, 1, 0)),     # whole words only
+    ("<think>So it turns blue.</think><answer>B</answer>", (1, 0, 0, 1)),                         # no letter in the think
+    ("<answer>B</answer>", (0, 0, 0, 0)), ("", (0, 0, 0, 0)), (None, (0, 0, 0, 0)),
+])
+def test_mcq_letter_check_by_hand(completion, expected):
+    """Where an MCQ answer goes wrong: the think's words, its letter, the answer's copy of it."""
+    got = metrics.mcq_letter_check(MCQ_OPTIONS, "blue", completion)
+    keys = ("mcq/names_one", "mcq/letter_of_named", "mcq/answer_is_think_letter", "mcq/names_right")
+    assert tuple(got[k] for k in keys) == expected
+    assert metrics.mcq_letter_check(None, "blue", completion) == {}  # real records carry no options
+
+
+def test_mcq_letter_check_in_the_stgr_summary():
+    """MCQ records with options in meta (synth's) get mcq/... in the summary, x100 over them; others none."""
+    recs = stgr_records()
+    recs[2]["meta"] = {"options": ["red", "blue"], "answer_text": "red"}
+    ctx = rewards.RewardContext(frame_width=W, frame_height=H, progress=1.0)
+    said = "<think>So it is red. That is option B.</think><answer>B</answer>"
+    s = metrics.score_stgr(recs, ["", "", said, ""], ctx)
+    assert s["mcq/names_one"] == s["mcq/names_right"] == s["mcq/answer_is_think_letter"] == pytest.approx(100.0)
+    assert s["mcq/letter_of_named"] == 0.0 and s["Acc[task=General video QA MCQ]"] == 0.0
+    assert not any(k.startswith("mcq/") for k in metrics.score_stgr(stgr_records(), ["", "", said, ""], ctx))
+
+
 def test_stgr_accuracy_and_temporal_iou_per_event():
     """Records that name their event (synth's meta.event) get Acc[event=..] and, on temporal tasks,
     TG/mIoU[event=..]; a record without one counts only in the totals."""

@@ -47,7 +47,8 @@ def test_pretrain_lowers_the_perception_loss_and_reports_held_out_frames(tiny_mo
     rows = [json.loads(l) for l in open(tmp_path / "pretrain" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     scores = json.load(open(tmp_path / "pretrain" / "heldout.json"))
-    assert set(scores) == {"box_miou", "box_iou50", "marked_acc", "find_name_acc", "parsed"}
+    assert set(scores) == {"box_miou", "box_iou50", "marked_acc", "marked_colour_acc", "marked_kind_acc",
+                           "find_name_acc", "parsed"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 

@@ -223,6 +223,21 @@ def test_dense_pretraining_moves_only_the_vision_tower(tmp_path):
     assert len(lines) == 3 and "cell class acc" in lines[-1]
 
 
+def test_dense_linear_probe_trains_the_head_alone(tmp_path):
+    """--aux_head_only: the tower is frozen (a linear probe of its features); the head learns."""
+    cfg = probe.ProbeConfig(out=str(tmp_path), aux_steps=3, max_steps=0, batch_size=4, eval_frames=1, log_every=1,
+                            aux_head_only=True)
+    torch.manual_seed(cfg.seed)
+    vlm, tok, vision = probe.build_model(cfg, str(tmp_path / "m"))
+    before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, probe.AUX_OUT)
+    head_before = head.weight.detach().clone()
+    probe.pretrain_vision(cfg, vlm, head, tok, vision, random.Random(0), {"wall": 0.0, "cpu": 0.0}, lambda _: None)
+    assert all(torch.equal(p, before[n]) for n, p in vlm.named_parameters())
+    assert not torch.equal(head.weight, head_before)
+    assert all(p.requires_grad for p in vlm.parameters())  # the tower trains again in what follows
+
+
 def test_distinct_colours_gives_every_object_its_own_colour():
     rng, seen = random.Random(4), set()
     for _ in range(30):
@@ -683,6 +698,53 @@ def test_evaluation_reports_letter_accuracy(tiny_policy, monkeypatch):
         return [(i, torch.ones_like(i, dtype=torch.bool), None) for i in ids]
     monkeypatch.setattr(probe.model, "generate_groups", answers)
     assert probe.evaluate(vlm, tok, vision, samples, "question_first", layout="both")["letter_acc"] == 0.5
+
+
+@pytest.mark.parametrize("said, truth, expected", [
+    ("red circle", "red circle", (1.0, 1.0)), ("red square", "red circle", (1.0, 0.0)),
+    ("blue circle", "red circle", (0.0, 1.0)), ("circle", "red circle", (0.0, 1.0)),
+    ("red", "red circle", (1.0, 0.0)), ("", "red circle", (0.0, 0.0)), (None, "red circle", (0.0, 0.0)),
+    ("circle red", "red circle", (0.0, 0.0)), ("red circle", "left", None), ("red", "red", None),
+])
+def test_name_parts_scores_an_objects_colour_and_kind_apart(said, truth, expected):
+    assert probe.name_parts(said, truth) == expected
+
+
+def test_evaluation_splits_names_into_colour_and_kind(tiny_policy, monkeypatch):
+    """Marked answers and qa answers that are object names are scored word by word as well."""
+    vlm, tok, vision = tiny_policy
+    rng = random.Random(3)
+    marked = [probe.make_sample(rng, probe.ProbeConfig(), "marked", 0) for _ in range(2)]
+    appear = [probe.make_sample(rng, probe.ProbeConfig(qa_events="appear"), "qa", 0) for _ in range(2)]
+    turn = probe.make_sample(rng, probe.ProbeConfig(qa_events="turn"), "qa", 0)
+    colour, kind = marked[1].name.split()
+    other_kind = next(k for k in probe.synth.KINDS if k != kind)
+    a_colour, a_kind = appear[0].answer.split()
+    other_colour = next(c for c in probe.synth.COLOURS if c != a_colour)
+    said = [f"<obj>{marked[0].name}</obj>", f"<obj>{colour} {other_kind}</obj>",     # marked: right, colour only
+            f"<answer>{other_colour} {a_kind}</answer>", "<answer>nothing</answer>",  # appear: kind only, neither
+            f"<answer>{turn.answer}</answer>"]                                       # turn: not a name
+
+    def answers(vlm, inputs, group, how, generator, batch):   # the model "says" each text above, in order
+        ids = [torch.tensor([tok.encode(t, add_special_tokens=False)]) for t in said]
+        return [(i, torch.ones_like(i, dtype=torch.bool), None) for i in ids]
+    monkeypatch.setattr(probe.model, "generate_groups", answers)
+    m = probe.evaluate(vlm, tok, vision, marked + appear + [turn], "question_first", layout="before")
+    assert (m["marked_acc"], m["marked_colour_acc"], m["marked_kind_acc"]) == (0.5, 1.0, 0.5)
+    assert (m["qa_acc"], m["qa_colour_acc"], m["qa_kind_acc"]) == (pytest.approx(1 / 3), 0.0, 0.5)
+
+
+def test_frozen_held_out_clips_show_their_first_frame_throughout():
+    cfg = probe.ProbeConfig(qa_weight=1.0, qa_events="appear", eval_frames=2)
+    drawn, still = probe.held_out(cfg), probe.held_out(dataclasses.replace(cfg, eval_frozen=True))
+    for a, b in zip(drawn, still):
+        assert (a.task, a.question, a.answer) == (b.task, b.question, b.answer)
+        if a.clip is None:
+            assert torch.equal(a.frame, b.frame)
+            continue
+        assert b.clip[0].shape == a.clip[0].shape and b.clip[1:] == a.clip[1:]
+        assert all(torch.equal(f, a.clip[0][0]) for f in b.clip[0])
+        assert not all(torch.equal(f, a.clip[0][0]) for f in a.clip[0])  # an appear clip does change
 
 
 def test_evaluation_decodes_enough_tokens_for_a_whole_when_answer(tiny_policy):
