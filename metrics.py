@@ -677,7 +677,7 @@ def mcq_letter_check(options, truth, completion):
     if not named and said and len(pieces) > 1:
         named = names(pieces[-2])
     letter = said[-1].group(1) if said else None
-    answer = rewards.parse_letter(parsed.first_answer.strip()) if isinstance(parsed.first_answer, str) else None
+    answer = read_letter(completion)  # the answer's letter, read as the accuracy reads it
     one = len(named) == 1
     return {"mcq/names_one": float(one),
             "mcq/letter_of_named": float(one and letter == chr(ord("A") + named[0])),

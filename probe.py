@@ -656,8 +656,9 @@ def score(sample, text, frame_size):
         return {"parsed": span is not None, "iou": rewards.segment_iou(span, sample.span)}
     if sample.task == "qa":  # the rewards' reader; an exact answer (names, colours, directions are closed sets)
         answer = rewards.parse_completion(text).answer
-        parts = name_parts((answer or "").strip(), sample.answer)
-        return {"parsed": answer is not None, "correct": float((answer or "").strip() == sample.answer),
+        said = (answer or "").strip()
+        parts = name_parts(said, sample.answer)
+        return {"parsed": answer is not None, "correct": float(said == sample.answer),
                 **({"colour_ok": parts[0], "kind_ok": parts[1]} if parts else {})}
     if sample.task == "letter":  # right: the trace's letter and the answer are both the word's option
         parsed = rewards.parse_completion(sample.lead + text)
