@@ -126,7 +126,7 @@ class ProbeConfig:
     # dense vision pretraining (a stand-in for a pretrained vision encoder)
     aux_steps: int = 0            # > 0: first train the vision tower + merger alone this many steps on dense cell targets
     aux_lr: float = 3e-3          # learning rate of those steps
-    aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training
+    aux_weight: float = 0.0       # > 0: keep the dense loss, at this weight, during the text training (single-frame samples)
     aux_head_only: bool = False   # the aux_steps train the linear head alone, the tower frozen: a linear probe of
                                   # what the tower's features already hold (with --init: a saved model's tower)
     # text-only pretraining (a stand-in for a pretrained language model's lookup skill)
@@ -940,7 +940,7 @@ def token_losses(vlm, hidden, targets, values=None):
 
 def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None, words=None):
     """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
-    dense vision loss, binding = (head, samples, cfg, tokenizer) the binding aids' losses (binding_loss), words =
+    dense vision loss on the batch's single-frame samples, binding = (head, samples, cfg, tokenizer) the binding aids' losses (binding_loss), words =
     (tokenizer, text_sample items, device) the same tasks asked in words (text_loss; its value in stats).
 
     Returns (mean loss per target token, each sample's mean loss per token, binding stats or {})."""
@@ -958,9 +958,11 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
     losses = token_losses(vlm, hidden, targets, values)
     text = sum(l.sum() for l in losses) / sum(len(t) for t in targets)
     loss = text + extra if binding is not None else text
-    if dense is not None:
+    if dense is not None:  # on the batch's single frames: a clip's cells have no one frame's objects
         head, samples, weight = dense
-        loss = loss + weight * dense_loss(vlm, head, [p for p, _ in batch], samples)[0]
+        frames = [(p, s) for (p, _), s in zip(batch, samples) if s.clip is None]
+        if frames:
+            loss = loss + weight * dense_loss(vlm, head, *map(list, zip(*frames)))[0]
     if words is not None:
         nll, _ = text_loss(vlm, *words)
         loss, stats = loss + nll, {**stats, "words": nll.item()}
@@ -1011,12 +1013,14 @@ def eval_row(vlm, tokenizer, vision, evalset, cfg, step, clock, losses):
     return row, m["examples"]
 
 
-def save_curve(cfg, curve, clock, step, first_losses=()):
+def save_curve(cfg, curve, clock, step, first_losses=(), first_dense_losses=()):
     """curve.json and curve.png, rewritten at every evaluation so a stopped run keeps its curve.
-    first_losses: the text loss of each of the first steps (a fingerprint of the run: the probe is
-    deterministic, so the same command gives the same numbers)."""
+    first_losses: the text loss of each of the first steps, and first_dense_losses the dense loss of
+    each of the first --aux_steps (a fingerprint of the run: the probe is deterministic, so the same
+    command gives the same numbers; the dense ones can be checked without the run's thousands of steps)."""
     result = {"config": dataclasses.asdict(cfg), "s_per_step": clock["wall"] / max(step, 1),
-              "cpu_s_per_step": clock["cpu"] / max(step, 1), "first_losses": list(first_losses), "curve": curve}
+              "cpu_s_per_step": clock["cpu"] / max(step, 1), "first_losses": list(first_losses),
+              "first_dense_losses": list(first_dense_losses), "curve": curve}
     with open(os.path.join(cfg.out, "curve.json"), "w") as f:
         json.dump(result, f, indent=1)
     write_plot(curve, os.path.join(cfg.out, "curve.png"))
@@ -1025,12 +1029,12 @@ def save_curve(cfg, curve, clock, step, first_losses=()):
 
 def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
     """cfg.aux_steps steps of the dense loss on the vision tower + merger + head alone (the text
-    model does not run: a step costs a small share of a full one)."""
+    model does not run: a step costs a small share of a full one). -> the first steps' losses."""
     visual = vlm.model.visual
     params = list(head.parameters()) + ([] if cfg.aux_head_only else list(visual.parameters()))
     visual.requires_grad_(not cfg.aux_head_only)  # frozen: no gradient flows into the tower at all
     opt = torch.optim.AdamW(params, lr=cfg.aux_lr, betas=(0.9, 0.95))
-    stats = []
+    stats, first = [], []
     for step in range(1, cfg.aux_steps + 1):
         t0, c0 = time.time(), time.process_time()
         samples = [training_sample(rng, cfg, 0) for _ in range(cfg.batch_size)]
@@ -1043,12 +1047,15 @@ def pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log):
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         stats.append((loss.item(), st["cls_acc"], st["colour_acc"], st["kind_acc"], st["box_l1"]))
+        if step <= FIRST_STEPS:
+            first.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.aux_steps:
             mean = [sum(x) / len(stats) for x in zip(*stats)]
             log(f"[probe] dense step {step:5d} {clock['wall']:6.0f}s loss {mean[0]:.3f} cell class acc "
                 f"{mean[1]:.2f} (colour {mean[2]:.2f}, kind where the colour is right {mean[3]:.2f}) box L1 {mean[4]:.3f}")
             stats = []
     visual.requires_grad_(True)
+    return first
 
 
 def run(cfg, log=print):
@@ -1078,8 +1085,7 @@ def run(cfg, log=print):
     curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
     if cfg.text_steps > 0:
         pretrain_text(cfg, vlm, tokenizer, rng, clock, log)
-    if cfg.aux_steps > 0:
-        pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log)
+    dense_first = pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log) if cfg.aux_steps > 0 else []
     next_eval = clock["wall"]
     task_loss = {t: [] for t in TASKS}  # per-sample token-mean losses since the last log line
     aid_stats = []  # the binding aids' stats since the last log line
@@ -1093,7 +1099,7 @@ def run(cfg, log=print):
             if blind_qa is not None:
                 row["qa_blind_acc"] = blind_qa
             curve.append(row)
-            result = save_curve(cfg, curve, clock, step, first)
+            result = save_curve(cfg, curve, clock, step, first, dense_first)
             if cfg.save:
                 save_model(vlm, os.path.join(cfg.out, "model"))
             losses, next_eval = [], clock["wall"] + cfg.eval_every

@@ -238,6 +238,26 @@ def test_dense_linear_probe_trains_the_head_alone(tmp_path):
     assert all(p.requires_grad for p in vlm.parameters())  # the tower trains again in what follows
 
 
+def test_dense_loss_kept_in_training_reads_the_single_frames_of_a_batch_with_clips(tmp_path):
+    """--aux_weight with clip tasks (qa here): the dense loss sees the batch's single frames only (a
+    clip's cells hold no one frame's objects), so the head's gradient is the frames' alone x weight."""
+    cfg = probe.ProbeConfig(out=str(tmp_path), qa_weight=1.0, aux_weight=0.5, prompt="question_first", warmup=1)
+    torch.manual_seed(cfg.seed)
+    vlm, tok, vision = probe.build_model(cfg, str(tmp_path / "m"))
+    head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, probe.AUX_OUT)
+    rng = random.Random(1)
+    samples = [probe.make_sample(rng, cfg, task, 0) for task in ("qa", "find", "qa", "marked")]
+    assert [s.clip is None for s in samples] == [False, True, False, True]
+    batch = [probe.encode(s, tok, vision, cfg.prompt, "cpu", cfg.find_answer, probe.clip_layout(cfg)) for s in samples]
+    frames = [1, 3]
+    probe.dense_loss(vlm, head, [batch[i][0] for i in frames], [samples[i] for i in frames])[0].backward()
+    alone = head.weight.grad.clone()
+    head.weight.grad = None
+    opt, sched = probe.make_optimizer(cfg, vlm, head)
+    probe.train_step(vlm, opt, sched, batch, cfg.grad_clip, dense=(head, samples, cfg.aux_weight))
+    assert torch.allclose(head.weight.grad, 0.5 * alone, atol=1e-6) and alone.abs().sum() > 0
+
+
 def test_distinct_colours_gives_every_object_its_own_colour():
     rng, seen = random.Random(4), set()
     for _ in range(30):
@@ -441,26 +461,38 @@ def test_question_at_is_saved_with_the_model_for_sft_and_eval(tmp_path):
 
 def rerun_two_steps(folder, tmp_path):
     """A committed checkpoint folder's run (curve.json's config), its first two steps rerun into tmp_path
-    (--init resolved against the repository) -> (its config, the record, the rerun's result)."""
+    (--init resolved against the repository; of a run with dense vision steps first, two of those)
+    -> (its config, the record, the rerun's result)."""
     record = json.load(open(os.path.join(folder, "curve.json")))
     cfg = probe.ProbeConfig(**record["config"])
     init = os.path.join(os.path.dirname(CHECKPOINTS), cfg.init) if cfg.init else ""
-    rerun = dataclasses.replace(cfg, out=str(tmp_path), max_steps=2, eval_frames=2, save=False, init=init)
+    rerun = dataclasses.replace(cfg, out=str(tmp_path), max_steps=2, eval_frames=2, save=False, init=init,
+                                aux_steps=min(cfg.aux_steps, 2))
     return cfg, record, probe.run(rerun, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("name", ["perception_frames", "perception"])
+# each committed checkpoint and the one its run started from (--init)
+CHECKPOINT_STARTS = {"perception_frames": "", "perception": "checkpoints/perception_frames",
+                     "perception_dense": "checkpoints/perception"}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINT_STARTS))
 def test_the_committed_perception_checkpoints_are_what_their_commands_make(name, tmp_path):
     """checkpoints/perception_frames holds the model and curve.json of one probe.py run from a fresh
-    model; checkpoints/perception of a second run from that model (--init, --text_mix; the README
-    gives both commands). Each run's first steps, rerun here, give the recorded losses; the first
-    builds the same tokenizer and model config, the second keeps its start's; and the committed
-    weights score the run's last held-out evaluation (the same frames, greedy; saved rescaled, so
-    near-ties may flip a token)."""
+    model; checkpoints/perception of a second run from that model (--init, --text_mix), and
+    checkpoints/perception_dense of a third from that one, with thousands of dense vision steps
+    first (--aux_steps; the README gives all three commands). Each run's first steps, rerun here,
+    give the recorded losses (the dense ones where the run had dense steps: the text steps come
+    after thousands of them); the first builds the same tokenizer and model config, the others keep
+    their start's; and the committed weights score the run's last held-out evaluation (the same
+    frames, greedy; saved rescaled, so near-ties may flip a token)."""
     folder = os.path.join(CHECKPOINTS, name)
     cfg, record, result = rerun_two_steps(folder, tmp_path)
-    assert result["first_losses"] == pytest.approx(record["first_losses"][:2], rel=1e-4)
-    assert (cfg.init == os.path.join("checkpoints", "perception_frames")) == (name == "perception")
+    if cfg.aux_steps > 2:
+        assert result["first_dense_losses"] == pytest.approx(record["first_dense_losses"][:2], rel=1e-4)
+    else:
+        assert result["first_losses"] == pytest.approx(record["first_losses"][:2], rel=1e-4)
+    assert cfg.init == CHECKPOINT_STARTS[name]
     for file in ("tokenizer.json", "config.json", "preprocessor_config.json"):
         assert json.load(open(tmp_path / "model" / file)) == json.load(open(os.path.join(folder, file))), file
     vlm, tok, vision = M.load_policy(folder)
