@@ -940,8 +940,9 @@ def token_losses(vlm, hidden, targets, values=None):
 
 def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, binding=None, words=None):
     """One optimizer step on a list of (prompt, target ids); dense = (head, samples, weight) adds the
-    dense vision loss on the batch's single-frame samples, binding = (head, samples, cfg, tokenizer) the binding aids' losses (binding_loss), words =
-    (tokenizer, text_sample items, device) the same tasks asked in words (text_loss; its value in stats).
+    dense vision loss on the batch's single-frame samples, binding = (head, samples, cfg, tokenizer)
+    the binding aids' losses (binding_loss), words = (tokenizer, text_sample items, device) the same
+    tasks asked in words (text_loss; its value in stats).
 
     Returns (mean loss per target token, each sample's mean loss per token, binding stats or {})."""
     prompts, targets = [p for p, _ in batch], [t for _, t in batch]
