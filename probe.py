@@ -961,9 +961,9 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
     loss = text + extra if binding is not None else text
     if dense is not None:  # on the batch's single frames: a clip's cells have no one frame's objects
         head, samples, weight = dense
-        frames = [(p, s) for (p, _), s in zip(batch, samples) if s.clip is None]
-        if frames:
-            loss = loss + weight * dense_loss(vlm, head, *map(list, zip(*frames)))[0]
+        keep = [i for i, s in enumerate(samples) if s.clip is None]
+        if keep:
+            loss = loss + weight * dense_loss(vlm, head, [prompts[i] for i in keep], [samples[i] for i in keep])[0]
     if words is not None:
         nll, _ = text_loss(vlm, *words)
         loss, stats = loss + nll, {**stats, "words": nll.item()}
