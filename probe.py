@@ -32,7 +32,10 @@ patches (--patch_size=7: 64 image tokens per 112x112 frame instead of 16).
 Binding aids (--bind_weight, --attend_weight: extra losses during training, the model unchanged)
 stand in for what pretraining gives a real model: image tokens whose text-model states say what
 they show and whether the question or mark points at them, and one attention head that looks from
-the answer at the object meant; with them boxes are learned with distractors. --text_steps first
+the answer at the object meant; with them boxes are learned with distractors. --motion_weight does
+for clips what --bind_weight does for frames, and adds what changed since the previous shown frame
+(moved how far, stood still, appeared, changed colour): what a video model's pretraining gives
+its image tokens, and what the events are made of. --text_steps first
 trains the text model alone on the same questions asked in words (no frame); --text_mix adds such a
 batch to every frame step. --init starts from a saved model instead of a fresh one (the committed
 checkpoint is two runs: frames from scratch, then frames and words from that model; README). Every
@@ -148,6 +151,9 @@ class ProbeConfig:
                                   # time to the span's first (last) frame, and from a qa answer to the answer's
                                   # object in the key frames (eager attention for the text model)
     attend_layer: int = 3         # 1..num_layers
+    motion_weight: float = 0.0    # > 0: on clips, the bind head (states after bind_layer) learns every shown frame's cells:
+                                  # class and box, and what changed since the previous shown frame (displacement, still,
+                                  # new, recoloured): a stand-in for a video model's pretraining (motion_targets)
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
@@ -242,6 +248,8 @@ class Sample:
     event: str = None   # when, qa: the clip's event (synth.EVENTS)
     keys: list = None   # qa: (shown frame index, normalized box) of the answer's object where the trace looks
     lead: str = None    # letter: the assistant turn's first words, given in the prompt (the trace up to its letter)
+    tracks: list = None  # clips: per shown frame, every object of the scene as (name, normalized box), None where
+                         # it is not visible (the motion aid's targets: what changed since the previous shown frame)
 
 
 def clip_sample(rng, cfg, most_frames=None):
@@ -261,7 +269,14 @@ def clip_sample(rng, cfg, most_frames=None):
     name, box = shape.name(f), shape.box(f)
     objects = [(sh.name(f), sh.box(f)) for sh in scene.shapes if sh.visible[f]]
     return Sample("at", frames[k], AT_Q.format(name, data.format_seconds(times[k])), name, box, objects,
-                  (frames, times, scene.duration, times[k]))
+                  (frames, times, scene.duration, times[k]), tracks=scene_tracks(scene, times))
+
+
+def scene_tracks(scene, times):
+    """Per shown time, every shape of the scene as (its name then, its normalized box then), None where
+    it is not visible; shapes in the scene's order (the target first)."""
+    frames = [synth.frame_of(t) for t in times]
+    return [[(sh.name(f), sh.box(f)) if sh.visible[f] else None for sh in scene.shapes] for f in frames]
 
 
 def event_scene(rng, events, flag):
@@ -293,7 +308,8 @@ def when_sample(rng, cfg, most_frames=None):
     story = synth.tell(scene)
     trace = synth.completion(story.when_think, synth.span_text(*scene.span)) if cfg.when_answer == "trace" else None
     return Sample("when", frames[0], story.when, target.name(0), target.box(0), objects,
-                  (frames, times, scene.duration, None), scene.span, trace, event=scene.event)
+                  (frames, times, scene.duration, None), scene.span, trace, event=scene.event,
+                  tracks=scene_tracks(scene, times))
 
 
 def qa_sample(rng, cfg, most_frames=None):
@@ -315,7 +331,8 @@ def qa_sample(rng, cfg, most_frames=None):
     keys = [(span_frame(times, t), objs[-1].box(synth.frame_of(t)))   # the object the answer is about (meet: the
             for t, objs in story.keys if t >= scene.span[0]]         # one touched), from the event on
     return Sample("qa", frames[0], story.question, target.name(0), target.box(0), None,
-                  (frames, times, scene.duration, None), scene.span, trace, story.answer, scene.event, keys)
+                  (frames, times, scene.duration, None), scene.span, trace, story.answer, scene.event, keys,
+                  tracks=scene_tracks(scene, times))
 
 
 def letter_sample(rng, cfg):
@@ -331,7 +348,8 @@ def letter_sample(rng, cfg):
     times, target = data.sample_times(scene.duration), scene.shapes[0]
     frames = synth.render(scene, cfg.background)[[synth.frame_of(t) for t in times]]
     return Sample("letter", frames[0], question, target.name(0), target.box(0), None,
-                  (frames, times, scene.duration, None), scene.span, rest, letter, scene.event, lead=lead)
+                  (frames, times, scene.duration, None), scene.span, rest, letter, scene.event, lead=lead,
+                  tracks=scene_tracks(scene, times))
 
 
 def mcq_lead(rng):
@@ -517,7 +535,8 @@ def frozen(sample):
     if sample.clip is None:
         return sample
     frames = sample.clip[0]
-    return dataclasses.replace(sample, clip=(frames[:1].expand_as(frames).clone(),) + tuple(sample.clip[1:]))
+    tracks = [sample.tracks[0]] * len(sample.tracks) if sample.tracks else sample.tracks   # what is shown: no change
+    return dataclasses.replace(sample, clip=(frames[:1].expand_as(frames).clone(),) + tuple(sample.clip[1:]), tracks=tracks)
 
 
 def blind_span(samples, grid_s=0.25):
@@ -724,6 +743,8 @@ def evaluate(vlm, tokenizer, vision, samples, style, max_new_tokens=32, device="
 
 NAME_INDEX = {f"{c} {k}": i for i, (c, k) in enumerate(NAMES)}
 AUX_OUT = len(NAMES) + 1 + 4 + 1  # per cell: object class (or none), its box, marked or not
+MOTION_OUT = 5  # per cell of a clip's frame, after AUX_OUT in the bind head: dx, dy, still, new, recoloured
+STILL = 1e-3    # a displacement under this (normalized; 0.1 px of 112) is standing still
 
 
 def cell_index(box, gh, gw):
@@ -745,6 +766,62 @@ def dense_targets(sample, gh, gw):
         cls[cell], box[cell] = NAME_INDEX[name], torch.tensor(b)
         marked[cell] = float(k == 0 and sample.task == "marked")
     return cls, box, marked
+
+
+def motion_targets(tracks, gh, gw):
+    """Targets for every shown frame's gh x gw cells (frames in order, each row-major): a cell owns
+    the object whose box centre lies in it (the target wins a shared cell), as in dense_targets, and
+    says what changed for that object since the previous shown frame.
+
+    Returns (class (F*cells,) long, len(NAMES) for none; box (F*cells, 4); move (F*cells, MOTION_OUT):
+    centre displacement dx, dy (normalized), still (max |d| < STILL), new (not visible before),
+    recoloured (its colour changed); moved (F*cells,) bool: the cell's object was visible in the
+    previous shown frame (dx, dy, still, recoloured are defined); fresh (F*cells,) bool: a frame
+    before it exists (new is defined))."""
+    n_cells = gh * gw
+    cls = torch.full((len(tracks) * n_cells,), len(NAMES), dtype=torch.long)
+    box, move = torch.zeros(len(cls), 4), torch.zeros(len(cls), MOTION_OUT)
+    moved, fresh = torch.zeros(len(cls), dtype=torch.bool), torch.zeros(len(cls), dtype=torch.bool)
+    centre = lambda b: torch.tensor([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+    for k, objects in enumerate(tracks):
+        for j in reversed(range(len(objects))):
+            if objects[j] is None:
+                continue
+            name, b = objects[j]
+            cell = k * n_cells + cell_index(b, gh, gw)
+            cls[cell], box[cell], move[cell], moved[cell] = NAME_INDEX[name], torch.tensor(b), 0.0, False
+            fresh[cell] = k > 0
+            before = tracks[k - 1][j] if k > 0 else None
+            if k > 0 and before is None:
+                move[cell, 3] = 1.0
+            elif before is not None:
+                d = centre(b) - centre(before[1])
+                move[cell, :2], move[cell, 2] = d, float(d.abs().max() < STILL)
+                move[cell, 4], moved[cell] = float(name.split()[0] != before[0].split()[0]), True
+    return cls, box, move, moved, fresh
+
+
+def motion_loss(o, tracks, gh, gw):
+    """The motion aid on one clip: o = the bind head on its image tokens (F*cells, AUX_OUT + MOTION_OUT).
+    Class cross-entropy on every cell, box L1 (x10) where an object is, and on those cells with a
+    frame before: new (cross-entropy of a logit), and where the object was there before, displacement
+    L1 (x10) and still and recoloured logits. -> (loss, {counts of still cells called still and of moving
+    cells called moving, the displacement's mean L1})"""
+    n, bce = len(NAMES) + 1, torch.nn.functional.binary_cross_entropy_with_logits
+    cls, box, move, moved, fresh = (x.to(o.device) for x in motion_targets(tracks, gh, gw))
+    own = cls < len(NAMES)
+    m = o[:, AUX_OUT:]
+    loss = torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
+    if fresh.any():
+        loss = loss + bce(m[fresh, 3], move[fresh, 3])
+    if moved.any():
+        loss = (loss + (m[moved, :2] - move[moved, :2]).abs().mean() * 10 + bce(m[moved, 2], move[moved, 2])
+                + bce(m[moved, 4], move[moved, 4]))
+    still, going = moved & (move[:, 2] > 0), moved & (move[:, 2] == 0)
+    stats = {"still_hits": int((m[still, 2] > 0).sum()), "still": int(still.sum()),
+             "going_hits": int((m[going, 2] <= 0).sum()), "going": int(going.sum()),
+             "move_l1": (m[moved, :2] - move[moved, :2]).abs().mean().item() if moved.any() else 0.0}
+    return loss, stats
 
 
 def dense_loss(vlm, head, prompts, samples):
@@ -808,22 +885,30 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
               frames from the event on (Sample.keys), averaged over the answer positions
     -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
     n, dev = len(NAMES) + 1, types.device
-    states = out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 else None  # [0] is the embeddings
+    states = (out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 or cfg.motion_weight > 0
+              else None)  # [0] is the embeddings
     attn = out.attentions[cfg.attend_layer - 1][:, 0] if cfg.attend_weight > 0 else None  # (B, L, L), head 0
     bind, attend, hits, pointed, attended = 0.0, 0.0, 0, 0, 0
+    motion, moving = 0.0, {"still_hits": 0, "still": 0, "going_hits": 0, "going": 0, "move_l1": []}
     for b, (s, (p, t)) in enumerate(zip(samples, batch)):
         g = p.image_grid_thw[0]                                       # a clip's frames share one grid
         gh, gw = int(g[1]) // merge, int(g[2]) // merge
         cells = (types[b] == 1).nonzero()[:, 0]                       # positions of the frame's image tokens
         target = cell_index(s.box, gh, gw)
-        if states is not None and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
+        if cfg.motion_weight > 0 and s.tracks is not None:   # a clip: every shown frame's cells, in order
+            loss_m, st = motion_loss(head(states[b, cells]), s.tracks, gh, gw)
+            motion = motion + loss_m
+            for key in ("still_hits", "still", "going_hits", "going"):
+                moving[key] += st[key]
+            moving["move_l1"].append(st["move_l1"])
+        if cfg.bind_weight > 0 and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
             cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
             o = head(states[b, cells])                                # (cells, AUX_OUT)
             own = cls < len(NAMES)
             bind = bind + torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
             if s.task == "marked" or (s.task == "find" and cfg.prompt == "question_first"):
-                bind = bind + torch.nn.functional.cross_entropy(o[None, :, -1], torch.tensor([target], device=dev))
-                hits, pointed = hits + int(o[:, -1].argmax() == target), pointed + 1
+                bind = bind + torch.nn.functional.cross_entropy(o[None, :, n + 4], torch.tensor([target], device=dev))
+                hits, pointed = hits + int(o[:, n + 4].argmax() == target), pointed + 1
         if attn is not None and s.task in ("find", "marked"):
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)   # the positions that predict the answer
             attend = attend - attn[b, rows, cells[target]].clamp_min(1e-9).log().mean()
@@ -844,9 +929,12 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)
             attend = attend - attn[b, rows][:, cells[shown]].sum(-1).clamp_min(1e-9).log().mean()
             attended += 1
-    loss = (cfg.bind_weight * bind + cfg.attend_weight * attend) / len(samples)
+    loss = (cfg.bind_weight * bind + cfg.attend_weight * attend + cfg.motion_weight * motion) / len(samples)
     attend_nll = attend.detach().item() / attended if attended else 0.0
     stats = {"bind_ptr_acc": hits / max(pointed, 1), "attend_nll": attend_nll}
+    if cfg.motion_weight > 0:  # still cells are rare (a stop's span, a meet's touch): a balanced accuracy
+        stats.update(still_bacc=(moving["still_hits"] / max(moving["still"], 1) + moving["going_hits"] / max(moving["going"], 1)) / 2,
+                     move_l1=sum(moving["move_l1"]) / max(len(moving["move_l1"]), 1))
     return loss, stats
 
 
@@ -951,7 +1039,7 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
         hidden = model.plain_hidden(vlm, prompts, targets)
     else:
         head, samples, cfg, tokenizer = binding
-        out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0,
+        out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0 or cfg.motion_weight > 0,
                                          output_attentions=cfg.attend_weight > 0)
         hidden = model.completion_rows(out.last_hidden_state, prompts, targets)
         tags = tuple(tokenizer.convert_tokens_to_ids([data.T_OPEN, data.T_CLOSE, data.BOX_OPEN]))
@@ -1072,8 +1160,8 @@ def run(cfg, log=print):
     if cfg.aux_steps > 0 or cfg.aux_weight > 0:
         head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, AUX_OUT).to(cfg.device)
     bind_head = None
-    if cfg.bind_weight > 0:  # reads the text model's states at image tokens (dropped with the run)
-        bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT).to(cfg.device)
+    if cfg.bind_weight > 0 or cfg.motion_weight > 0:  # reads the text model's states at image tokens (dropped with the run)
+        bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT + MOTION_OUT).to(cfg.device)
     opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     blind, blind_qa = blind_span(evalset), blind_answer(evalset)
@@ -1119,7 +1207,8 @@ def run(cfg, log=print):
         dense = (head, samples, cfg.aux_weight) if cfg.aux_weight > 0 else None
         batch = [encode(s, tokenizer, vision, cfg.prompt, cfg.device, cfg.find_answer, clip_layout(cfg))
                  for s in samples]
-        binding = (bind_head, samples, cfg, tokenizer) if cfg.bind_weight > 0 or cfg.attend_weight > 0 else None
+        binding = ((bind_head, samples, cfg, tokenizer) if cfg.bind_weight > 0 or cfg.attend_weight > 0 or cfg.motion_weight > 0
+                   else None)
         words = (tokenizer, [text_sample(rng, cfg) for _ in range(cfg.text_batch)], cfg.device) if cfg.text_mix else None
         loss, per_sample, stats = train_step(vlm, opt, sched, batch, cfg.grad_clip, values, dense, binding, words)
         aid_stats.append(stats)

@@ -907,3 +907,75 @@ def test_qa_attend_loss_hand_computed():
     nll = -(math.log(0.5) + math.log(0.1) + math.log(0.8)) / 3
     assert stats["attend_nll"] == pytest.approx(nll, rel=1e-5)
     assert loss.item() == pytest.approx(2.0 * nll, rel=1e-5)
+
+
+def _tracks():
+    # Three shown frames of a clip, objects in scene order (A is the target): A moves right and is
+    # recoloured at frame 2; B stands still; C is away at frame 0, appears at frame 1, moves down.
+    a = [("red circle", [0.1, 0.1, 0.3, 0.3]), ("red circle", [0.15, 0.1, 0.35, 0.3]), ("yellow circle", [0.2, 0.1, 0.4, 0.3])]
+    b = [("blue square", [0.6, 0.6, 0.8, 0.8])] * 3
+    c = [None, ("green triangle", [0.6, 0.1, 0.8, 0.3]), ("green triangle", [0.6, 0.2, 0.8, 0.4])]
+    return [[a[k], b[k], c[k]] for k in range(3)]
+
+
+def test_motion_targets_hand_computed_table():
+    cls, box, move, moved, fresh = probe.motion_targets(_tracks(), 2, 2)   # 2 x 2 cells a frame: 12 cells
+    name = {n: probe.NAME_INDEX[n] for n in ("red circle", "yellow circle", "blue square", "green triangle")}
+    none = len(probe.NAMES)
+    assert cls.tolist() == [name["red circle"], none, none, name["blue square"],
+                            name["red circle"], name["green triangle"], none, name["blue square"],
+                            name["yellow circle"], name["green triangle"], none, name["blue square"]]
+    assert box[9].tolist() == pytest.approx([0.6, 0.2, 0.8, 0.4]) and box[2].tolist() == [0, 0, 0, 0]
+    assert fresh.tolist() == [False] * 4 + [True, True, False, True] * 2          # a frame before, an object here
+    assert moved.tolist() == [False] * 4 + [True, False, False, True] + [True, True, False, True]  # C new at frame 1
+    table = {  # cell: dx, dy, still, new, recoloured
+        4: (0.05, 0.0, 0, 0, 0), 5: (0, 0, 0, 1, 0), 7: (0, 0, 1, 0, 0),
+        8: (0.05, 0.0, 0, 0, 1), 9: (0.0, 0.1, 0, 0, 0), 11: (0, 0, 1, 0, 0)}
+    for cell in range(12):
+        assert move[cell].tolist() == pytest.approx(table.get(cell, (0, 0, 0, 0, 0)), abs=1e-6), cell
+    # two objects in one cell: the earlier one in scene order (the target) owns it
+    shared = [[("red circle", [0.1, 0.1, 0.3, 0.3]), ("blue square", [0.05, 0.05, 0.25, 0.25])]]
+    assert probe.motion_targets(shared, 2, 2)[0][0] == name["red circle"]
+
+
+def test_motion_loss_hand_computed_and_in_the_binding_loss():
+    # Zero head outputs: uniform class logits (log 13 on all 12 cells), zero boxes (L1 x 10 = 10 x the
+    # mean box coordinate over the 8 owned cells), logits of 0 (log 2 each for new, still, recoloured),
+    # zero displacements (L1 x 10 = 10 x the mean |dx|, |dy| over the 5 moved cells).
+    tracks = _tracks()
+    o = torch.zeros(12, probe.AUX_OUT + probe.MOTION_OUT)
+    boxes = [  # the owned cells' boxes, frame by frame
+             [0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.8, 0.8], [0.15, 0.1, 0.35, 0.3], [0.6, 0.1, 0.8, 0.3],
+             [0.6, 0.6, 0.8, 0.8], [0.2, 0.1, 0.4, 0.3], [0.6, 0.2, 0.8, 0.4], [0.6, 0.6, 0.8, 0.8]]
+    mean_box = sum(sum(b) for b in boxes) / 32
+    mean_move = (0.05 + 0.0 + 0.05 + 0.1) / 10   # dx, dy of cells 4, 7, 8, 9, 11
+    want = math.log(13) + 10 * mean_box + math.log(2) + 10 * mean_move + 2 * math.log(2)
+    loss, stats = probe.motion_loss(o, tracks, 2, 2)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert (stats["still"], stats["still_hits"], stats["going"], stats["going_hits"]) == (2, 0, 3, 3)  # 0 reads "moving"
+    # in the binding loss: a clip's image tokens (positions 2..13, frames in order) through the bind head
+    types = torch.tensor([[0, 0] + [1] * 12 + [0] * 3])
+    out = SimpleNamespace(hidden_states=[None, torch.zeros(1, 17, 8)], attentions=None)
+    head = torch.nn.Linear(8, probe.AUX_OUT + probe.MOTION_OUT)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    cfg = probe.ProbeConfig(motion_weight=2.0, bind_layer=1)
+    sample = probe.Sample("qa", None, "", "red circle", [0.1, 0.1, 0.3, 0.3], tracks=tracks)
+    batch = [(_Prompt(14, [1, 4, 4]), torch.zeros(3, dtype=torch.long))]
+    loss, stats = probe.binding_loss(out, types, batch, [sample], head, cfg, merge=2)
+    assert loss.item() == pytest.approx(2.0 * want, rel=1e-5)
+    assert stats["still_bacc"] == pytest.approx(0.5) and stats["move_l1"] == pytest.approx(mean_move)
+    loss.backward()
+    assert head.bias.grad[probe.AUX_OUT:].abs().sum() > 0          # the motion outputs learn
+    cfg = probe.ProbeConfig(bind_layer=1, bind_weight=1.0)            # motion off: the clip gets no bind loss
+    assert probe.binding_loss(out, types, batch, [sample], head, cfg, merge=2)[0] == 0.0
+
+
+def test_a_drawn_clip_tracks_its_scene_and_the_stop_target_stands_still_in_its_span():
+    cfg = probe.ProbeConfig(qa_weight=1.0, qa_events="stop")
+    s = probe.qa_sample(random.Random(3), cfg)
+    times = s.clip[1]
+    assert len(s.tracks) == len(times) and s.tracks[0][0][0] == s.answer      # the target first, by its name
+    _, _, move, moved, _ = probe.motion_targets(s.tracks, 4, 4)
+    still = {k for k in range(len(times)) for c in range(16) if moved[k * 16 + c] and move[k * 16 + c, 2] > 0}
+    inside = {k for k, t in enumerate(times) if s.span[0] < t <= s.span[1]}
+    assert still == inside                    # still exactly on the shown frames after the stop began
