@@ -154,6 +154,10 @@ class ProbeConfig:
     motion_weight: float = 0.0    # > 0: on clips, the bind head (states after bind_layer) learns every shown frame's cells:
                                   # class and box, and what changed since the previous shown frame (displacement, still,
                                   # new, recoloured): a stand-in for a video model's pretraining (motion_targets)
+    track_weight: float = 0.0     # > 0 (with motion_weight): head 0 of layer track_layer learns to attend from each object's
+                                  # image token in a clip frame to its token in the previous shown frame, so the motion
+                                  # is a difference of two states (eager attention)
+    track_layer: int = 1          # 1..num_layers; not attend_layer when both aids are on (both use head 0)
     # evaluation
     eval_every: float = 30.0      # training seconds between held-out evaluations
     eval_steps: int = 0           # > 0: evaluate every this many steps instead (for loaded machines)
@@ -195,9 +199,11 @@ def parse_args(argv):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)!r}: expected one of {allowed}")
-    for key in ("bind_layer", "attend_layer"):
+    for key in ("bind_layer", "attend_layer", "track_layer"):
         if not 1 <= getattr(cfg, key) <= cfg.num_layers:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
+    if cfg.track_weight > 0 and (cfg.motion_weight <= 0 or (cfg.attend_weight > 0 and cfg.track_layer == cfg.attend_layer)):
+        raise SystemExit("--track_weight needs --motion_weight (its targets) and a --track_layer other than --attend_layer")
     check_events(cfg.when_events, "--when_events")
     check_events(cfg.qa_events, "--qa_events")
     for mark in cfg.marks.split(","):
@@ -777,11 +783,13 @@ def motion_targets(tracks, gh, gw):
     centre displacement dx, dy (normalized), still (max |d| < STILL), new (not visible before),
     recoloured (its colour changed); moved (F*cells,) bool: the cell's object was visible in the
     previous shown frame (dx, dy, still, recoloured are defined); fresh (F*cells,) bool: a frame
-    before it exists (new is defined))."""
+    before it exists (new is defined); source (F*cells,) long: where moved, the cell (in the same
+    numbering) of that object in the previous frame, else -1)."""
     n_cells = gh * gw
     cls = torch.full((len(tracks) * n_cells,), len(NAMES), dtype=torch.long)
     box, move = torch.zeros(len(cls), 4), torch.zeros(len(cls), MOTION_OUT)
     moved, fresh = torch.zeros(len(cls), dtype=torch.bool), torch.zeros(len(cls), dtype=torch.bool)
+    source = torch.full((len(cls),), -1, dtype=torch.long)
     centre = lambda b: torch.tensor([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
     for k, objects in enumerate(tracks):
         for j in reversed(range(len(objects))):
@@ -789,7 +797,7 @@ def motion_targets(tracks, gh, gw):
                 continue
             name, b = objects[j]
             cell = k * n_cells + cell_index(b, gh, gw)
-            cls[cell], box[cell], move[cell], moved[cell] = NAME_INDEX[name], torch.tensor(b), 0.0, False
+            cls[cell], box[cell], move[cell], moved[cell], source[cell] = NAME_INDEX[name], torch.tensor(b), 0.0, False, -1
             fresh[cell] = k > 0
             before = tracks[k - 1][j] if k > 0 else None
             if k > 0 and before is None:
@@ -798,17 +806,30 @@ def motion_targets(tracks, gh, gw):
                 d = centre(b) - centre(before[1])
                 move[cell, :2], move[cell, 2] = d, float(d.abs().max() < STILL)
                 move[cell, 4], moved[cell] = float(name.split()[0] != before[0].split()[0]), True
-    return cls, box, move, moved, fresh
+                source[cell] = (k - 1) * n_cells + cell_index(before[1], gh, gw)
+    return cls, box, move, moved, fresh, source
 
 
-def motion_loss(o, tracks, gh, gw):
+def balanced_bce(logits, targets):
+    """Binary cross-entropy with logits, the mean over positives and the mean over negatives averaged
+    (a rare class, a still or new or recoloured cell, weighs as much as the common one)."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    parts = [bce[targets > 0.5].mean(), bce[targets <= 0.5].mean()]
+    parts = [x for x in parts if not x.isnan()]
+    return sum(parts) / len(parts)
+
+
+def motion_loss(o, tracks, gh, gw, attn=None):
     """The motion aid on one clip: o = the bind head on its image tokens (F*cells, AUX_OUT + MOTION_OUT).
     Class cross-entropy on every cell, box L1 (x10) where an object is, and on those cells with a
-    frame before: new (cross-entropy of a logit), and where the object was there before, displacement
-    L1 (x10) and still and recoloured logits. -> (loss, {counts of still cells called still and of moving
-    cells called moving, the displacement's mean L1})"""
-    n, bce = len(NAMES) + 1, torch.nn.functional.binary_cross_entropy_with_logits
-    cls, box, move, moved, fresh = (x.to(o.device) for x in motion_targets(tracks, gh, gw))
+    frame before: new (a logit, balanced_bce), and where the object was there before, displacement
+    L1 (x10) and still and recoloured logits (balanced_bce). attn (F*cells, F*cells): one head's
+    attention among the clip's image tokens; with it, the track aid: -log of its weight, from each
+    moved cell, on the object's cell in the previous frame. -> (loss, the track aid's loss (0 without
+    attn), {counts of still cells called still and of moving cells called moving, the displacement's
+    mean L1})"""
+    n, bce = len(NAMES) + 1, balanced_bce
+    cls, box, move, moved, fresh, source = (x.to(o.device) for x in motion_targets(tracks, gh, gw))
     own = cls < len(NAMES)
     m = o[:, AUX_OUT:]
     loss = torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
@@ -817,11 +838,14 @@ def motion_loss(o, tracks, gh, gw):
     if moved.any():
         loss = (loss + (m[moved, :2] - move[moved, :2]).abs().mean() * 10 + bce(m[moved, 2], move[moved, 2])
                 + bce(m[moved, 4], move[moved, 4]))
+    track = 0.0
+    if attn is not None and moved.any():
+        track = -attn[moved.nonzero()[:, 0], source[moved]].clamp_min(1e-9).log().mean()
     still, going = moved & (move[:, 2] > 0), moved & (move[:, 2] == 0)
     stats = {"still_hits": int((m[still, 2] > 0).sum()), "still": int(still.sum()),
              "going_hits": int((m[going, 2] <= 0).sum()), "going": int(going.sum()),
              "move_l1": (m[moved, :2] - move[moved, :2]).abs().mean().item() if moved.any() else 0.0}
-    return loss, stats
+    return loss, track, stats
 
 
 def dense_loss(vlm, head, prompts, samples):
@@ -888,19 +912,22 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
     states = (out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 or cfg.motion_weight > 0
               else None)  # [0] is the embeddings
     attn = out.attentions[cfg.attend_layer - 1][:, 0] if cfg.attend_weight > 0 else None  # (B, L, L), head 0
+    tracking = out.attentions[cfg.track_layer - 1][:, 0] if cfg.track_weight > 0 else None
     bind, attend, hits, pointed, attended = 0.0, 0.0, 0, 0, 0
-    motion, moving = 0.0, {"still_hits": 0, "still": 0, "going_hits": 0, "going": 0, "move_l1": []}
+    motion, track, moving = 0.0, 0.0, {"still_hits": 0, "still": 0, "going_hits": 0, "going": 0, "move_l1": [], "track_nll": []}
     for b, (s, (p, t)) in enumerate(zip(samples, batch)):
         g = p.image_grid_thw[0]                                       # a clip's frames share one grid
         gh, gw = int(g[1]) // merge, int(g[2]) // merge
         cells = (types[b] == 1).nonzero()[:, 0]                       # positions of the frame's image tokens
         target = cell_index(s.box, gh, gw)
         if cfg.motion_weight > 0 and s.tracks is not None:   # a clip: every shown frame's cells, in order
-            loss_m, st = motion_loss(head(states[b, cells]), s.tracks, gh, gw)
-            motion = motion + loss_m
+            among = tracking[b][cells][:, cells] if tracking is not None else None
+            loss_m, loss_t, st = motion_loss(head(states[b, cells]), s.tracks, gh, gw, among)
+            motion, track = motion + loss_m, track + loss_t
             for key in ("still_hits", "still", "going_hits", "going"):
                 moving[key] += st[key]
             moving["move_l1"].append(st["move_l1"])
+            moving["track_nll"].append(float(loss_t))
         if cfg.bind_weight > 0 and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
             cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
             o = head(states[b, cells])                                # (cells, AUX_OUT)
@@ -929,12 +956,15 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
             rows = torch.arange(len(p) - 1, len(p) - 1 + len(t), device=dev)
             attend = attend - attn[b, rows][:, cells[shown]].sum(-1).clamp_min(1e-9).log().mean()
             attended += 1
-    loss = (cfg.bind_weight * bind + cfg.attend_weight * attend + cfg.motion_weight * motion) / len(samples)
+    loss = (cfg.bind_weight * bind + cfg.attend_weight * attend + cfg.motion_weight * motion
+            + cfg.track_weight * track) / len(samples)
     attend_nll = attend.detach().item() / attended if attended else 0.0
     stats = {"bind_ptr_acc": hits / max(pointed, 1), "attend_nll": attend_nll}
     if cfg.motion_weight > 0:  # still cells are rare (a stop's span, a meet's touch): a balanced accuracy
         stats.update(still_bacc=(moving["still_hits"] / max(moving["still"], 1) + moving["going_hits"] / max(moving["going"], 1)) / 2,
                      move_l1=sum(moving["move_l1"]) / max(len(moving["move_l1"]), 1))
+    if cfg.track_weight > 0:
+        stats["track_nll"] = sum(moving["track_nll"]) / max(len(moving["track_nll"]), 1)
     return loss, stats
 
 
@@ -970,7 +1000,7 @@ def load_for_run(cfg, folder):
     if cfg.question_at:  # the layout the model's users will prompt it with, saved beside its weights
         vision.question_at = cfg.question_at
         vision.save(folder)
-    if cfg.attend_weight > 0:  # SDPA returns no attention weights
+    if cfg.attend_weight > 0 or cfg.track_weight > 0:  # SDPA returns no attention weights
         vlm.set_attn_implementation("eager")
     return vlm, tokenizer, vision
 
@@ -1040,7 +1070,7 @@ def train_step(vlm, opt, sched, batch, grad_clip, values=None, dense=None, bindi
     else:
         head, samples, cfg, tokenizer = binding
         out, types = model.plain_forward(vlm, prompts, targets, output_hidden_states=cfg.bind_weight > 0 or cfg.motion_weight > 0,
-                                         output_attentions=cfg.attend_weight > 0)
+                                         output_attentions=cfg.attend_weight > 0 or cfg.track_weight > 0)
         hidden = model.completion_rows(out.last_hidden_state, prompts, targets)
         tags = tuple(tokenizer.convert_tokens_to_ids([data.T_OPEN, data.T_CLOSE, data.BOX_OPEN]))
         extra, stats = binding_loss(out, types, batch, samples, head, cfg, vlm.model.visual.spatial_merge_size, tags)

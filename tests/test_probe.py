@@ -911,26 +911,28 @@ def test_qa_attend_loss_hand_computed():
 
 def _tracks():
     # Three shown frames of a clip, objects in scene order (A is the target): A moves right and is
-    # recoloured at frame 2; B stands still; C is away at frame 0, appears at frame 1, moves down.
+    # recoloured at frame 2; B stands still; C is away at frame 0, appears at frame 1, jumps to the
+    # bottom-left cell.
     a = [("red circle", [0.1, 0.1, 0.3, 0.3]), ("red circle", [0.15, 0.1, 0.35, 0.3]), ("yellow circle", [0.2, 0.1, 0.4, 0.3])]
     b = [("blue square", [0.6, 0.6, 0.8, 0.8])] * 3
-    c = [None, ("green triangle", [0.6, 0.1, 0.8, 0.3]), ("green triangle", [0.6, 0.2, 0.8, 0.4])]
+    c = [None, ("green triangle", [0.6, 0.1, 0.8, 0.3]), ("green triangle", [0.1, 0.6, 0.3, 0.8])]
     return [[a[k], b[k], c[k]] for k in range(3)]
 
 
 def test_motion_targets_hand_computed_table():
-    cls, box, move, moved, fresh = probe.motion_targets(_tracks(), 2, 2)   # 2 x 2 cells a frame: 12 cells
+    cls, box, move, moved, fresh, source = probe.motion_targets(_tracks(), 2, 2)   # 2 x 2 cells a frame: 12 cells
     name = {n: probe.NAME_INDEX[n] for n in ("red circle", "yellow circle", "blue square", "green triangle")}
     none = len(probe.NAMES)
     assert cls.tolist() == [name["red circle"], none, none, name["blue square"],
                             name["red circle"], name["green triangle"], none, name["blue square"],
-                            name["yellow circle"], name["green triangle"], none, name["blue square"]]
-    assert box[9].tolist() == pytest.approx([0.6, 0.2, 0.8, 0.4]) and box[2].tolist() == [0, 0, 0, 0]
-    assert fresh.tolist() == [False] * 4 + [True, True, False, True] * 2          # a frame before, an object here
-    assert moved.tolist() == [False] * 4 + [True, False, False, True] + [True, True, False, True]  # C new at frame 1
+                            name["yellow circle"], none, name["green triangle"], name["blue square"]]
+    assert box[10].tolist() == pytest.approx([0.1, 0.6, 0.3, 0.8]) and box[2].tolist() == [0, 0, 0, 0]
+    assert fresh.tolist() == [False] * 4 + [True, True, False, True] + [True, False, True, True]  # a frame before
+    assert moved.tolist() == [False] * 4 + [True, False, False, True] + [True, False, True, True]  # C new at frame 1
+    assert source.tolist() == [-1] * 4 + [0, -1, -1, 3] + [4, -1, 5, 7]           # the object's cell a frame before
     table = {  # cell: dx, dy, still, new, recoloured
         4: (0.05, 0.0, 0, 0, 0), 5: (0, 0, 0, 1, 0), 7: (0, 0, 1, 0, 0),
-        8: (0.05, 0.0, 0, 0, 1), 9: (0.0, 0.1, 0, 0, 0), 11: (0, 0, 1, 0, 0)}
+        8: (0.05, 0.0, 0, 0, 1), 10: (-0.5, 0.5, 0, 0, 0), 11: (0, 0, 1, 0, 0)}
     for cell in range(12):
         assert move[cell].tolist() == pytest.approx(table.get(cell, (0, 0, 0, 0, 0)), abs=1e-6), cell
     # two objects in one cell: the earlier one in scene order (the target) owns it
@@ -946,12 +948,12 @@ def test_motion_loss_hand_computed_and_in_the_binding_loss():
     o = torch.zeros(12, probe.AUX_OUT + probe.MOTION_OUT)
     boxes = [  # the owned cells' boxes, frame by frame
              [0.1, 0.1, 0.3, 0.3], [0.6, 0.6, 0.8, 0.8], [0.15, 0.1, 0.35, 0.3], [0.6, 0.1, 0.8, 0.3],
-             [0.6, 0.6, 0.8, 0.8], [0.2, 0.1, 0.4, 0.3], [0.6, 0.2, 0.8, 0.4], [0.6, 0.6, 0.8, 0.8]]
+             [0.6, 0.6, 0.8, 0.8], [0.2, 0.1, 0.4, 0.3], [0.1, 0.6, 0.3, 0.8], [0.6, 0.6, 0.8, 0.8]]
     mean_box = sum(sum(b) for b in boxes) / 32
-    mean_move = (0.05 + 0.0 + 0.05 + 0.1) / 10   # dx, dy of cells 4, 7, 8, 9, 11
+    mean_move = (0.05 + 0.0 + 0.05 + 0.5 + 0.5) / 10   # |dx|, |dy| of cells 4, 7, 8, 10, 11
     want = math.log(13) + 10 * mean_box + math.log(2) + 10 * mean_move + 2 * math.log(2)
-    loss, stats = probe.motion_loss(o, tracks, 2, 2)
-    assert loss.item() == pytest.approx(want, rel=1e-5)
+    loss, track, stats = probe.motion_loss(o, tracks, 2, 2)
+    assert loss.item() == pytest.approx(want, rel=1e-5) and track == 0.0
     assert (stats["still"], stats["still_hits"], stats["going"], stats["going_hits"]) == (2, 0, 3, 3)  # 0 reads "moving"
     # in the binding loss: a clip's image tokens (positions 2..13, frames in order) through the bind head
     types = torch.tensor([[0, 0] + [1] * 12 + [0] * 3])
@@ -970,12 +972,46 @@ def test_motion_loss_hand_computed_and_in_the_binding_loss():
     assert probe.binding_loss(out, types, batch, [sample], head, cfg, merge=2)[0] == 0.0
 
 
+def test_track_aid_hand_computed():
+    # The moved cells of _tracks (4, 7, 8, 10, 11) and where their objects were a frame before (0, 3,
+    # 4, 5, 7): the head's weight there is 0.5, 0.25, 1.0, 0.5, 0.125, elsewhere anything.
+    attn = torch.full((12, 12), 0.01)
+    for cell, before, w in [(4, 0, 0.5), (7, 3, 0.25), (8, 4, 1.0), (10, 5, 0.5), (11, 7, 0.125)]:
+        attn[cell, before] = w
+    o = torch.zeros(12, probe.AUX_OUT + probe.MOTION_OUT)
+    _, track, _ = probe.motion_loss(o, _tracks(), 2, 2, attn)
+    assert track.item() == pytest.approx(-sum(map(math.log, (0.5, 0.25, 1.0, 0.5, 0.125))) / 5, rel=1e-5)
+    # in the binding loss, head 0 of track_layer among the clip's image tokens (positions 2..13), x weight
+    full = torch.zeros(1, 2, 17, 17)
+    full[0, 0, 2:14, 2:14] = attn
+    out = SimpleNamespace(hidden_states=[None, torch.zeros(1, 17, 8)], attentions=[full])
+    head = torch.nn.Linear(8, probe.AUX_OUT + probe.MOTION_OUT)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    sample = probe.Sample("qa", None, "", "red circle", [0.1, 0.1, 0.3, 0.3], tracks=_tracks())
+    batch = [(_Prompt(14, [1, 4, 4]), torch.zeros(3, dtype=torch.long))]
+    types = torch.tensor([[0, 0] + [1] * 12 + [0] * 3])
+    without = probe.binding_loss(out, types, batch, [sample], head, probe.ProbeConfig(motion_weight=1.0, bind_layer=1), merge=2)[0]
+    cfg = probe.ProbeConfig(motion_weight=1.0, bind_layer=1, track_weight=3.0, track_layer=1)
+    loss, stats = probe.binding_loss(out, types, batch, [sample], head, cfg, merge=2)
+    assert loss.item() == pytest.approx(without.item() + 3.0 * track.item(), rel=1e-5)
+    assert stats["track_nll"] == pytest.approx(track.item(), rel=1e-5)
+    with pytest.raises(SystemExit, match="track_weight"):
+        probe.parse_args(["--track_weight=1"])                       # no motion targets to track
+
+
 def test_a_drawn_clip_tracks_its_scene_and_the_stop_target_stands_still_in_its_span():
     cfg = probe.ProbeConfig(qa_weight=1.0, qa_events="stop")
     s = probe.qa_sample(random.Random(3), cfg)
     times = s.clip[1]
     assert len(s.tracks) == len(times) and s.tracks[0][0][0] == s.answer      # the target first, by its name
-    _, _, move, moved, _ = probe.motion_targets(s.tracks, 4, 4)
+    _, _, move, moved, _, _ = probe.motion_targets(s.tracks, 4, 4)
     still = {k for k in range(len(times)) for c in range(16) if moved[k * 16 + c] and move[k * 16 + c, 2] > 0}
     inside = {k for k, t in enumerate(times) if s.span[0] < t <= s.span[1]}
     assert still == inside                    # still exactly on the shown frames after the stop began
+
+
+def test_balanced_bce_weighs_the_rare_class_as_much_as_the_common_one():
+    logits, targets = torch.tensor([0.0, 0.0, 0.0, 2.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    negatives = (2 * math.log(2) + math.log(1 + math.exp(2))) / 3                 # -log(1 - sigmoid(x))
+    assert probe.balanced_bce(logits, targets).item() == pytest.approx((math.log(2) + negatives) / 2, rel=1e-6)
+    assert probe.balanced_bce(logits[1:], targets[1:]).item() == pytest.approx(negatives, rel=1e-6)  # one class
