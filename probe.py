@@ -907,7 +907,12 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
               trace's: each claim's time and the answer's, the start's first); for qa, -log of its
               attention summed over the image tokens that show the answer's object in the trace's key
               frames from the event on (Sample.keys), averaged over the answer positions
-    -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss})"""
+      motion  on a clip (Sample.tracks), the same head (its last MOTION_OUT outputs too) on every shown
+              frame's image tokens: motion_loss
+      track   -log of head 0's attention (layer track_layer) from each moved object's token on its
+              token in the previous frame (motion_loss, given that head's attention)
+    -> (loss, {'bind_ptr_acc': share of pointers right, 'attend_nll': mean attend loss; with motion
+        'still_bacc' (balanced accuracy of the still logit), 'move_l1'; with track 'track_nll'})"""
     n, dev = len(NAMES) + 1, types.device
     states = (out.hidden_states[cfg.bind_layer] if cfg.bind_weight > 0 or cfg.motion_weight > 0
               else None)  # [0] is the embeddings
@@ -930,7 +935,7 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
             moving["track_nll"].append(float(loss_t))
         if cfg.bind_weight > 0 and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
             cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
-            o = head(states[b, cells])                                # (cells, AUX_OUT)
+            o = head(states[b, cells])                                # (cells, AUX_OUT + MOTION_OUT)
             own = cls < len(NAMES)
             bind = bind + torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
             if s.task == "marked" or (s.task == "find" and cfg.prompt == "question_first"):
