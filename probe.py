@@ -762,22 +762,21 @@ def cell_index(box, gh, gw):
 def dense_targets(sample, gh, gw):
     """Targets for the gh x gw merged image tokens (row-major, the order the merger emits them).
 
-    A cell owns the object whose box centre lies in it (the target wins a shared cell).
+    A cell owns the object whose box centre lies in it (the target wins a shared cell): a frame is
+    a clip of one, so motion_targets' rule. The target owns its own cell, which marked flags.
     Returns (class (gh*gw,) long, len(NAMES) for none; normalized box (gh*gw, 4); marked (gh*gw,))."""
-    cls = torch.full((gh * gw,), len(NAMES), dtype=torch.long)
-    box, marked = torch.zeros(gh * gw, 4), torch.zeros(gh * gw)
-    for k in reversed(range(len(sample.objects))):
-        name, b = sample.objects[k]
-        cell = cell_index(b, gh, gw)
-        cls[cell], box[cell] = NAME_INDEX[name], torch.tensor(b)
-        marked[cell] = float(k == 0 and sample.task == "marked")
+    cls, box = motion_targets([sample.objects], gh, gw)[:2]
+    marked = torch.zeros(gh * gw)
+    if sample.task == "marked":
+        marked[cell_index(sample.objects[0][1], gh, gw)] = 1.0
     return cls, box, marked
 
 
 def motion_targets(tracks, gh, gw):
-    """Targets for every shown frame's gh x gw cells (frames in order, each row-major): a cell owns
-    the object whose box centre lies in it (the target wins a shared cell), as in dense_targets, and
-    says what changed for that object since the previous shown frame.
+    """Targets for every shown frame's gh x gw cells (frames in order, each row-major, the order the
+    merger emits them): a cell owns the object whose box centre lies in it (the earliest in the
+    frame's list wins a shared cell: the target), and says what changed for that object since the
+    previous shown frame.
 
     Returns (class (F*cells,) long, len(NAMES) for none; box (F*cells, 4); move (F*cells, MOTION_OUT):
     centre displacement dx, dy (normalized), still (max |d| < STILL), new (not visible before),
@@ -907,7 +906,7 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
               trace's: each claim's time and the answer's, the start's first); for qa, -log of its
               attention summed over the image tokens that show the answer's object in the trace's key
               frames from the event on (Sample.keys), averaged over the answer positions
-      motion  on a clip (Sample.tracks), the same head (its last MOTION_OUT outputs too) on every shown
+      motion  on a clip (Sample.tracks), the same head (with MOTION_OUT more outputs) on every shown
               frame's image tokens: motion_loss
       track   -log of head 0's attention (layer track_layer) from each moved object's token on its
               token in the previous frame (motion_loss, given that head's attention)
@@ -1196,7 +1195,8 @@ def run(cfg, log=print):
         head = torch.nn.Linear(vlm.config.vision_config.out_hidden_size, AUX_OUT).to(cfg.device)
     bind_head = None
     if cfg.bind_weight > 0 or cfg.motion_weight > 0:  # reads the text model's states at image tokens (dropped with the run)
-        bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, AUX_OUT + MOTION_OUT).to(cfg.device)
+        width = AUX_OUT + (MOTION_OUT if cfg.motion_weight > 0 else 0)   # without motion, the head of earlier runs
+        bind_head = torch.nn.Linear(vlm.config.text_config.hidden_size, width).to(cfg.device)
     opt, sched = make_optimizer(cfg, vlm, head if cfg.aux_weight > 0 else None, bind_head)
     rng, evalset = random.Random(f"probe-train-{cfg.seed}"), held_out(cfg)
     blind, blind_qa = blind_span(evalset), blind_answer(evalset)
