@@ -716,7 +716,8 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
 
 def stgr_summary(per_sample):
     """Per-sample dicts (score_stgr_sample) -> Acc (x100, overall, per task and, where records say
-    it, on hard and easy samples and per event), 'name/first' (x100, over records whose trace names
+    it, on hard and easy samples, per event, and per event on the free-form tasks alone, whose answer
+    is in words, not an option letter to look up), 'name/first' (x100, over records whose trace names
     an object), 'mcq/...' (x100 over the MCQ records whose options are known: mcq_letter_check),
     temporal grounding on the temporal tasks ('TG/...', x100; its mIoU also per event),
     and each reward's mean over the records where it applies (reward scale, not x100)."""
@@ -727,6 +728,8 @@ def stgr_summary(per_sample):
             by_task[f"Acc[{'hard' if s['hard'] else 'easy'}]"].append(s["correct"])
         if "event" in s:
             by_task[f"Acc[event={s['event']}]"].append(s["correct"])
+            if s["task"] in rewards.FREE_FORM_TASKS:  # the answer in words: no option letter to look up
+                by_task[f"Acc[free-form,event={s['event']}]"].append(s["correct"])
         for k, v in s.items():
             if k.startswith("reward/"):
                 comps[k].append(v)

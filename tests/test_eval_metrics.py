@@ -427,8 +427,9 @@ def test_mcq_letter_check_in_the_stgr_summary():
 
 
 def test_stgr_accuracy_and_temporal_iou_per_event():
-    """Records that name their event (synth's meta.event) get Acc[event=..] and, on temporal tasks,
-    TG/mIoU[event=..]; a record without one counts only in the totals."""
+    """Records that name their event (synth's meta.event) get Acc[event=..] (and on free-form tasks
+    Acc[free-form,event=..]) and, on temporal tasks, TG/mIoU[event=..]; a record without one counts
+    only in the totals."""
     recs = stgr_records()
     for r, event in zip(recs, ("stop", "stop", "turn", None)):
         if event is not None:
@@ -438,6 +439,8 @@ def test_stgr_accuracy_and_temporal_iou_per_event():
     # free-form right, temporal QA wrong (no span: tIoU 0), MCQ right, temporal MCQ right (no event)
     s = metrics.score_stgr(recs, [gt[0], "<answer>zzz</answer>", gt[2], gt[3]], ctx)
     assert s["Acc[event=stop]"] == pytest.approx(50.0) and s["Acc[event=turn]"] == pytest.approx(100.0)
+    # the free-form record alone: right (the MCQ turn record has no free-form count)
+    assert s["Acc[free-form,event=stop]"] == pytest.approx(100.0) and "Acc[free-form,event=turn]" not in s
     assert s["TG/mIoU[event=stop]"] == pytest.approx(0.0) and s["TG/mIoU"] == pytest.approx(50.0)
     assert not any(k.endswith("[event=turn]") and k.startswith("TG/") for k in s)
     assert not any("event=" in k for k in metrics.score_stgr(stgr_records(), gt, ctx))
