@@ -934,7 +934,7 @@ def binding_loss(out, types, batch, samples, head, cfg, merge, time_tags=None):
             moving["track_nll"].append(float(loss_t))
         if cfg.bind_weight > 0 and s.task not in CLIP_TASKS:   # per-cell targets are a single frame's
             cls, box, _ = (x.to(dev) for x in dense_targets(s, gh, gw))
-            o = head(states[b, cells])                                # (cells, AUX_OUT + MOTION_OUT)
+            o = head(states[b, cells])                                # (cells, AUX_OUT [+ MOTION_OUT])
             own = cls < len(NAMES)
             bind = bind + torch.nn.functional.cross_entropy(o[:, :n], cls) + (o[own, n:n + 4] - box[own]).abs().mean() * 10
             if s.task == "marked" or (s.task == "find" and cfg.prompt == "question_first"):
