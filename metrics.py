@@ -12,7 +12,8 @@ Metrics (V-STAR's definitions for V-STAR):
 - Multiple choice (VideoMME-style JSON: question, options, answer letter): accuracy, broken down by
   every category-like field the records carry (task_type, duration, domain, ...).
 - Temporal grounding (Charades-STA style): R@0.3 / 0.5 / 0.7 and mIoU, x100.
-- STGR synthetic split: accuracy per task plus the mean of every rewards.py component that applies.
+- STGR synthetic split: accuracy per task plus the mean of every rewards.py component that applies,
+  and where the spatial reward is lost: claims at a key frame's time, naming its object, their boxes.
 
 Bad input policy: a prediction with no answer, or with times / boxes that do not parse, scores 0
 and never raises; an annotation file with a missing or malformed field raises ValueError naming
@@ -703,6 +704,7 @@ def score_stgr_sample(record, completion, ctx, cfg=None, judge=default_judge):
         out["event"] = meta["event"]
     out.update({f"reward/{k}": float(v) for k, v in scores.items()
                 if _finite_number(v) is not None})
+    out.update({f"spatial/{k}": v for k, v in rewards.spatial_breakdown(text, record, ctx, cfg).items()})
     if record.get("task") in rewards.MCQ_TASKS and isinstance(meta, dict):
         out.update(mcq_letter_check(meta.get("options"), meta.get("answer_text"), text))
     gold = first_object(record.get("reasoning_process") or "")
@@ -740,6 +742,7 @@ def stgr_summary(per_sample):
     named = [s["first_name"] for s in per_sample if "first_name" in s]
     if named:
         out["name/first"] = 100.0 * _mean(named)
+    out.update(spatial_links(per_sample))
     spans = [(s["pred_span"], s["gt_span"]) for s in per_sample if "gt_span" in s]
     if spans:
         tg = temporal_grounding_metrics([p for p, _ in spans], [g for _, g in spans])
@@ -754,6 +757,22 @@ def stgr_summary(per_sample):
         out.update({f"TG/mIoU[event={e}]": 100.0 * _mean(v) for e, v in sorted(by_event.items())})
     out.update({k: _mean(v) for k, v in sorted(comps.items())})
     return out
+
+
+def spatial_links(per_sample):
+    """Where the spatial reward is lost, pooled over the records with a breakdown
+    (rewards.spatial_breakdown, 'spatial/<k>' in each sample): 'spatial/claims' and 'spatial/truth'
+    per record; 'spatial/gated' (claims within tau of a key frame, x100 of the claims),
+    'spatial/named' (naming an object there, x100 of the gated) and 'spatial/box' (their mean box
+    score, x100). A perfect trace scores 100 on the last three; {} without breakdowns."""
+    rows = [s for s in per_sample if "spatial/claims" in s]
+    if not rows:
+        return {}
+    total = {k: sum(s[f"spatial/{k}"] for s in rows) for k in ("claims", "gated", "named", "box", "truth")}
+    share = lambda a, b: 100.0 * total[a] / total[b] if total[b] else 0.0
+    return {"spatial/claims": total["claims"] / len(rows), "spatial/truth": total["truth"] / len(rows),
+            "spatial/gated": share("gated", "claims"), "spatial/named": share("named", "gated"),
+            "spatial/box": share("box", "named")}
 
 
 def forced_box_summary(pairs):

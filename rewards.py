@@ -865,9 +865,9 @@ def _read_claim(c, cfg):
     return dataclasses.replace(c, boxes=boxes, time=c.raw_time if cfg.negative_times else c.time)
 
 
-def _spatial_claims(claims, frames, cfg):
-    """Sum of claim scores over the claim_norm denominator. f1: (claims + true objects) / 2, so a
-    true (key frame, object) left unclaimed costs like a spare claim."""
+def _scored_claims(claims, cfg):
+    """The claims the spatial reward scores: numbers read by cfg's rules, then (release) malformed
+    ones dropped or (ours) verbatim repeats made one."""
     claims = [_read_claim(c, cfg) for c in claims]
     if not cfg.count_malformed:  # release: a claim with a bad time or box never parsed
         claims = [c for c in claims if c.time is not None and c.boxes and c.n_boxes == len(c.boxes)]
@@ -876,6 +876,13 @@ def _spatial_claims(claims, frames, cfg):
         for c in claims:
             seen.setdefault((c.name.lower(), c.time, tuple(map(tuple, c.boxes)), c.n_boxes), c)
         claims = list(seen.values())
+    return claims
+
+
+def _spatial_claims(claims, frames, cfg):
+    """Sum of claim scores over the claim_norm denominator. f1: (claims + true objects) / 2, so a
+    true (key frame, object) left unclaimed costs like a spare claim."""
+    claims = _scored_claims(claims, cfg)
     if not claims:
         return 0.0
     per_claim = [_object_scores(c, frames, cfg) for c in claims]  # [{slot: score}]
@@ -893,21 +900,47 @@ def _spatial_claims(claims, frames, cfg):
     return sum(matched) / denom[cfg.claim_norm]
 
 
-def _object_scores(claim, frames, cfg):
-    """{(frame index, object name): box score} for the objects this claim matches."""
+def _gated_frame(claim, frames, cfg):
+    """Index of the key frame a claim gates to: the nearest within tau (the earlier listed one on
+    ties); None without a time or a box, or with no key frame near."""
     if claim.time is None or not claim.boxes:
-        return {}
+        return None
     tau = cfg.tau_seconds + cfg.tau_tolerance  # times are decimals: 16.1 - 15.1 > 1.0 in floats
     near = [(abs(t - claim.time), k) for k, (t, _) in enumerate(frames) if abs(t - claim.time) <= tau]
-    if not near:
+    return min(near)[1] if near else None
+
+
+def _object_scores(claim, frames, cfg):
+    """{(frame index, object name): box score} for the objects this claim matches."""
+    k = _gated_frame(claim, frames, cfg)
+    if k is None:
         return {}
-    k = min(near)[1]  # nearest key frame; the earlier listed one on ties
     objects = frames[k][1]
     names = [n for n in objects if names_match(claim.name, n, cfg)]
     if cfg.whole_words and cfg.identity == "soft":  # an exact name beats a shared word
         exact = [n for n in names if _words(n) == _words(claim.name)]
         names = exact or names
     return {(k, n): _box_score(claim.boxes, claim.n_boxes, objects[n], cfg) for n in names if objects[n]}
+
+
+def spatial_breakdown(text, record, ctx, cfg=RewardConfig()) -> dict:
+    """Which link of a claim the spatial reward loses on a spatio-temporal record, for eval's
+    'spatial/...' columns: {'claims': the claims it scores, 'gated': those within tau of a key
+    frame, 'named': of those, the ones naming an object in that frame, 'box': those ones' box
+    scores summed (each its best object), 'truth': the true (key frame, object) slots}. Before the
+    reward's other rules (the answer gate, one claim paid per slot, the denominator), so a low
+    reward reads as wrong times, wrong names or loose boxes. {} where there are no key frames to
+    check (other tasks, visual QA, odd truth)."""
+    if not isinstance(record, dict) or not is_spatiotemporal(record, cfg.general_grounding):
+        return {}
+    frames = _grounding_truth(record, ctx, cfg.round_gt)
+    if isinstance(frames, str):
+        return {}
+    claims = _scored_claims(_parsed(text).claims, cfg)
+    scores = [_object_scores(c, frames, cfg) for c in claims]
+    return {"claims": len(claims), "gated": sum(_gated_frame(c, frames, cfg) is not None for c in claims),
+            "named": sum(bool(s) for s in scores), "box": sum(max(s.values()) for s in scores if s),
+            "truth": sum(1 for _, objects in frames for boxes in objects.values() if boxes)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_eval_metrics.py -q
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -446,6 +447,20 @@ def test_stgr_accuracy_and_temporal_iou_per_event():
     assert not any("event=" in k for k in metrics.score_stgr(stgr_records(), gt, ctx))
 
 
+def test_spatial_links_pool_claims_by_hand():
+    """spatial/...: shares pooled over claims, not averaged per record: 3 of 4 claims at a key
+    frame's time, 2 of those 3 naming its object, their box scores (0.5 + 1.0) / 2."""
+    per = [{"spatial/claims": 3, "spatial/gated": 2, "spatial/named": 1, "spatial/box": 0.5, "spatial/truth": 2},
+           {"spatial/claims": 1, "spatial/gated": 1, "spatial/named": 1, "spatial/box": 1.0, "spatial/truth": 4},
+           {"correct": 1.0}]   # a record without key frames (a temporal one) is not counted
+    assert metrics.spatial_links(per) == pytest.approx({"spatial/claims": 2.0, "spatial/truth": 3.0,
+                                                        "spatial/gated": 75.0, "spatial/named": 200 / 3,
+                                                        "spatial/box": 75.0})
+    assert metrics.spatial_links([{"correct": 1.0}]) == {}
+    none_gated = [{"spatial/claims": 2, "spatial/gated": 0, "spatial/named": 0, "spatial/box": 0, "spatial/truth": 1}]
+    assert metrics.spatial_links(none_gated)["spatial/named"] == 0.0   # nothing to divide: 0, not a crash
+
+
 # ---------------------------------------------------------------------------------------------
 # A V-STAR file written by synth.py loads and the oracle scores 100 on it
 # ---------------------------------------------------------------------------------------------
@@ -472,6 +487,14 @@ def test_synth_vstar_file_loads_and_oracle_is_perfect(tmp_path):
     ctx = rewards.RewardContext(frame_width=synth.SIZE, frame_height=synth.SIZE, progress=1.0)
     stgr = metrics.score_stgr(recs, [r["reasoning_process"] for r in recs], ctx)
     assert stgr["Acc"] == pytest.approx(100.0)
+    # ... every claim at a key frame's time, naming its object, boxing it exactly
+    for k in ("spatial/gated", "spatial/named", "spatial/box"):
+        assert stgr[k] == pytest.approx(100.0), k
+    # each trace's first box moved to a corner: the same times and names, boxes that miss
+    corner = metrics.score_stgr(recs, [re.sub(r"<box>\[[^]]*\]", "<box>[0, 0, 1, 1]", r["reasoning_process"], count=1)
+                                       for r in recs], ctx)
+    assert corner["spatial/gated"] == corner["spatial/named"] == pytest.approx(100.0)
+    assert corner["spatial/box"] < 100.0
 
 
 def test_best_constant_span_is_the_frame_blind_yardstick_by_hand():

@@ -342,6 +342,31 @@ def test_gate_picks_nearest_key_frame():
     assert R.spatial_reward(c(claim("man", MAN4, 2.1)), ST, CTX, R.RewardConfig(tau_seconds=0.5)) == 0.0
 
 
+@pytest.mark.parametrize("cfg,want", [
+    # ours: the verbatim repeat of MAN0 is one claim, the malformed box counts as a claim with no frame
+    (OURS, {"claims": 5, "gated": 3, "named": 2, "box": 1.5, "truth": 3}),
+    # the release: the malformed claim never parsed, the repeat counts again (and pays 1.0 again)
+    (REL, {"claims": 5, "gated": 4, "named": 3, "box": 2.5, "truth": 3}),
+])
+def test_spatial_breakdown(cfg, want):
+    think = (MAN0 + claim("man", [[10, 10, 30, 50]], 1.0)          # 1 s, the man, IoU 400 / 800
+             + claim("dog", [[1, 1, 5, 5]], 3.0)                    # 3 s: no dog there
+             + claim("man", [[10, 10, 30, 30]], 10.0)               # no key frame near 10 s
+             + "<obj>man</obj><box>[1,2,3]</box>at<t>1.0</t>s" + MAN0)
+    assert R.spatial_breakdown(c(think), ST, CTX, cfg) == pytest.approx(want)
+
+
+def test_spatial_breakdown_only_where_key_frames_are_checked():
+    assert R.spatial_breakdown(c(MAN0), ST, CTX) == {"claims": 1, "gated": 1, "named": 1, "box": 1.0, "truth": 3}
+    assert R.spatial_breakdown(c("no claims"), ST, CTX)["claims"] == 0
+    # a claim naming two objects (no identity check) scores its best one: the red car, not the man
+    anyone = R.RewardConfig(identity="none")
+    assert R.spatial_breakdown(c(claim("x", [[0, 0, 20, 10]], 3.0)), ST, CTX, anyone)["box"] == 1.0
+    for rec in (TQA, TMCQ, VQA, MCQ, FREE, {**ST, "key_items": {}}, "not a record"):
+        assert R.spatial_breakdown(c(MAN0), rec, CTX) == {}
+    assert R.spatial_breakdown(c(MAN0), ST, R.RewardContext(0, 100)) == {}   # odd frame size
+
+
 def test_visual_qa_spatial():
     think, answer = "<box>[10, 10, 30, 50]</box> <box>[60, 60, 90, 90]</box>", "<box>[10, 10, 30, 50]</box>"
     assert R.spatial_reward(c(think, answer), VQA, CTX, OURS) == pytest.approx(2 / 3)
@@ -707,6 +732,12 @@ def _check(scores):
     assert scores["total"] == pytest.approx(sum(v for k, v in scores.items() if k != "total"))
 
 
+def _check_links(links):
+    """spatial_breakdown's counts nest: claims >= gated >= named >= their box scores' sum >= 0."""
+    if links:
+        assert links["claims"] >= links["gated"] >= links["named"] >= links["box"] - 1e-9 >= -1e-9, links
+
+
 def test_random_junk_stays_in_range():
     rng = random.Random(1234)
     for i in range(400):
@@ -715,6 +746,7 @@ def test_random_junk_stays_in_range():
             text = "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(10_000))  # 10k chars of junk
         for rec in ALL_RECORDS:
             _check(R.score_completion(text, rec, R.RewardContext(100, 100, rng.random()), CFGS[i % 4]))
+            _check_links(R.spatial_breakdown(text, rec, CTX, CFGS[i % 4]))
 
 
 def _random_well_formed(rng):
@@ -741,6 +773,7 @@ def test_random_well_formed_stays_in_range():
             cfg = CFGS[i % 4]
             got = R.score_completion(text, rec, R.RewardContext(100, 100, rng.random()), cfg)
             _check(got)
+            _check_links(R.spatial_breakdown(text, rec, CTX, cfg))
             readable = R._readable(R.parse_completion(text).answer, rec, cfg)
             assert got["format"] in ((0.5, 1.0) if readable else (0.0,)) or cfg is REL
 
