@@ -879,6 +879,11 @@ def _scored_claims(claims, cfg):
     return claims
 
 
+def _n_true(frames):
+    """The true (key frame, object) slots a complete trace claims: objects with a box there."""
+    return sum(1 for _, objects in frames for boxes in objects.values() if boxes)
+
+
 def _spatial_claims(claims, frames, cfg):
     """Sum of claim scores over the claim_norm denominator. f1: (claims + true objects) / 2, so a
     true (key frame, object) left unclaimed costs like a spare claim."""
@@ -895,7 +900,7 @@ def _spatial_claims(claims, frames, cfg):
         per_claim = [{k: (s if best[k] == i else 0.0) for k, s in sc.items()} for i, sc in enumerate(per_claim)]
     agg = max if cfg.object_agg == "max" else (lambda v: sum(v) / len(v))
     matched = [agg(list(sc.values())) for sc in per_claim if sc]
-    n_true = sum(1 for _, objects in frames for boxes in objects.values() if boxes)
+    n_true = _n_true(frames)
     denom = {"f1": (len(claims) + n_true) / 2, "all": len(claims), "matched": max(1, len(matched))}
     return sum(matched) / denom[cfg.claim_norm]
 
@@ -940,7 +945,7 @@ def spatial_breakdown(text, record, ctx, cfg=RewardConfig()) -> dict:
     scores = [_object_scores(c, frames, cfg) for c in claims]
     return {"claims": len(claims), "gated": sum(_gated_frame(c, frames, cfg) is not None for c in claims),
             "named": sum(bool(s) for s in scores), "box": sum(max(s.values()) for s in scores if s),
-            "truth": sum(1 for _, objects in frames for boxes in objects.values() if boxes)}
+            "truth": _n_true(frames)}
 
 
 # ---------------------------------------------------------------------------------------------
