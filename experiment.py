@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 
+import distill
 import train
 
 ARMS = {  # arm -> train.py overrides
@@ -163,31 +164,40 @@ def plot(out_dirs, results, out):
     fig.tight_layout(), fig.savefig(os.path.join(out, "test_metrics.png"), dpi=110), plt.close(fig)
 
 
+def lift_groups(records, means, k):
+    """The groups whose prompts' lift calibration measures: hard (mean < k) and promptable. RL's coach
+    re-draws a hard group without key objects raw (a temporal question has none: distill.Coach.choose),
+    so prompting one here would measure the hint alone on a question RL never prompts."""
+    return [r for r, m in zip(records, means) if m < k and distill.can_prompt(r)]
+
+
 def calibrate(sft, o):
     """On the first n validation prompts, with the SFT checkpoint as RL starts: the hard share for a
     range of k and the k for 40 / 50 / 65% hard (the paper's run had 58%), then on the groups hard
-    at the config's k, each visual prompt's mean reward against a fresh raw draw (the issue's
-    "prompts help hard samples" check). -> {out}/k_calibration.json."""
+    at the config's k that the coach can prompt, each visual prompt's mean reward against a fresh
+    raw draw (the issue's "prompts help hard samples" check). -> {out}/k_calibration.json."""
     cfg = train.Config(out_dir=o["base"])
     rt = train.setup_runtime(cfg)
     bundle = train.load_policy(cfg, rt, sft, trainable=False)
     records, means = train.val_group_means(cfg, rt, bundle, int(o["calibrate"]))
     shares = {f"{k:.2f}": sum(m < k for m in means) / len(means) for k in [x / 4 for x in range(4, 13)]}
     picks = {f"{s:.2f}": train.k_for_share(means, s) for s in (0.4, 0.5, 0.65)}
-    hard = [r for r, m in zip(records, means) if m < cfg.hard_k]
+    n_hard = sum(m < cfg.hard_k for m in means)
+    hard = lift_groups(records, means, cfg.hard_k)
     by_vp = train.vp_group_means(cfg, rt, bundle, hard, draw="lift") if hard else {}
     vp_mean = {vp: statistics.mean(v) for vp, v in by_vp.items()}
     result = {"n": len(means), "group_means": means, "hard_share_at_k": shares, "k_for_share": picks,
-              "k": cfg.hard_k, "hard_share_at_k_used": len(hard) / len(means), "hard_vp_mean": vp_mean,
+              "k": cfg.hard_k, "hard_share_at_k_used": n_hard / len(means), "hard_promptable": len(hard),
+              "hard_vp_mean": vp_mean,
               "hard_vp_lift": {vp: v / vp_mean["raw"] - 1 for vp, v in vp_mean.items()} if hard else {}}
     with open(os.path.join(o["out"], "k_calibration.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"{len(means)} validation prompts, group means {min(means):.2f}..{max(means):.2f}; hard share at k: "
           + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()))
     print("k for 40% / 50% / 65% hard: " + " / ".join(f"{v:.2f}" for v in picks.values())
-          + f" (k = {cfg.hard_k}: {len(hard)} hard)")
+          + f" (k = {cfg.hard_k}: {n_hard} hard, {len(hard)} of them promptable)")
     for vp, v in vp_mean.items():
-        print(f"  hard groups, {vp:>13}: mean reward {v:.3f} ({100 * result['hard_vp_lift'][vp]:+.1f}% vs raw)")
+        print(f"  promptable hard groups, {vp:>13}: mean reward {v:.3f} ({100 * result['hard_vp_lift'][vp]:+.1f}% vs raw)")
     return result
 
 

@@ -67,3 +67,29 @@ def test_the_no_perception_row_is_the_same_sft_from_a_random_tiny_model(tmp_path
                     for s in ("data", "sft")]
     assert all("--base_model=tiny" not in c for c in cmds if f"--out_dir={base}" in c)   # the main SFT: the checkpoint
     assert experiment.parse(["--preset=quick"])["no_perception"] == "0"
+
+
+def test_calibration_measures_prompts_only_where_the_coach_can_draw_them(tmp_path, monkeypatch):
+    """k is chosen over every group, but the prompts' lift is measured on the hard groups RL's coach
+    would prompt: a hard temporal question (no key frames) or one whose key frames hold no object
+    would be re-drawn raw in RL, so prompting it here would score the hint alone."""
+    box = {"red circle": [[0.1, 0.1, 0.3, 0.3]]}
+    recs = [{"id": "ff_hard", "key_frames": [{"idx": 4}], "key_items": {"4": box}},
+            {"id": "tg_hard", "key_frames": [], "key_items": {}},
+            {"id": "empty_hard", "key_frames": [{"idx": 4}], "key_items": {"4": {}}},
+            {"id": "ff_easy", "key_frames": [{"idx": 4}], "key_items": {"4": box}},
+            {"id": "mcq_hard", "key_frames": [{"idx": 2}, {"idx": 6}], "key_items": {"6": box}}]
+    means = [1.0, 0.5, 0.2, 2.5, 1.8]
+    assert [r["id"] for r in experiment.lift_groups(recs, means, 1.9)] == ["ff_hard", "mcq_hard"]
+    assert experiment.lift_groups(recs, means, 0.1) == []
+
+    asked = []
+    monkeypatch.setattr(experiment.train, "load_policy", lambda *a, **k: None)
+    monkeypatch.setattr(experiment.train, "val_group_means", lambda cfg, rt, bundle, n: (recs, means))
+    monkeypatch.setattr(experiment.train, "vp_group_means", lambda cfg, rt, bundle, hard, draw:
+                        asked.append([r["id"] for r in hard]) or {"raw": [1.0, 1.0], "darken": [1.5, 1.0]})
+    result = experiment.calibrate("sft", {"base": str(tmp_path), "out": str(tmp_path), "calibrate": "5"})
+    assert asked == [["ff_hard", "mcq_hard"]]
+    assert result["hard_share_at_k_used"] == 0.8 and result["hard_promptable"] == 2   # k = 1.9: four of five hard
+    assert result["hard_vp_lift"] == {"raw": 0.0, "darken": 0.25}
+    assert json.load(open(tmp_path / "k_calibration.json"))["hard_promptable"] == 2
