@@ -101,6 +101,7 @@ class Config:
     top_p: float = 0.95           # nucleus sampling mass of rollouts
     beta: float = 0.04            # weight of the k3 KL to the frozen reference (0: no reference kept)
     clip_eps: float = 0.2         # the ratio is clipped to 1 +- clip_eps
+    adv_std: bool = True          # advantages divided by the group's reward std (GRPO); false: mean-centred only (Dr. GRPO)
     ratio: str = "sequence"       # sequence (GSPO) | token (GRPO)
     inner_updates: int = 1        # optimizer updates per batch of rollouts
     shared_prefix: bool = True    # prompt once per group (False: the plain repeated computation)

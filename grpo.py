@@ -11,7 +11,9 @@ extra term comes from distill.py. With --coach=none this file alone is plain GRP
 
 What we keep from GRPO (Shao et al. 2024) and GSPO (Zheng et al. 2025), and where we depart:
 - Advantage: A_g = (r_g - mean_G r) / (std_G r + 1e-4), one scalar per completion, std with
-  Bessel's correction off (population std), no value model. Kept from GRPO.
+  Bessel's correction off (population std), no value model. Kept from GRPO. --adv_std=false
+  drops the division (Liu et al. 2025, "Dr. GRPO"): the std turns a group whose totals differ only
+  by a temporal hair (1.96 against 1.99) into advantages as large as a right-against-wrong answer.
 - Ratio: by default GSPO's sequence-level ratio s_g = exp(mean_t [log pi(y_t) - log pi_old(y_t)])
   (length-normalized), clipped to 1 +/- clip_eps, one surrogate per sequence: -min(s A, clip(s) A).
   --ratio=token gives GRPO's per-token ratio with the same clip.
@@ -52,11 +54,14 @@ import rewards
 RATIOS = ("sequence", "token")     # GSPO's sequence-level ratio | GRPO's per-token ratio
 
 
-def group_advantages(rewards, eps=1e-4):
-    """rewards (..., G) -> (r - mean) / (std + eps) over the last axis; zero for equal rewards."""
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards, eps=1e-4, scale=True):
+    """rewards (..., G) -> (r - mean) / (std + eps) over the last axis; zero for equal rewards.
+    scale=False: r - mean only (Dr. GRPO), so a group whose rewards differ by a hair is not blown
+    up to the same size of update as one whose answers differ."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
 
 
 def k3_kl(logp, ref_logp):

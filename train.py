@@ -1094,7 +1094,7 @@ def rl_rollouts(cfg, rt, run, rl, step):
             counts["skipped/all_truncated"] += 1
         counts.update(reward_skips(group))
         totals = torch.tensor(group.rewards["total"], dtype=torch.float32)
-        group.advantages = grpo.group_advantages(totals).to(rt.device)                      # (G,)
+        group.advantages = grpo.group_advantages(totals, scale=cfg.adv_std).to(rt.device)  # (G,)
         groups[k] = group
     # 2. hard indicator I = [mean R < k]
     t = time.time()

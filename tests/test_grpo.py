@@ -15,6 +15,16 @@ def test_group_advantages_normalize_and_zero_std_gives_zero():
     assert torch.equal(adv[1], torch.zeros(4))
 
 
+def test_group_advantages_unscaled_keep_a_small_spread_small():
+    # one group differs by a hair (a temporal reward), one by a right answer: the std blows the hair up
+    rewards = torch.tensor([[2.0, 2.0, 2.0, 2.1], [1.0, 2.0, 1.0, 2.0]])
+    scaled = grpo.group_advantages(rewards)
+    unscaled = grpo.group_advantages(rewards, scale=False)
+    torch.testing.assert_close(unscaled, torch.tensor([[-0.025, -0.025, -0.025, 0.075], [-0.5, 0.5, -0.5, 0.5]]))
+    assert scaled[0, 3] > 1.7 and scaled[1, 1] < 1.0                 # scaled: the hair outweighs the answer
+    assert torch.equal(grpo.group_advantages(torch.full((3,), 1.5), scale=False), torch.zeros(3))
+
+
 def test_k3_is_nonnegative_and_zero_when_equal():
     p = torch.log_softmax(torch.randn(50), 0)
     q = torch.log_softmax(torch.randn(50), 0)

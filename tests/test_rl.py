@@ -233,3 +233,19 @@ def test_val_group_means_are_the_rollout_rewards_when_rl_starts(tiny_data, tiny_
     assert len({tuple(v) for v in by_vp.values()}) > 1   # prompted inputs and draws differ from raw
     fresh = train.vp_group_means(cfg, rt, bundle, records, ("raw",), draw="lift")["raw"]
     assert fresh != means                                 # another draw: other rollouts
+
+
+def test_adv_std_false_centres_the_advantages_without_dividing(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    for scale in (True, False):
+        seen = []                                                             # each scored group's totals
+        monkeypatch.setattr(rewards, "score_group",
+                            lambda *a: seen.append(fake_score_group(*a)["total"]) or fake_score_group(*a))
+        train.stage_rl(rl_cfg(tiny_data, tmp_path / str(scale), rl_steps=1, adv_std=scale),
+                       train.setup_runtime(rl_cfg(tiny_data, tmp_path / str(scale))), tiny_model_dir)
+        totals = torch.tensor(seen)                                          # (batch_size, G)
+        centred = totals - totals.mean(-1, keepdim=True)
+        want = centred / (totals.std(-1, unbiased=False, keepdim=True) + 1e-4) if scale else centred
+        row = json.loads(open(tmp_path / str(scale) / "rl" / "metrics.jsonl").readline())
+        assert totals.shape == (2, 3) and totals.std(-1).min() > 0          # both groups carry a signal
+        assert abs(row["adv_std"] - want.std(unbiased=False).item()) < 1e-5
