@@ -160,3 +160,26 @@ def test_gradient_background_changes_the_background_only(tmp_path):
               for bg in ("flat", "gradient")]
     corner = lambda f: f[:, :4, :4].mean((1, 2))  # noqa: E731  (h264 blurs; a corner is far from objects)
     assert (corner(frames[0]) - corner(frames[1])).abs().max() > 20
+
+
+def test_every_trace_fits_the_rl_and_eval_budgets():
+    """RL samples at most max_new_tokens: a budget below the traces SFT teaches would cut the longest
+    (then unformatted, unrewarded) and teach RL to drop claims. 300 scenes' three traces each, in the
+    tokens of the default base model (its 112-pixel frames are synth's, so the boxes are as SFT writes them)."""
+    import random
+
+    import model
+    from transformers import AutoTokenizer
+    cfg = config.Config()
+    tok = AutoTokenizer.from_pretrained(cfg.base_model)
+    rng = random.Random(0)
+    longest = 0
+    for _ in range(300):
+        scene = synth.make_scene(rng, rng.random() < 0.5)
+        story = synth.tell(scene)
+        s, e = scene.span
+        for text in (synth.completion(story.think, story.answer),
+                     synth.completion(synth.mcq_think(story, "D"), "D"),
+                     synth.completion(story.when_think, synth.span_text(s, e))):
+            longest = max(longest, len(model.encode_text(tok, text)) + 1)             # + <|im_end|>
+    assert 90 < longest <= min(cfg.max_new_tokens, cfg.eval_max_new_tokens)
