@@ -96,7 +96,7 @@ class Config:
     rl_lr: float = 5e-5           # RL peak learning rate (linear warmup, cosine to 10%)
     rl_warmup_share: float = 0.05  # RL warmup as a share of rl_steps (at least one step)
     group_size: int = 4           # G rollouts per prompt
-    max_new_tokens: int = 128     # longest completion sampled in RL and for selector labels (96 cut 14-21% of rollouts: traces run to ~108)
+    max_new_tokens: int = 128     # longest completion sampled in RL and for selector labels (96 cut 14% of rollouts: synth traces run to 109)
     temperature: float = 1.0      # sampling temperature of rollouts
     top_p: float = 0.95           # nucleus sampling mass of rollouts
     beta: float = 0.04            # weight of the k3 KL to the frozen reference (0: no reference kept)
