@@ -236,13 +236,17 @@ def test_val_group_means_are_the_rollout_rewards_when_rl_starts(tiny_data, tiny_
 
 
 def test_adv_std_false_centres_the_advantages_without_dividing(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
-    import json
     for scale in (True, False):
         seen = []                                                             # each scored group's totals
-        monkeypatch.setattr(rewards, "score_group",
-                            lambda *a: seen.append(fake_score_group(*a)["total"]) or fake_score_group(*a))
-        train.stage_rl(rl_cfg(tiny_data, tmp_path / str(scale), rl_steps=1, adv_std=scale),
-                       train.setup_runtime(rl_cfg(tiny_data, tmp_path / str(scale))), tiny_model_dir)
+
+        def score(*args):
+            table = fake_score_group(*args)
+            seen.append(table["total"])
+            return table
+
+        monkeypatch.setattr(rewards, "score_group", score)
+        cfg = rl_cfg(tiny_data, tmp_path / str(scale), rl_steps=1, adv_std=scale)
+        train.stage_rl(cfg, train.setup_runtime(cfg), tiny_model_dir)
         totals = torch.tensor(seen)                                          # (batch_size, G)
         centred = totals - totals.mean(-1, keepdim=True)
         want = centred / (totals.std(-1, unbiased=False, keepdim=True) + 1e-4) if scale else centred

@@ -1,5 +1,6 @@
 """Tests for synth.py: determinism, STGR layout, grammar, and the encode -> decode round trip."""
 import json
+import random
 import re
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 from torchcodec.decoders import VideoDecoder
+from transformers import AutoTokenizer
 
 import config
+import model
 import synth
 from data import sample_times
 
@@ -166,10 +169,6 @@ def test_every_trace_fits_the_rl_and_eval_budgets():
     """RL samples at most max_new_tokens: a budget below the traces SFT teaches would cut the longest
     (then unformatted, unrewarded) and teach RL to drop claims. 300 scenes' three traces each, in the
     tokens of the default base model (its 112-pixel frames are synth's, so the boxes are as SFT writes them)."""
-    import random
-
-    import model
-    from transformers import AutoTokenizer
     cfg = config.Config()
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
     rng = random.Random(0)
