@@ -37,7 +37,9 @@ for clips what --bind_weight does for frames, and adds what changed since the pr
 (moved how far, stood still, appeared, changed colour): what a video model's pretraining gives
 its image tokens, and what the events are made of. --text_steps first
 trains the text model alone on the same questions asked in words (no frame); --text_mix adds such a
-batch to every frame step. --init starts from a saved model instead of a fresh one (the committed
+batch to every frame step. --recall_steps trains it first on in-context recall over random symbols
+(`k . v` entries, then `k ? v` queries: the match-and-copy skill a real LM brings from text
+pretraining; --recall_attend points one head at the answer). --init starts from a saved model instead of a fresh one (the committed
 checkpoint is two runs: frames from scratch, then frames and words from that model; README). Every
 round's numbers are in docs/perception.md.
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
@@ -138,6 +140,14 @@ class ProbeConfig:
     text_batch: int = 32          # questions per text-only step
     text_mix: bool = False        # every frame step also trains on text_batch questions in words (loss added):
                                   # the lookup-and-copy skill SFT needs (name the asked object), kept beside frames
+    recall_steps: int = 0         # > 0: first (before text_steps) train the text model alone this many steps on
+                                  # in-context recall over random symbols (recall_sample): every target a lookup
+    recall_symbols: int = 16      # recall's alphabet: the tokenizer's first this many ordinary tokens (2..656)
+    recall_batch: int = 32        # recall sequences per step
+    recall_seconds: float = 0.0   # > 0: also stop recall after this many training seconds
+    recall_attend: float = 0.0    # > 0: the aid on recall: head 0 of attend_layer learns to look from each query's
+                                  # '?' at its entry's value, at this weight (eager attention)
+    recall_mix: bool = False      # every text_steps step also trains on recall_batch // 2 recall sequences
     init: str = ""                # a saved model folder (probe --save, or checkpoints/...) to start from instead of
                                   # a fresh model; the shape flags above are then the folder's
     # binding aids (what pretraining gives a real model: image tokens that know what they show, a head
@@ -204,6 +214,8 @@ def parse_args(argv):
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
     if cfg.track_weight > 0 and (cfg.motion_weight <= 0 or (cfg.attend_weight > 0 and cfg.track_layer == cfg.attend_layer)):
         raise SystemExit("--track_weight needs --motion_weight (its targets) and a --track_layer other than --attend_layer")
+    if not 2 <= cfg.recall_symbols <= 656:
+        raise SystemExit(f"--recall_symbols={cfg.recall_symbols}: expected 2..656 (the tokenizer's ordinary tokens)")
     check_events(cfg.when_events, "--when_events")
     check_events(cfg.qa_events, "--qa_events")
     for mark in cfg.marks.split(","):
@@ -493,13 +505,20 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
     params = [p for n, p in vlm.named_parameters() if "visual" not in n]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    alphabet = recall_alphabet(tokenizer, cfg.recall_symbols) if cfg.recall_mix else None
+    layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
     stats = []
     for step in range(1, cfg.text_steps + 1):
         t0, c0 = time.time(), time.process_time()
         items = [text_sample(rng, cfg) for _ in range(cfg.text_batch)]
         nll, right = text_loss(vlm, tokenizer, items, cfg.device)
+        loss = nll
+        if cfg.recall_mix:
+            seqs = [recall_sample(rng, *alphabet) for _ in range(cfg.recall_batch // 2)]
+            recall_nll, aid, _ = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
+            loss = loss + recall_nll + (cfg.recall_attend * aid if aid is not None else 0.0)
         opt.zero_grad(set_to_none=True)
-        nll.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
@@ -512,6 +531,114 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
             acc = " ".join(f"{t} exact {sum(v) / len(v):.2f}" for t, v in right.items() if v)
             log(f"[probe] text step {step:5d} {clock['wall']:6.0f}s loss {sum(s[1] for s in stats) / len(stats):.3f} {acc}")
             stats = []
+
+
+def recall_alphabet(tokenizer, n):
+    """(the recall task's n symbols: the tokenizer's first ordinary tokens, never one of the task's own
+    marks; the marks' ids '.', '?', newline)."""
+    marks = [model.encode_text(tokenizer, m) for m in (".", "?", "\n")]
+    if any(len(m) != 1 for m in marks):
+        raise ValueError(f"recall needs '.', '?' and a newline to be one token each; the tokenizer gives {marks}")
+    marks = [m[0] for m in marks]
+    special = set(tokenizer.all_special_ids)
+    symbols = [i for i in range(len(tokenizer)) if i not in special and i not in marks][:n]
+    return symbols, marks
+
+
+def recall_sample(rng, symbols, marks, entries=(3, 8)):
+    """One in-context associative recall sequence (a stand-in for the text pretraining that gives a real
+    LM its match-and-copy heads: every target is a lookup, none can be guessed from the symbols).
+    n entries `v . k NL` (the value first, as an MCQ option's letter stands before its words) or
+    `k . v NL` (half the sequences each way), n distinct keys and n distinct values, then n queries
+    `k ? v NL` whose keys are drawn with replacement, so the last query cannot be answered by
+    elimination. -> (token ids, [(position that predicts the value, the entry's value position, value)])."""
+    dot, ask, nl = marks
+    n = rng.randint(*entries)
+    keys, values = rng.sample(symbols, n), rng.sample(symbols, n)
+    value_first = rng.random() < 0.5
+    ids, value_at = [], {}
+    for k, v in zip(keys, values):
+        value_at[k] = len(ids) + (0 if value_first else 2)
+        ids += [v, dot, k, nl] if value_first else [k, dot, v, nl]
+    queries = []
+    for _ in range(n):
+        j = rng.randrange(n)
+        queries.append((len(ids) + 1, value_at[keys[j]], values[j]))
+        ids += [keys[j], ask, values[j], nl]
+    return ids, queries
+
+
+def recall_loss(vlm, seqs, pad_id, device, attend_layer=0):
+    """Next-token loss on every query's value (the only targets) of recall_sample sequences, the text model
+    alone; with attend_layer, the aid: -log of head 0's attention in that layer from each query's '?' at its
+    entry's value (eager attention). -> (mean NLL, mean aid loss or None, (Q,) bool: each value right,
+    argmax teacher-forced, which for a one-token answer is the greedy answer)."""
+    L = max(len(ids) for ids, _ in seqs)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, (ids, _) in enumerate(seqs):
+        x[b, :len(ids)], mask[b, :len(ids)] = torch.tensor(ids), 1
+    flat = [(b, a, src, v) for b, (_, queries) in enumerate(seqs) for a, src, v in queries]
+    rows, at, source, target = (torch.tensor(column, device=device) for column in zip(*flat))
+    out = vlm(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False,
+              output_attentions=attend_layer > 0)
+    logits = out.logits[rows, at].float()                                   # (Q, V)
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    aid = None
+    if attend_layer:
+        weight = out.attentions[attend_layer - 1][rows, 0, at, source]        # head 0, query '?' -> entry's value
+        aid = -weight.float().clamp_min(1e-9).log().mean()
+    return nll, aid, logits.argmax(-1) == target
+
+
+def recall_accuracy(vlm, seqs, pad_id, device, batch=64):
+    """Share of the queries of `seqs` whose value the model gives (greedy), in batches, no gradient."""
+    with torch.no_grad():
+        right = torch.cat([recall_loss(vlm, seqs[k:k + batch], pad_id, device)[2] for k in range(0, len(seqs), batch)])
+    return right.float().mean().item()
+
+
+def pretrain_recall(cfg, vlm, tokenizer, clock, log):
+    """cfg.recall_steps steps (or cfg.recall_seconds of training) of in-context recall (recall_sample), the
+    text model alone, with the aid at cfg.recall_attend. Logs the loss and the share of values right on each window's training sequences
+    (fresh ones, scored before they are learned from), and on 256 held-out sequences (their own seed) at
+    the end and every cfg.eval_steps steps if set. -> the last held-out accuracy."""
+    symbols, marks = recall_alphabet(tokenizer, cfg.recall_symbols)
+    rng, held = random.Random(f"recall-train-{cfg.seed}"), random.Random(f"recall-held-{cfg.seed}")
+    heldout = [recall_sample(held, symbols, marks) for _ in range(256)]
+    params = [p for n, p in vlm.named_parameters() if "visual" not in n]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
+    log(f"[probe] recall: {len(symbols)} symbols, {cfg.recall_batch} sequences a step, aid {cfg.recall_attend:g}"
+        f"{f' (layer {layer} head 0)' if layer else ''}; held-out before training {recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device):.3f}")
+    stats, acc = [], None
+    for step in range(1, cfg.recall_steps + 1):
+        t0, c0 = time.time(), time.process_time()
+        seqs = [recall_sample(rng, symbols, marks) for _ in range(cfg.recall_batch)]
+        nll, aid, right = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
+        loss = nll + cfg.recall_attend * aid if aid is not None else nll
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        clock["wall"] += time.time() - t0
+        clock["cpu"] += time.process_time() - c0
+        stats.append((nll.item(), aid.item() if aid is not None else 0.0, right.float().mean().item()))
+        last = step == cfg.recall_steps or 0 < cfg.recall_seconds <= clock["wall"]
+        if step % cfg.log_every == 0 or last:
+            mean = [sum(col) / len(stats) for col in zip(*stats)]
+            line = f"[probe] recall step {step:6d} {clock['wall']:6.0f}s loss {mean[0]:.3f} right {mean[2]:.3f}"
+            line += f" aid {mean[1]:.3f}" if layer else ""
+            if last or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0):
+                acc = recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device)
+                line += f" held-out {acc:.3f}"
+            log(line)
+            stats = []
+        if last:
+            break
+    return acc
 
 
 def check_events(events, flag):
@@ -1004,7 +1131,7 @@ def load_for_run(cfg, folder):
     if cfg.question_at:  # the layout the model's users will prompt it with, saved beside its weights
         vision.question_at = cfg.question_at
         vision.save(folder)
-    if cfg.attend_weight > 0 or cfg.track_weight > 0:  # SDPA returns no attention weights
+    if cfg.attend_weight > 0 or cfg.track_weight > 0 or cfg.recall_attend > 0:  # SDPA returns no attention weights
         vlm.set_attn_implementation("eager")
     return vlm, tokenizer, vision
 
@@ -1207,6 +1334,8 @@ def run(cfg, log=print):
         log(f"[probe] qa: each event's most common answer on the held-out clips scores {blind_qa:.3f}")
     values = value_targets(tokenizer, cfg.value_tokens, cfg.value_sigma) if cfg.value_sigma > 0 else None
     curve, clock, next_eval, step, losses, first = [], {"wall": 0.0, "cpu": 0.0}, 0.0, 0, [], []
+    if cfg.recall_steps > 0:
+        pretrain_recall(cfg, vlm, tokenizer, clock, log)
     if cfg.text_steps > 0:
         pretrain_text(cfg, vlm, tokenizer, rng, clock, log)
     dense_first = pretrain_vision(cfg, vlm, head, tokenizer, vision, rng, clock, log) if cfg.aux_steps > 0 else []
