@@ -1075,8 +1075,8 @@ def test_recall_loss_by_hand():
 def test_recall_pretraining_moves_only_the_text_model_and_the_aid_teaches_head_zero(tmp_path):
     aid = {}
     for weight in (1.0, 1e-6):                     # the aid on, and computed but with no pull
-        cfg = probe.ProbeConfig(out=str(tmp_path), recall_steps=30, recall_batch=16, recall_attend=weight,
-                                attend_layer=2, warmup=1, lr=3e-3, log_every=10, eval_steps=30)
+        cfg = probe.ProbeConfig(out=str(tmp_path), recall_steps=20, recall_batch=16, recall_attend=weight,
+                                attend_layer=2, warmup=1, lr=3e-3, log_every=10, eval_steps=20)
         torch.manual_seed(cfg.seed)
         vlm, tok, _ = probe.build_model(cfg, str(tmp_path / "m"))
         before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
@@ -1087,8 +1087,8 @@ def test_recall_pretraining_moves_only_the_text_model_and_the_aid_teaches_head_z
         assert lines[-1].endswith(f"held-out {acc:.3f}") and 0.0 <= acc <= 1.0
         aid[weight] = [float(line.split(" aid ")[1].split()[0]) for line in lines[1:]]
     # head 0 starts spread over the ~30 earlier positions; told where to look it narrows, else it spreads
-    # (seed 0, measured: 3.01, 2.59, 2.54 with the aid; 3.54, 4.12, 4.20 without its pull)
-    assert aid[1.0][-1] < 0.9 * aid[1.0][0] and aid[1.0][-1] < 0.75 * aid[1e-6][-1]
+    # (seed 0, measured over steps 1-10 and 11-20: 3.01, 2.59 with the aid; 3.54, 4.12 without its pull)
+    assert aid[1.0][-1] < aid[1.0][0] and aid[1.0][-1] < 0.75 * aid[1e-6][-1]
 
 
 def test_recall_mix_adds_recall_sequences_to_every_text_step(tmp_path):
