@@ -39,9 +39,9 @@ its image tokens, and what the events are made of. --text_steps first
 trains the text model alone on the same questions asked in words (no frame); --text_mix adds such a
 batch to every frame step. --recall_steps trains it first on in-context recall over random symbols
 (`k . v` entries, then `k ? v` queries: the match-and-copy skill a real LM brings from text
-pretraining; --recall_attend points one head at the answer). --init starts from a saved model instead of a fresh one (the committed
-checkpoint is two runs: frames from scratch, then frames and words from that model; README). Every
-round's numbers are in docs/perception.md.
+pretraining; --recall_attend points one head at the answer). --init starts from a saved model
+instead of a fresh one (the committed checkpoint is two runs: frames from scratch, then frames and
+words from that model; README). Every round's numbers are in docs/perception.md.
 Metrics on held-out frames (their own seed), greedy: box mean IoU (an unparseable box counts 0),
 share of boxes with IoU >= 0.5, marked-object accuracy (exact name). The clock counts training
 only; evaluations are timed apart.
@@ -142,7 +142,7 @@ class ProbeConfig:
                                   # the lookup-and-copy skill SFT needs (name the asked object), kept beside frames
     recall_steps: int = 0         # > 0: first (before text_steps) train the text model alone this many steps on
                                   # in-context recall over random symbols (recall_sample): every target a lookup
-    recall_symbols: int = 16      # recall's alphabet: the tokenizer's first this many ordinary tokens (2..656)
+    recall_symbols: int = 16      # recall's alphabet: the tokenizer's first this many ordinary tokens (>= 8)
     recall_batch: int = 32        # recall sequences per step
     recall_seconds: float = 0.0   # > 0: also stop recall after this many training seconds
     recall_attend: float = 0.0    # > 0: the aid on recall: head 0 of attend_layer learns to look from each query's
@@ -189,6 +189,7 @@ CLIP_TASKS = ("at", "when", "qa", "letter")  # shown as a video in SFT's layout
 FIRST_STEPS = 4  # the first steps' losses kept in curve.json
 FIND_Q, MARKED_Q, LIST_Q = "Where is the {}?", "Which object is marked?", "What objects are in the frame?"
 AT_Q = "Where is the {} at {}s?"
+RECALL_ENTRIES = (3, 8)  # key/value entries in a recall sequence: uniform in this range
 
 
 def parse_args(argv):
@@ -214,8 +215,9 @@ def parse_args(argv):
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
     if cfg.track_weight > 0 and (cfg.motion_weight <= 0 or (cfg.attend_weight > 0 and cfg.track_layer == cfg.attend_layer)):
         raise SystemExit("--track_weight needs --motion_weight (its targets) and a --track_layer other than --attend_layer")
-    if not 2 <= cfg.recall_symbols <= 656:
-        raise SystemExit(f"--recall_symbols={cfg.recall_symbols}: expected 2..656 (the tokenizer's ordinary tokens)")
+    if cfg.recall_symbols < RECALL_ENTRIES[1]:
+        raise SystemExit(f"--recall_symbols={cfg.recall_symbols}: expected at least {RECALL_ENTRIES[1]}, "
+                         f"the distinct keys a recall sequence can hold")
     check_events(cfg.when_events, "--when_events")
     check_events(cfg.qa_events, "--qa_events")
     for mark in cfg.marks.split(","):
@@ -541,11 +543,14 @@ def recall_alphabet(tokenizer, n):
         raise ValueError(f"recall needs '.', '?' and a newline to be one token each; the tokenizer gives {marks}")
     marks = [m[0] for m in marks]
     special = set(tokenizer.all_special_ids)
-    symbols = [i for i in range(len(tokenizer)) if i not in special and i not in marks][:n]
-    return symbols, marks
+    symbols = [i for i in range(len(tokenizer)) if i not in special and i not in marks]
+    if len(symbols) < n:
+        raise SystemExit(f"--recall_symbols={n}: the tokenizer has {len(symbols)} ordinary tokens besides '.', '?' "
+                         f"and the newline")
+    return symbols[:n], marks
 
 
-def recall_sample(rng, symbols, marks, entries=(3, 8)):
+def recall_sample(rng, symbols, marks, entries=None):
     """One in-context associative recall sequence (a stand-in for the text pretraining that gives a real
     LM its match-and-copy heads: every target is a lookup, none can be guessed from the symbols).
     n entries `v . k NL` (the value first, as an MCQ option's letter stands before its words) or
@@ -553,7 +558,7 @@ def recall_sample(rng, symbols, marks, entries=(3, 8)):
     `k ? v NL` whose keys are drawn with replacement, so the last query cannot be answered by
     elimination. -> (token ids, [(position that predicts the value, the entry's value position, value)])."""
     dot, ask, nl = marks
-    n = rng.randint(*entries)
+    n = rng.randint(*(entries or RECALL_ENTRIES))
     keys, values = rng.sample(symbols, n), rng.sample(symbols, n)
     value_first = rng.random() < 0.5
     ids, value_at = [], {}
@@ -594,15 +599,17 @@ def recall_loss(vlm, seqs, pad_id, device, attend_layer=0):
 def recall_accuracy(vlm, seqs, pad_id, device, batch=64):
     """Share of the queries of `seqs` whose value the model gives (greedy), in batches, no gradient."""
     with torch.no_grad():
-        right = torch.cat([recall_loss(vlm, seqs[k:k + batch], pad_id, device)[2] for k in range(0, len(seqs), batch)])
+        right = torch.cat([recall_loss(vlm, seqs[k:k + batch], pad_id, device)[2]
+                           for k in range(0, len(seqs), batch)])
     return right.float().mean().item()
 
 
 def pretrain_recall(cfg, vlm, tokenizer, clock, log):
     """cfg.recall_steps steps (or cfg.recall_seconds of training) of in-context recall (recall_sample), the
-    text model alone, with the aid at cfg.recall_attend. Logs the loss and the share of values right on each window's training sequences
-    (fresh ones, scored before they are learned from), and on 256 held-out sequences (their own seed) at
-    the end and every cfg.eval_steps steps if set. -> the last held-out accuracy."""
+    text model alone, with the aid at cfg.recall_attend. Logs the loss and the share of values right on
+    each window's training sequences (fresh ones, scored before they are learned from), and on 256
+    held-out sequences (their own seed) at the end and every cfg.eval_steps steps if set.
+    -> the last held-out accuracy."""
     symbols, marks = recall_alphabet(tokenizer, cfg.recall_symbols)
     rng, held = random.Random(f"recall-train-{cfg.seed}"), random.Random(f"recall-held-{cfg.seed}")
     heldout = [recall_sample(held, symbols, marks) for _ in range(256)]
@@ -610,8 +617,10 @@ def pretrain_recall(cfg, vlm, tokenizer, clock, log):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
-    log(f"[probe] recall: {len(symbols)} symbols, {cfg.recall_batch} sequences a step, aid {cfg.recall_attend:g}"
-        f"{f' (layer {layer} head 0)' if layer else ''}; held-out before training {recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device):.3f}")
+    before = recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device)
+    aid = f"aid {cfg.recall_attend:g}" + (f" (layer {layer} head 0)" if layer else "")
+    log(f"[probe] recall: {len(symbols)} symbols, {cfg.recall_batch} sequences a step, {aid}; "
+        f"held-out before training {before:.3f}")
     stats, acc = [], None
     for step in range(1, cfg.recall_steps + 1):
         t0, c0 = time.time(), time.process_time()

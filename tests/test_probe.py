@@ -1041,7 +1041,9 @@ def test_recall_sample_asks_each_query_about_an_entry(tiny_policy):
             assert source == 4 * (source // 4) + (0 if value_first else 2)     # at the value's place in its entry
     assert orders == {True, False}
     with pytest.raises(SystemExit, match="recall_symbols"):
-        probe.parse_args(["--recall_symbols=1"])
+        probe.parse_args(["--recall_symbols=7"])                          # fewer than 8 distinct keys
+    with pytest.raises(SystemExit, match="ordinary tokens"):
+        probe.recall_alphabet(tok, len(tok))                              # more than the tokenizer holds
 
 
 class _Oracle(torch.nn.Module):
