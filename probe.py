@@ -500,13 +500,29 @@ def text_loss(vlm, tokenizer, items, device):
     return nll, ~((logits.argmax(-1) != targets) & at).any(1)
 
 
+def text_optimizer(cfg, vlm):
+    """AdamW over the text model alone (the vision tower and merger untouched), warmup then constant: the
+    optimizer of the text-only steps. -> (its parameters, optimizer, schedule)."""
+    params = [p for n, p in vlm.named_parameters() if "visual" not in n]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    return params, opt, sched
+
+
+def text_update(loss, params, opt, sched, grad_clip):
+    """One text-only optimizer step on loss: gradients zeroed first, their norm clipped."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
 def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
     """cfg.text_steps steps of next-token loss on text_sample questions, the text model alone (no frame:
     the vision tower does not run). Logs the loss and the share of answers right token for token
     (teacher-forced argmax) per task."""
-    params = [p for n, p in vlm.named_parameters() if "visual" not in n]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    params, opt, sched = text_optimizer(cfg, vlm)
     alphabet = recall_alphabet(tokenizer, cfg.recall_symbols) if cfg.recall_mix else None
     layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
     stats = []
@@ -519,11 +535,7 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
             seqs = [recall_sample(rng, *alphabet) for _ in range(cfg.recall_batch // 2)]
             recall_nll, aid, _ = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
             loss = loss + recall_nll + (cfg.recall_attend * aid if aid is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
+        text_update(loss, params, opt, sched, cfg.grad_clip)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         for (task, *_), r in zip(items, right.tolist()):
@@ -613,9 +625,7 @@ def pretrain_recall(cfg, vlm, tokenizer, clock, log):
     symbols, marks = recall_alphabet(tokenizer, cfg.recall_symbols)
     rng, held = random.Random(f"recall-train-{cfg.seed}"), random.Random(f"recall-held-{cfg.seed}")
     heldout = [recall_sample(held, symbols, marks) for _ in range(256)]
-    params = [p for n, p in vlm.named_parameters() if "visual" not in n]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    params, opt, sched = text_optimizer(cfg, vlm)
     layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
     before = recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device)
     aid = f"aid {cfg.recall_attend:g}" + (f" (layer {layer} head 0)" if layer else "")
@@ -627,11 +637,7 @@ def pretrain_recall(cfg, vlm, tokenizer, clock, log):
         seqs = [recall_sample(rng, symbols, marks) for _ in range(cfg.recall_batch)]
         nll, aid, right = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
         loss = nll + cfg.recall_attend * aid if aid is not None else nll
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
+        text_update(loss, params, opt, sched, cfg.grad_clip)
         clock["wall"] += time.time() - t0
         clock["cpu"] += time.process_time() - c0
         stats.append((nll.item(), aid.item() if aid is not None else 0.0, right.float().mean().item()))
