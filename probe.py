@@ -143,6 +143,8 @@ class ProbeConfig:
     recall_steps: int = 0         # > 0: first (before text_steps) train the text model alone this many steps on
                                   # in-context recall over random symbols (recall_sample): every target a lookup
     recall_symbols: int = 16      # recall's alphabet: the tokenizer's first this many ordinary tokens (>= 8)
+    recall_key_len: int = 1       # symbols per recall key (2: keys share symbols, as MCQ options share a colour
+                                  # or a kind)
     recall_batch: int = 32        # recall sequences per step
     recall_seconds: float = 0.0   # > 0: also stop recall after this many training seconds
     recall_attend: float = 0.0    # > 0: the aid on recall: head 0 of attend_layer learns to look from each query's
@@ -215,9 +217,9 @@ def parse_args(argv):
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a text layer, 1..{cfg.num_layers}")
     if cfg.track_weight > 0 and (cfg.motion_weight <= 0 or (cfg.attend_weight > 0 and cfg.track_layer == cfg.attend_layer)):
         raise SystemExit("--track_weight needs --motion_weight (its targets) and a --track_layer other than --attend_layer")
-    if cfg.recall_symbols < RECALL_ENTRIES[1]:
-        raise SystemExit(f"--recall_symbols={cfg.recall_symbols}: expected at least {RECALL_ENTRIES[1]}, "
-                         f"the distinct keys a recall sequence can hold")
+    if cfg.recall_key_len not in (1, 2, 3) or cfg.recall_symbols < RECALL_ENTRIES[1]:
+        raise SystemExit(f"--recall_symbols={cfg.recall_symbols}, --recall_key_len={cfg.recall_key_len}: expected "
+                         f"keys of 1-3 symbols and at least {RECALL_ENTRIES[1]} symbols (a sequence's distinct values)")
     check_events(cfg.when_events, "--when_events")
     check_events(cfg.qa_events, "--qa_events")
     for mark in cfg.marks.split(","):
@@ -532,7 +534,7 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
         nll, right = text_loss(vlm, tokenizer, items, cfg.device)
         loss = nll
         if cfg.recall_mix:
-            seqs = [recall_sample(rng, *alphabet) for _ in range(cfg.recall_batch // 2)]
+            seqs = [recall_sample(rng, *alphabet, cfg.recall_key_len) for _ in range(cfg.recall_batch // 2)]
             recall_nll, aid, _ = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
             loss = loss + recall_nll + (cfg.recall_attend * aid if aid is not None else 0.0)
         text_update(loss, params, opt, sched, cfg.grad_clip)
@@ -562,26 +564,34 @@ def recall_alphabet(tokenizer, n):
     return symbols[:n], marks
 
 
-def recall_sample(rng, symbols, marks, entries=None):
+def recall_sample(rng, symbols, marks, key_len=1, entries=None):
     """One in-context associative recall sequence (a stand-in for the text pretraining that gives a real
     LM its match-and-copy heads: every target is a lookup, none can be guessed from the symbols).
     n entries `v . k NL` (the value first, as an MCQ option's letter stands before its words) or
-    `k . v NL` (half the sequences each way), n distinct keys and n distinct values, then n queries
-    `k ? v NL` whose keys are drawn with replacement, so the last query cannot be answered by
-    elimination. -> (token ids, [(position that predicts the value, the entry's value position, value)])."""
+    `k . v NL` (half the sequences each way), n distinct keys of key_len symbols (longer keys share
+    symbols, so one symbol does not find the entry) and n distinct values, then n queries `k ? v NL`
+    whose keys are drawn with replacement, so the last query cannot be answered by elimination.
+    -> (token ids, [(position that predicts the value, the entry's value position, value)])."""
     dot, ask, nl = marks
     n = rng.randint(*(entries or RECALL_ENTRIES))
-    keys, values = rng.sample(symbols, n), rng.sample(symbols, n)
+    if key_len == 1:
+        keys = [(s,) for s in rng.sample(symbols, n)]
+    else:
+        keys = []
+        while len(keys) < n:
+            key = tuple(rng.choice(symbols) for _ in range(key_len))
+            keys += [key] if key not in keys else []
+    values = rng.sample(symbols, n)
     value_first = rng.random() < 0.5
     ids, value_at = [], {}
     for k, v in zip(keys, values):
-        value_at[k] = len(ids) + (0 if value_first else 2)
-        ids += [v, dot, k, nl] if value_first else [k, dot, v, nl]
+        value_at[k] = len(ids) + (0 if value_first else key_len + 1)
+        ids += [v, dot, *k, nl] if value_first else [*k, dot, v, nl]
     queries = []
     for _ in range(n):
         j = rng.randrange(n)
-        queries.append((len(ids) + 1, value_at[keys[j]], values[j]))
-        ids += [keys[j], ask, values[j], nl]
+        queries.append((len(ids) + key_len, value_at[keys[j]], values[j]))
+        ids += [*keys[j], ask, values[j], nl]
     return ids, queries
 
 
@@ -624,17 +634,18 @@ def pretrain_recall(cfg, vlm, tokenizer, clock, log):
     -> the last held-out accuracy."""
     symbols, marks = recall_alphabet(tokenizer, cfg.recall_symbols)
     rng, held = random.Random(f"recall-train-{cfg.seed}"), random.Random(f"recall-held-{cfg.seed}")
-    heldout = [recall_sample(held, symbols, marks) for _ in range(256)]
+    heldout = [recall_sample(held, symbols, marks, cfg.recall_key_len) for _ in range(256)]
     params, opt, sched = text_optimizer(cfg, vlm)
     layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
     before = recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device)
     aid = f"aid {cfg.recall_attend:g}" + (f" (layer {layer} head 0)" if layer else "")
-    log(f"[probe] recall: {len(symbols)} symbols, {cfg.recall_batch} sequences a step, {aid}; "
+    log(f"[probe] recall: {len(symbols)} symbols, keys of {cfg.recall_key_len}, {cfg.recall_batch} sequences a step, "
+        f"{aid}; "
         f"held-out before training {before:.3f}")
     stats, acc = [], None
     for step in range(1, cfg.recall_steps + 1):
         t0, c0 = time.time(), time.process_time()
-        seqs = [recall_sample(rng, symbols, marks) for _ in range(cfg.recall_batch)]
+        seqs = [recall_sample(rng, symbols, marks, cfg.recall_key_len) for _ in range(cfg.recall_batch)]
         nll, aid, right = recall_loss(vlm, seqs, tokenizer.pad_token_id, cfg.device, layer)
         loss = nll + cfg.recall_attend * aid if aid is not None else nll
         text_update(loss, params, opt, sched, cfg.grad_clip)

@@ -1017,31 +1017,37 @@ def test_balanced_bce_weighs_the_rare_class_as_much_as_the_common_one():
     assert probe.balanced_bce(logits[1:], targets[1:]).item() == pytest.approx(negatives, rel=1e-6)  # one class
 
 
-def test_recall_sample_asks_each_query_about_an_entry(tiny_policy):
+@pytest.mark.parametrize("key_len", [1, 2])
+def test_recall_sample_asks_each_query_about_an_entry(tiny_policy, key_len):
     _, tok, _ = tiny_policy
     symbols, marks = probe.recall_alphabet(tok, 16)
     dot, ask, nl = marks
     assert len(symbols) == 16 and not set(marks) & set(symbols) and not set(tok.all_special_ids) & set(symbols)
     assert [tok.decode([m]) for m in marks] == [".", "?", "\n"]
-    rng, orders = random.Random(0), set()
+    w = key_len + 3                                                        # an entry's and a query's length
+    rng, orders, shared = random.Random(0), set(), 0
     for _ in range(60):
-        ids, queries = probe.recall_sample(rng, symbols, marks)
+        ids, queries = probe.recall_sample(rng, symbols, marks, key_len)
         n = len(queries)
-        assert 3 <= n <= 8 and len(ids) == 8 * n
-        entries = [ids[4 * e:4 * e + 4] for e in range(n)]
-        assert all(e[1] == dot and e[3] == nl for e in entries)
-        value_first = queries[0][1] % 4 == 0                               # the first query's value opens its entry
+        assert 3 <= n <= 8 and len(ids) == 2 * w * n
+        entries = [ids[w * e:w * e + w] for e in range(n)]
+        value_first = queries[0][1] % w == 0                               # the first query's value opens its entry
         orders.add(value_first)
-        table = {(e[2], e[0]) if value_first else (e[0], e[2]) for e in entries}   # (key, value)
+        assert all(e[1 if value_first else key_len] == dot and e[-1] == nl for e in entries)
+        table = {(tuple(e[2:-1]), e[0]) if value_first else (tuple(e[:key_len]), e[-2]) for e in entries}
         assert len({k for k, _ in table}) == n and len({v for _, v in table}) == n   # distinct keys and values
+        shared += len({s for k, _ in table for s in k}) < key_len * n      # some symbol in two keys
         for q, (at, source, value) in enumerate(queries):
-            start = 4 * n + 4 * q
-            assert at == start + 1 and ids[start + 1] == ask and ids[start + 2] == value and ids[start + 3] == nl
-            assert (ids[start], value) in table and ids[source] == value       # the value the key's entry holds
-            assert source == 4 * (source // 4) + (0 if value_first else 2)     # at the value's place in its entry
+            start = w * n + w * q
+            assert at == start + key_len and ids[at] == ask and ids[at + 1] == value and ids[at + 2] == nl
+            assert (tuple(ids[start:at]), value) in table and ids[source] == value  # the value the key's entry holds
+            assert source % w == (0 if value_first else key_len + 1)         # at the value's place in its entry
     assert orders == {True, False}
+    assert (shared > 20) == (key_len == 2)                                 # two-symbol keys share symbols
     with pytest.raises(SystemExit, match="recall_symbols"):
         probe.parse_args(["--recall_symbols=7"])                          # fewer than 8 distinct keys
+    with pytest.raises(SystemExit, match="recall_key_len"):
+        probe.parse_args(["--recall_key_len=4"])
     with pytest.raises(SystemExit, match="ordinary tokens"):
         probe.recall_alphabet(tok, len(tok))                              # more than the tokenizer holds
 
