@@ -143,8 +143,8 @@ class ProbeConfig:
     recall_steps: int = 0         # > 0: first (before text_steps) train the text model alone this many steps on
                                   # in-context recall over random symbols (recall_sample): every target a lookup
     recall_symbols: int = 16      # recall's alphabet: the tokenizer's first this many ordinary tokens (>= 8)
-    recall_key_len: int = 1       # symbols per recall key (2: keys share symbols, as MCQ options share a colour
-                                  # or a kind)
+    recall_key_len: int = 1       # symbols per recall key, each drawn at random (with 2, one of the two symbols
+                                  # still tells the entry apart in 94% of queries over 16 symbols)
     recall_batch: int = 32        # recall sequences per step
     recall_seconds: float = 0.0   # > 0: also stop recall after this many training seconds
     recall_attend: float = 0.0    # > 0: the aid on recall: head 0 of attend_layer learns to look from each query's
@@ -568,9 +568,10 @@ def recall_sample(rng, symbols, marks, key_len=1, entries=None):
     """One in-context associative recall sequence (a stand-in for the text pretraining that gives a real
     LM its match-and-copy heads: every target is a lookup, none can be guessed from the symbols).
     n entries `v . k NL` (the value first, as an MCQ option's letter stands before its words) or
-    `k . v NL` (half the sequences each way), n distinct keys of key_len symbols (longer keys share
-    symbols, so one symbol does not find the entry) and n distinct values, then n queries `k ? v NL`
-    whose keys are drawn with replacement, so the last query cannot be answered by elimination.
+    `k . v NL` (half the sequences each way), n distinct keys of key_len symbols drawn at random (they
+    may share a symbol, but one symbol mostly still tells them apart) and n distinct values, then n
+    queries `k ? v NL` whose keys are drawn with replacement, so the last query cannot be answered by
+    elimination.
     -> (token ids, [(position that predicts the value, the entry's value position, value)])."""
     dot, ask, nl = marks
     n = rng.randint(*(entries or RECALL_ENTRIES))

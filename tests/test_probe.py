@@ -1043,7 +1043,7 @@ def test_recall_sample_asks_each_query_about_an_entry(tiny_policy, key_len):
             assert (tuple(ids[start:at]), value) in table and ids[source] == value  # the value the key's entry holds
             assert source % w == (0 if value_first else key_len + 1)         # at the value's place in its entry
     assert orders == {True, False}
-    assert (shared > 20) == (key_len == 2)                                 # two-symbol keys share symbols
+    assert (shared > 20) == (key_len == 2)                                 # two-symbol keys can share one
     with pytest.raises(SystemExit, match="recall_symbols"):
         probe.parse_args(["--recall_symbols=7"])                          # fewer than 8 distinct keys
     with pytest.raises(SystemExit, match="recall_key_len"):
