@@ -550,8 +550,8 @@ def pretrain_text(cfg, vlm, tokenizer, rng, clock, log):
 
 
 def recall_alphabet(tokenizer, n):
-    """(the recall task's n symbols: the tokenizer's first ordinary tokens, never one of the task's own
-    marks; the marks' ids '.', '?', newline)."""
+    """The recall task's alphabet -> (its n symbols: the tokenizer's first ordinary tokens, never one of
+    the task's own marks; the marks' ids: '.', '?', newline)."""
     marks = [model.encode_text(tokenizer, m) for m in (".", "?", "\n")]
     if any(len(m) != 1 for m in marks):
         raise ValueError(f"recall needs '.', '?' and a newline to be one token each; the tokenizer gives {marks}")
@@ -639,10 +639,9 @@ def pretrain_recall(cfg, vlm, tokenizer, clock, log):
     params, opt, sched = text_optimizer(cfg, vlm)
     layer = cfg.attend_layer if cfg.recall_attend > 0 else 0
     before = recall_accuracy(vlm, heldout, tokenizer.pad_token_id, cfg.device)
-    aid = f"aid {cfg.recall_attend:g}" + (f" (layer {layer} head 0)" if layer else "")
+    aid_text = f"aid {cfg.recall_attend:g}" + (f" (layer {layer} head 0)" if layer else "")
     log(f"[probe] recall: {len(symbols)} symbols, keys of {cfg.recall_key_len}, {cfg.recall_batch} sequences a step, "
-        f"{aid}; "
-        f"held-out before training {before:.3f}")
+        f"{aid_text}; held-out before training {before:.3f}")
     stats, acc = [], None
     for step in range(1, cfg.recall_steps + 1):
         t0, c0 = time.time(), time.process_time()
