@@ -61,6 +61,7 @@ class Config:
     difficulty: float = 0.5       # 0..1: probability that a synthetic sample is generated hard
     synth_workers: int = 2        # processes writing the synthetic set (the output does not depend on it)
     background: str = "gradient"  # synthetic frames: gradient (colour says where; the perception model's frames) | flat grey
+    mcq_options: str = "fixed"    # synthetic MCQ options: fixed (one order per answer kind: the word says the letter) | drawn (shuffled: a text lookup; sets before session 28)
     # ---- perception pretraining (stage pretrain, before SFT: probe.py's frame and clip tasks) ----
     pretrain_steps: int = 0       # optimizer steps on frames and clips rendered in memory (--pretrain_tasks); 0 skips the stage
     pretrain_batch: int = 32      # frames per pretraining step, over all ranks
@@ -158,6 +159,7 @@ CHOICES = {
     "stage": ("all",) + STAGES,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "background": ("flat", "gradient"),
+    "mcq_options": ("fixed", "drawn"),
     "pretrain_when_answer": ("span", "trace"),
     "pretrain_qa_answer": ("answer", "trace"),
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),

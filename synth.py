@@ -11,6 +11,9 @@ model without absolute position embeddings can then read an object's place from 
 Difficulty: each sample is hard with probability --difficulty (meta.hard says which). Hard: 3-5
 distractors, 3 in 4 sharing the target's colour or kind, radius 6-9 px, 6-8 s clips. Easy: 1-2
 distractors of another colour and kind, radius 10-13 px, 4-6 s.
+MCQ options: --mcq_options=fixed (the default) lists the four colours, the four directions, or the
+answer's kind in the four colours, always in that order, so the answer's word says its letter;
+drawn shuffles the answer among three of its wrong answers (the letter is then a lookup in the text).
 
 Run:  python synth.py --data_dir=data/synth --n_train=1600 --n_val=200 --n_test=200 --seed=0 \
           --difficulty=0.5         (the config's fields, config.py; `python train.py` runs it too)
@@ -422,10 +425,29 @@ def key_fields(sid, story, frames, out):
     return key_frames, key_items
 
 
-def mcq(story, rng):
-    """Question with four lettered options, and the correct letter."""
+def fixed_options(answer):
+    """The four options of --mcq_options=fixed for an answer, always in the same order: the four
+    colours, the four directions, or the answer's kind in the four colours ("red circle", "green
+    circle", ...). The answer's own word then says its letter (red: A), so the letter needs no
+    lookup in the text, a skill a real VLM brings from text pretraining and the tiny model does not
+    learn in our budgets (docs/perception.md, sessions 18, 26 and 27)."""
+    if answer in COLOURS:
+        return list(COLOURS)
+    if answer in DIRECTIONS:
+        return list(DIRECTIONS)
+    return [f"{c} {answer.split()[-1]}" for c in COLOURS]
+
+
+def mcq(story, rng, options_rule="drawn"):
+    """Question with four lettered options, and the correct letter. options_rule: drawn (the answer
+    and three of its wrong answers, shuffled) | fixed (fixed_options). Both draw the same random
+    numbers, so the clips after this one do not depend on the rule."""
     options = [story.answer] + rng.sample(story.wrong[:6], 3)
     rng.shuffle(options)
+    if options_rule == "fixed":
+        options = fixed_options(story.answer)
+    elif options_rule != "drawn":
+        raise ValueError(f"mcq: options_rule={options_rule!r}: expected drawn or fixed")
     lines = [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
     question = story.question + "\nOptions:\n" + "\n".join(lines)
     return question, LETTERS[options.index(story.answer)], options
@@ -446,8 +468,9 @@ def record_meta(scene, split, difficulty):
             "n_similar": scene.n_similar, "radius": scene.shapes[0].radius, "split": split}
 
 
-def build_record(sid, split, scene, story, frames, task, rng, out, difficulty):
-    """One STGR record of the given task about the clip (writes its key-frame PNGs)."""
+def build_record(sid, split, scene, story, frames, task, rng, out, difficulty, mcq_options):
+    """One STGR record of the given task about the clip (writes its key-frame PNGs); mcq_options:
+    how an MCQ record's options are chosen (mcq)."""
     s, e = scene.span
     meta = record_meta(scene, split, difficulty)
     rec = {"id": sid, "source": "synth", "task": TASKS[task], "video_path": f"videos/{sid}.mp4"}
@@ -458,7 +481,7 @@ def build_record(sid, split, scene, story, frames, task, rng, out, difficulty):
     else:
         key_frames, key_items = key_fields(sid, story, frames, out)
         if task == "mcq":
-            question, letter, options = mcq(story, rng)
+            question, letter, options = mcq(story, rng, mcq_options)
             think = mcq_think(story, letter)
             rec.update(question=question, answer=letter,
                        reasoning_process=completion(think, letter))
@@ -490,7 +513,7 @@ def vstar_entry(sid, scene, story):
 
 def make_sample(job):
     """Worker: one clip -> files on disk, its record and (test split) its V-STAR entry."""
-    split, i, split_seed, difficulty, background, out = job
+    split, i, split_seed, difficulty, background, mcq_options, out = job
     rng = random.Random(f"synth-{split_seed}-{i}")  # str seeds hash with sha512: stable
     sid = f"{split}_{i:05d}"
     hard = rng.random() < difficulty
@@ -500,8 +523,9 @@ def make_sample(job):
     frames = render(scene, background)
     out = Path(out)
     encode(frames, out / f"videos/{sid}.mp4")
-    rec = build_record(sid, split, scene, story, frames, task, rng, out, difficulty)
-    rec["meta"]["background"] = background  # a later run checks it against its --background
+    rec = build_record(sid, split, scene, story, frames, task, rng, out, difficulty, mcq_options)
+    # a later run checks these against its own flags (train.check_drawn)
+    rec["meta"].update(background=background, mcq_options=mcq_options)
     return rec, vstar_entry(sid, scene, story)
 
 
@@ -521,14 +545,16 @@ def generate(cfg):
     split's V-STAR annotations).
 
     cfg is the one config (config.Config): data_dir, n_train, n_val, n_test, seed (train; val uses
-    seed + 20_000, test seed + 10_000), difficulty and synth_workers (1: inline) are read.
+    seed + 20_000, test seed + 10_000), difficulty, background, mcq_options and synth_workers (1:
+    inline) are read.
     """
     out = Path(cfg.data_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     seeds, sizes = split_seeds(cfg.seed), {"train": cfg.n_train, "val": cfg.n_val,
                                            "test": cfg.n_test}
-    jobs = [(sp, i, seeds[sp], cfg.difficulty, cfg.background, str(out)) for sp in sizes for i in range(sizes[sp])]
+    jobs = [(sp, i, seeds[sp], cfg.difficulty, cfg.background, cfg.mcq_options, str(out))
+            for sp in sizes for i in range(sizes[sp])]
     if cfg.synth_workers > 1:
         with Pool(cfg.synth_workers, initializer=_init_worker) as pool:
             results = pool.map(make_sample, jobs, chunksize=16)

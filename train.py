@@ -512,7 +512,7 @@ def stage_data(cfg, rt):
         log(rt, f"[data] generated {cfg.n_train}/{cfg.n_val}/{cfg.n_test} samples in {time.time() - t0:.1f}s "
                 f"-> {cfg.data_dir}")
     elif written:
-        check_background(cfg)
+        check_drawn(cfg)
     base = base_model(cfg)
     if rt.main and cfg.base_model == "tiny" and not os.path.isfile(os.path.join(base, "config.json")):
         records = json.load(open(os.path.join(cfg.data_dir, "train.json")))
@@ -521,19 +521,22 @@ def stage_data(cfg, rt):
     rt.accelerator.wait_for_everyone()
 
 
-def check_background(cfg):
-    """A synthetic set found on disk must have been drawn on --background: frames of the other
-    background would train silently on what the model (and the perception checkpoint) never saw."""
+def check_drawn(cfg):
+    """A synthetic set found on disk must have been drawn as the flags ask: frames of the other
+    --background would train silently on what the model (and the perception checkpoint) never saw,
+    and MCQ options of the other --mcq_options would measure another task under the same name."""
     path = os.path.join(cfg.data_dir, "train.json")
     first = (json.load(open(path)) or [{}])[0]
     meta = first.get("meta")
     if not isinstance(meta, dict) or first.get("source") != "synth":
         return                                     # not a synthetic set: nothing to check
-    drawn = meta.get("background", "flat")         # sets from before the field were all flat
-    if drawn != cfg.background:
-        raise SystemExit(f"{path}: record {first.get('id')!r}: meta.background is {drawn!r} but "
-                         f"--background={cfg.background}: pass --background={drawn}, or another --data_dir "
-                         f"to generate a {cfg.background} set")
+    # sets from before a field was written were drawn as its first choice
+    for field, before in (("background", "flat"), ("mcq_options", "drawn")):
+        drawn, asked = meta.get(field, before), getattr(cfg, field)
+        if drawn != asked:
+            raise SystemExit(f"{path}: record {first.get('id')!r}: meta.{field} is {drawn!r} but "
+                             f"--{field}={asked}: pass --{field}={drawn}, or another --data_dir "
+                             f"to generate a set with {field} {asked}")
 
 
 def base_model(cfg):

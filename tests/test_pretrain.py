@@ -193,6 +193,19 @@ def test_a_synthetic_set_drawn_on_the_other_background_stops_the_run(tiny_data, 
         train.main(["--stage=sft", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--base_model={tmp_path}"])
 
 
+def test_a_synthetic_set_drawn_with_other_mcq_options_stops_the_run(tiny_data, tmp_path):
+    """The set's meta.mcq_options against --mcq_options; a set written before the field was drawn."""
+    meta = json.load(open(os.path.join(tiny_data, "train.json")))[0]["meta"]
+    common = [f"--data_dir={tiny_data}", f"--out_dir={tmp_path}", f"--background={meta['background']}",
+              f"--base_model={tmp_path}"]
+    drawn = meta.get("mcq_options", "drawn")
+    other = {"drawn": "fixed", "fixed": "drawn"}[drawn]
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--stage=data", f"--mcq_options={other}"] + common)
+    assert "train_00000" in str(stop.value) and f"meta.mcq_options is '{drawn}'" in str(stop.value)
+    train.main(["--stage=data", f"--mcq_options={drawn}"] + common)  # the matching rule passes
+
+
 def test_the_clip_tasks_join_the_stage_mix(tmp_path):
     tasks = train.perception_tasks(pre_cfg(tmp_path, pretrain_tasks="find:1,at:2,when:1,qa:1"))
     assert (tasks.find_weight, tasks.marked_weight, tasks.at_weight, tasks.when_weight, tasks.qa_weight) == \

@@ -182,3 +182,38 @@ def test_every_trace_fits_the_rl_and_eval_budgets():
                      synth.completion(story.when_think, synth.span_text(s, e))):
             longest = max(longest, len(model.encode_text(tok, text)) + 1)             # + <|im_end|>
     assert 90 < longest <= min(cfg.max_new_tokens, cfg.eval_max_new_tokens)
+
+
+def test_fixed_mcq_options_say_the_letter_and_leave_the_clips_alone(tmp_path):
+    """--mcq_options=fixed: each answer kind has one option list in one order, so a word fixes its
+    letter (red is always A); the clips, the other records and the random draw stay as drawn."""
+    assert synth.fixed_options("blue") == ["red", "green", "blue", "yellow"]
+    assert synth.fixed_options("left") == ["up", "down", "left", "right"]
+    assert synth.fixed_options("yellow triangle") == ["red triangle", "green triangle", "blue triangle",
+                                                      "yellow triangle"]
+    recs = {}
+    for rule in ("drawn", "fixed"):
+        cfg = config.Config(data_dir=str(tmp_path / rule), n_train=40, n_val=0, n_test=0, seed=3,
+                            synth_workers=1, mcq_options=rule)
+        recs[rule] = synth.generate(cfg)["train"]
+    mcqs = 0
+    for drawn, fixed in zip(recs["drawn"], recs["fixed"]):
+        assert fixed["meta"]["mcq_options"] == "fixed" and drawn["meta"]["mcq_options"] == "drawn"
+        if drawn["task"] != "General video QA MCQ":
+            assert drawn == {**fixed, "meta": {**fixed["meta"], "mcq_options": "drawn"}}
+            continue
+        mcqs += 1
+        truth, options = fixed["meta"]["answer_text"], fixed["meta"]["options"]
+        assert options == synth.fixed_options(truth) and fixed["answer"] == "ABCD"[options.index(truth)]
+        assert fixed["question"].endswith("\n".join(f"{k}. {o}" for k, o in zip("ABCD", options)))
+        assert fixed["reasoning_process"].endswith(f"That is option {fixed['answer']}.</think>"
+                                                   f"<answer>{fixed['answer']}</answer>")
+        assert drawn["meta"]["answer_text"] == truth and drawn["key_items"] == fixed["key_items"]
+    assert mcqs >= 5
+    for sub in ("videos", "frames"):
+        a, b = tmp_path / "drawn" / sub, tmp_path / "fixed" / sub
+        names = sorted(p.name for p in a.iterdir())
+        assert names == sorted(p.name for p in b.iterdir())
+        assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    with pytest.raises(ValueError, match="options_rule"):
+        synth.mcq(synth.tell(synth.make_scene(random.Random(0), False)), random.Random(0), "sorted")
