@@ -377,10 +377,10 @@ def letter_sample(rng, cfg):
 def mcq_lead(rng):
     """A random clip's event as an MCQ record, cut before its letter -> (scene, the question with
     its options, the completion up to "That is option", the rest, the right letter). Its options are
-    drawn (shuffled), whatever --mcq_options says: this task is the text lookup itself."""
+    drawn (shuffled) whatever train's --mcq_options says: this task is the text lookup itself."""
     scene = synth.make_scene(rng, rng.random() < 0.5)
     story = synth.tell(scene)
-    question, letter, _ = synth.mcq(story, rng)
+    question, letter, _ = synth.mcq(story, rng, "drawn")
     full = synth.completion(synth.mcq_think(story, letter), letter)
     lead = f"{data.THINK_OPEN}{story.think} {synth.MCQ_LEAD}"
     return scene, question, lead, full[len(lead):], letter

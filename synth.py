@@ -438,7 +438,7 @@ def fixed_options(answer):
     return [f"{c} {answer.split()[-1]}" for c in COLOURS]
 
 
-def mcq(story, rng, options_rule="drawn"):
+def mcq(story, rng, options_rule):
     """Question with four lettered options, and the correct letter. options_rule: drawn (the answer
     and three of its wrong answers, shuffled) | fixed (fixed_options). Both draw the same random
     numbers, so the clips after this one do not depend on the rule."""
