@@ -67,7 +67,7 @@ def add_hint(question, vp, position="before"):
     """The question the model sees under visual prompt `vp` (raw: as is): its hint on a line of its
     own before the question, or after it (the paper's q + hint). Before keeps the question the last
     text the answer follows: with the hint after it, the tiny model's prompted answers often answered
-    another question type (README, "Where the hint goes": the measured costs, which vary by run)."""
+    another question type (docs/history.md, "Where the hint goes": the measured costs, which vary by run)."""
     check_vp(vp)
     if position not in HINT_POSITIONS:
         raise ValueError(f"hint position {position!r}; expected one of {HINT_POSITIONS}")
