@@ -1,13 +1,14 @@
 """Synthetic grounded videos: the embedded default dataset, in the real STGR layout.
 
-Owns: a deterministic generator of short clips (grey background, moving coloured shapes,
+Owns: a deterministic generator of short clips (gradient or grey background, moving coloured shapes,
 distractors, one event in time per clip: stop, turn, colour change, appear, meet), rendered with
 tensor masks, encoded with torchcodec, plus STGR records (data.py's layout) whose
 reasoning_process is a grounded trace built from ground truth, and a V-STAR-style annotation of
 every clip (the test split's is the V-STAR benchmark; the train split's teaches SFT the chains).
 Leaves loading / validation to data.py and scoring to rewards.py and eval.py.
-Background: flat grey (default) or --background=gradient, whose colour says where a pixel is (a
-model without absolute position embeddings can then read an object's place from what is around it).
+Background: --background=gradient (the default), whose colour says where a pixel is (a model
+without absolute position embeddings can then read an object's place from what is around it), or
+flat grey (every set before session 9).
 Difficulty: each sample is hard with probability --difficulty (meta.hard says which). Hard: 3-5
 distractors, 3 in 4 sharing the target's colour or kind, radius 6-9 px, 6-8 s clips. Easy: 1-2
 distractors of another colour and kind, radius 10-13 px, 4-6 s.
@@ -299,10 +300,10 @@ def gradient_background(size=SIZE):
     return bg.round().to(torch.uint8)
 
 
-def render(scene, background="flat"):
+def render(scene, background):
     """The clip as uint8 (N, 3, H, W); the target is drawn last, on top.
 
-    background: flat (grey, the default everywhere) | gradient (gradient_background)."""
+    background: flat (grey) | gradient (gradient_background); the default is the config's."""
     n = scene.n_frames
     if background not in ("flat", "gradient"):
         raise ValueError(f"render: background={background!r}: expected flat or gradient")
