@@ -104,13 +104,17 @@ def read_summary(out):
     return row
 
 
+def extra_flags(o):
+    """--extra's train.py flags (one string, space-separated), given to every RL run and to --calibrate."""
+    return o["extra"].split()
+
+
 def train_arm(arm, seed, sft, o):
     out = os.path.join(o["out"], f"{arm}_s{seed}")
     ckpt = os.path.join(out, "rl", "last")
-    extra = o["extra"].split() if o["extra"] else []
     run([sys.executable, "train.py", "--stage=rl", f"--model={sft}", f"--out_dir={out}", f"--seed={seed}",
          f"--rl_steps={o['rl_steps']}", f"--selector_dir={selector_dir(o)}",
-         *ARMS[arm], *extra])
+         *ARMS[arm], *extra_flags(o)])
     return ckpt, out
 
 
@@ -175,8 +179,9 @@ def calibrate(sft, o):
     """On the first n validation prompts, with the SFT checkpoint as RL starts: the hard share for a
     range of k and the k for 40 / 50 / 65% hard (the paper's run had 58%), then on the groups hard
     at the config's k that the coach can prompt, each visual prompt's mean reward against a fresh
-    raw draw (the issue's "prompts help hard samples" check). -> {out}/k_calibration.json."""
-    cfg = train.Config(out_dir=o["base"])
+    raw draw (the issue's "prompts help hard samples" check). --extra's flags apply as in the RL runs
+    (--extra=--hard_k=2.07 measures the prompts on the groups hard at that k). -> {out}/k_calibration.json."""
+    cfg = train.parse_args([f"--out_dir={o['base']}", *extra_flags(o)])
     rt = train.setup_runtime(cfg)
     bundle = train.load_policy(cfg, rt, sft, trainable=False)
     records, means = train.val_group_means(cfg, rt, bundle, int(o["calibrate"]))

@@ -88,8 +88,12 @@ def test_calibration_measures_prompts_only_where_the_coach_can_draw_them(tmp_pat
     monkeypatch.setattr(experiment.train, "val_group_means", lambda cfg, rt, bundle, n: (recs, means))
     monkeypatch.setattr(experiment.train, "vp_group_means", lambda cfg, rt, bundle, hard, draw:
                         asked.append([r["id"] for r in hard]) or {"raw": [1.0, 1.0], "darken": [1.5, 1.0]})
-    result = experiment.calibrate("sft", {"base": str(tmp_path), "out": str(tmp_path), "calibrate": "5"})
+    o = {"base": str(tmp_path), "out": str(tmp_path), "calibrate": "5", "extra": ""}
+    result = experiment.calibrate("sft", o)
     assert asked == [["ff_hard", "mcq_hard"]]
     assert result["hard_share_at_k_used"] == 0.8 and result["hard_promptable"] == 2   # k = 1.9: four of five hard
     assert result["hard_vp_lift"] == {"raw": 0.0, "darken": 0.25}
     assert json.load(open(tmp_path / "k_calibration.json"))["hard_promptable"] == 2
+    # --extra reaches the calibration as it reaches RL: at k = 1.5 three groups are hard, one promptable
+    result = experiment.calibrate("sft", {**o, "extra": "--hard_k=1.5"})
+    assert asked[-1] == ["ff_hard"] and result["k"] == 1.5 and result["hard_share_at_k_used"] == 0.6
